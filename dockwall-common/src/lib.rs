@@ -1,0 +1,156 @@
+//! Types and names shared by the dockwall kernel program and its loader.
+//!
+//! Everything here is `#[repr(C)]` and laid out by hand without implicit
+//! padding, because the same bytes are written by userspace and read by the
+//! eBPF program. With the `user` feature the types implement `aya::Pod` so
+//! they can be used as map keys and values.
+#![no_std]
+
+/// Program names, as the kernel and the ELF object know them (max 15 bytes).
+pub const PROG_INGRESS: &str = "dw_ingress";
+pub const PROG_EGRESS: &str = "dw_egress";
+
+/// Map names (max 15 bytes: the kernel truncates object names to 16 with NUL).
+pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
+pub const MAP_ALLOW: &str = "DW_ALLOW";
+pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
+pub const MAP_STATS: &str = "DW_STATS";
+
+/// Every map, for pinning and unpinning in one place.
+pub const ALL_MAPS: [&str; 4] = [MAP_PUBLISHED, MAP_ALLOW, MAP_UDP_FLOWS, MAP_STATS];
+
+pub const PUBLISHED_MAX_ENTRIES: u32 = 65_536;
+pub const ALLOW_MAX_ENTRIES: u32 = 1 << 20;
+pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
+
+/// An outbound UDP flow counts as open this long after its last packet; the
+/// same as conntrack's `nf_conntrack_udp_timeout_stream` default.
+pub const UDP_FLOW_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+/// The egress program rewrites a flow's timestamp at most this often, so a
+/// busy outbound UDP stream costs a lookup, not a map update, per packet.
+pub const UDP_FLOW_REFRESH_NS: u64 = 1_000_000_000;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Bits of `AllowKey` before the address: port (16), proto (8), family (8).
+/// An allowance for `a.b.c.d/n` has LPM prefix length `ALLOW_KEY_FIXED_BITS + n`.
+pub const ALLOW_KEY_FIXED_BITS: u32 = 32;
+
+/// Where a published port can be reached: (host address, protocol, port).
+/// `addr` is all zero for Docker's wildcard binds (0.0.0.0 and ::); an IPv4
+/// address is stored in the first four bytes, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublishedKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// What a published port leads to. The kernel only needs the key to exist;
+/// the container port is kept for `status` and debugging with bpftool.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishedValue {
+    /// Host byte order.
+    pub container_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The data part of an allowance's LPM trie key. The fixed fields come first
+/// so that a prefix length of `ALLOW_KEY_FIXED_BITS + n` matches the port,
+/// protocol and family exactly and the first `n` bits of the source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowKey {
+    /// Published (host) port, host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    /// Source address; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+/// Per-allowance state kept by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowValue {
+    /// New connections this allowance let through (atomic add in the kernel).
+    pub hits: u64,
+}
+
+/// An outbound UDP flow as seen at egress (after masquerading): the local
+/// side is this host. A datagram arriving with the mirrored addresses and
+/// ports is a reply and is never filtered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Indexes of the per-CPU verdict counters in `MAP_STATS`.
+pub mod stat {
+    /// New connection to a published port, let through by an allowance.
+    pub const ALLOWED: u32 = 0;
+    /// New connection to a published port that no allowance matched.
+    pub const DROPPED: u32 = 1;
+    /// Not a TCP/UDP packet to a published port: passed untouched.
+    pub const NOT_IN_SCOPE: u32 = 2;
+    /// TCP segment of an existing connection (no SYN, or SYN+ACK).
+    pub const ESTABLISHED: u32 = 3;
+    /// UDP reply to a flow this host or a container opened.
+    pub const REPLY: u32 = 4;
+    /// IPv4/IPv6 non-first fragment: carries no ports, passed (see README).
+    pub const FRAGMENT: u32 = 5;
+    /// Malformed or unparseable IP packet: dropped (see README).
+    pub const MALFORMED: u32 = 6;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte
+    // arrays, and have no implicit padding (checked by the size tests below).
+    unsafe impl aya::Pod for super::PublishedKey {}
+    unsafe impl aya::Pod for super::PublishedValue {}
+    unsafe impl aya::Pod for super::AllowKey {}
+    unsafe impl aya::Pod for super::AllowValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn no_implicit_padding() {
+        assert_eq!(size_of::<PublishedKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<PublishedValue>(), 8);
+        assert_eq!(size_of::<AllowKey>(), 2 + 1 + 1 + 16);
+        assert_eq!(size_of::<AllowValue>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+    }
+
+    #[test]
+    fn names_fit_the_kernel() {
+        for name in ALL_MAPS.iter().chain([PROG_INGRESS, PROG_EGRESS].iter()) {
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
+        }
+    }
+}

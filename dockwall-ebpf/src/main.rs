@@ -1,0 +1,419 @@
+//! dockwall's kernel side: two tc classifiers on each managed interface.
+//!
+//! `dw_ingress` decides, before conntrack and Docker's DNAT, whether a packet
+//! opens a new connection to a port Docker published, and if so whether an
+//! allowance lets it in. Read it top to bottom:
+//!
+//! 1. Parse Ethernet (up to two VLAN tags), IPv4 or IPv6 (extension headers),
+//!    TCP or UDP. Not TCP/UDP: pass. Malformed: drop. Non-first fragment: pass.
+//! 2. Destination (address, protocol, port) not published: pass.
+//! 3. Not a new connection: pass. TCP: anything but a bare SYN. UDP: a reply
+//!    to a flow `dw_egress` saw leave this host (host or masqueraded container).
+//! 4. Longest-prefix match of (published port, protocol, source) in the
+//!    allowances: hit passes, miss drops.
+//!
+//! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
+//! after dockwall still run; under the legacy clsact path it lets the next
+//! filter run. Nothing is ever rewritten.
+//!
+//! `dw_egress` only records outbound UDP flows for step 3; it always passes.
+#![no_std]
+#![no_main]
+// The bpf target has no AtomicU64::fetch_add; the intrinsic lowers to BPF's
+// atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::TcContext,
+};
+use dockwall_common::{
+    ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, AllowKey, AllowValue, FAMILY_V4, FAMILY_V6, FlowKey,
+    PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PublishedKey, PublishedValue, UDP_FLOW_REFRESH_NS,
+    UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES, stat,
+};
+
+// Map names must equal dockwall_common::MAP_* (the loader looks them up by name).
+#[map(name = "DW_PUBLISHED")]
+static PUBLISHED: HashMap<PublishedKey, PublishedValue> =
+    HashMap::with_max_entries(PUBLISHED_MAX_ENTRIES, 0);
+
+#[map(name = "DW_ALLOW")]
+static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
+
+#[map(name = "DW_UDP_FLOWS")]
+static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX_ENTRIES, 0);
+
+#[map(name = "DW_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+/// Tags in the packet data. The driver usually strips the outer tag into
+/// skb metadata before tc runs, so two covers QinQ with or without offload.
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// A longer chain of IPv6 extension headers is dropped as unparseable
+/// rather than let through unclassified (fail closed).
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Bytes of the TCP header we read: ports (4) .. flags (offset 13).
+const TCP_NEEDED: usize = 14;
+/// Bytes of the UDP header we read: the ports.
+const UDP_NEEDED: usize = 4;
+
+/// The fields of a TCP/UDP packet that dockwall decides on.
+struct Packet {
+    family: u8,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+}
+
+enum Parsed {
+    Packet(Packet),
+    /// Not TCP or UDP over IP (ARP, ICMP, ESP, ...).
+    NotInScope,
+    /// A fragment other than the first: no transport header to look at.
+    Fragment,
+    /// Truncated or invalid headers.
+    Malformed,
+}
+
+#[classifier]
+pub fn dw_ingress(ctx: TcContext) -> i32 {
+    let (counter, verdict) = ingress_verdict(&ctx);
+    count(counter);
+    verdict
+}
+
+#[classifier]
+pub fn dw_egress(ctx: TcContext) -> i32 {
+    if let Parsed::Packet(pkt) = parse(&ctx)
+        && pkt.proto == PROTO_UDP
+    {
+        note_udp_flow(&pkt);
+    }
+    PASS
+}
+
+fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
+    let pkt = match parse(ctx) {
+        Parsed::Packet(pkt) => pkt,
+        Parsed::NotInScope => return (stat::NOT_IN_SCOPE, PASS),
+        // The first fragment carries the ports and is classified; conntrack
+        // reassembles before DNAT, so dropping it drops the whole datagram.
+        Parsed::Fragment => return (stat::FRAGMENT, PASS),
+        // The kernel would discard it too; we cannot tell what it targets.
+        Parsed::Malformed => return (stat::MALFORMED, DROP),
+    };
+    if !is_published(&pkt) {
+        return (stat::NOT_IN_SCOPE, PASS);
+    }
+    if pkt.proto == PROTO_TCP {
+        // Only a bare SYN opens a connection. Replies to connections the host
+        // or a container opened always carry ACK. A stray ACK that conntrack
+        // picks up mid-stream reaches no socket and is answered with a RST.
+        if pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+            return (stat::ESTABLISHED, PASS);
+        }
+    } else if is_udp_reply(&pkt) {
+        return (stat::REPLY, PASS);
+    }
+    if allowance_hit(&pkt) {
+        (stat::ALLOWED, PASS)
+    } else {
+        (stat::DROPPED, DROP)
+    }
+}
+
+#[inline(always)]
+fn count(counter: u32) {
+    if let Some(value) = STATS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_published(pkt: &Packet) -> bool {
+    let mut key = PublishedKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { PUBLISHED.get(&key) }.is_some() {
+        return true;
+    }
+    // Docker's default bind: every address of the host (0.0.0.0 or ::).
+    key.addr = [0; 16];
+    unsafe { PUBLISHED.get(&key) }.is_some()
+}
+
+#[inline(always)]
+fn allowance_hit(pkt: &Packet) -> bool {
+    let addr_bits: u32 = if pkt.family == FAMILY_V4 { 32 } else { 128 };
+    let key = Key::new(
+        ALLOW_KEY_FIXED_BITS + addr_bits,
+        AllowKey {
+            port: pkt.dport,
+            proto: pkt.proto,
+            family: pkt.family,
+            addr: pkt.src,
+        },
+    );
+    match ALLOW.get(&key) {
+        Some(value) => {
+            let hits = (&value.hits as *const u64).cast_mut();
+            // SAFETY: points into the map value, which lives as long as the
+            // entry; the counter is shared between CPUs, hence the atomic add.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn is_udp_reply(pkt: &Packet) -> bool {
+    let key = FlowKey {
+        local_addr: pkt.dst,
+        remote_addr: pkt.src,
+        local_port: pkt.dport,
+        remote_port: pkt.sport,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { UDP_FLOWS.get(&key) } {
+        Some(last_seen) => {
+            let now = unsafe { bpf_ktime_get_ns() };
+            now.wrapping_sub(*last_seen) < UDP_FLOW_TIMEOUT_NS
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn note_udp_flow(pkt: &Packet) {
+    let key = FlowKey {
+        local_addr: pkt.src,
+        remote_addr: pkt.dst,
+        local_port: pkt.sport,
+        remote_port: pkt.dport,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once.
+    if let Some(last_seen) = unsafe { UDP_FLOWS.get(&key) }
+        && now.wrapping_sub(*last_seen) < UDP_FLOW_REFRESH_NS
+    {
+        return;
+    }
+    // A full LRU evicts the oldest flow; failure here cannot be handled.
+    let _ = UDP_FLOWS.insert(&key, &now, 0);
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Option<T> {
+    ctx.load::<T>(offset).ok()
+}
+
+#[inline(always)]
+fn load_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
+    load::<u16>(ctx, offset).map(u16::from_be)
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Parsed {
+    let Some(mut ethertype) = load_be16(ctx, 12) else {
+        return Parsed::Malformed;
+    };
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = load_be16(ctx, offset + 2) else {
+            return Parsed::Malformed;
+        };
+        ethertype = inner;
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, offset),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset),
+        // More tags than we parse: fail closed.
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::Malformed,
+        _ => Parsed::NotInScope,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Parsed {
+    let Some(hdr) = load::<[u8; 20]>(ctx, l3) else {
+        return Parsed::Malformed;
+    };
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
+        return Parsed::Malformed;
+    }
+    let total_len = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    if frag & 0x1fff != 0 {
+        return Parsed::Fragment;
+    }
+    let proto = hdr[9];
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::NotInScope;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&hdr[12..16]);
+    dst[..4].copy_from_slice(&hdr[16..20]);
+    // total_len 0 is GSO's "see the skb length" (BIG TCP); else the transport
+    // fields must lie inside the datagram, not in trailing padding. A first
+    // fragment too short to hold them (tiny-fragment attack) fails here.
+    let end = if total_len == 0 {
+        usize::MAX
+    } else {
+        l3 + total_len
+    };
+    if total_len != 0 && total_len < ihl {
+        return Parsed::Malformed;
+    }
+    parse_l4(ctx, l3 + ihl, end, FAMILY_V4, proto, src, dst)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Parsed {
+    let Some(hdr) = load::<[u8; IPV6_HLEN]>(ctx, l3) else {
+        return Parsed::Malformed;
+    };
+    if hdr[0] >> 4 != 6 {
+        return Parsed::Malformed;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
+    let mut next = hdr[6];
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
+    dst.copy_from_slice(&hdr[24..40]);
+    let mut l4 = l3 + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            PROTO_TCP | PROTO_UDP => {
+                // payload_len 0: jumbogram / BIG TCP, bounded by the skb.
+                let end = if payload_len == 0 {
+                    usize::MAX
+                } else {
+                    l3 + IPV6_HLEN + payload_len
+                };
+                return parse_l4(ctx, l4, end, FAMILY_V6, next, src, dst);
+            }
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let Some(ext) = load::<[u8; 2]>(ctx, l4) else {
+                    return Parsed::Malformed;
+                };
+                next = ext[0];
+                l4 += (usize::from(ext[1]) + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let Some(ext) = load::<[u8; 2]>(ctx, l4) else {
+                    return Parsed::Malformed;
+                };
+                next = ext[0];
+                l4 += (usize::from(ext[1]) + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let Some(ext) = load::<[u8; 4]>(ctx, l4) else {
+                    return Parsed::Malformed;
+                };
+                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                    return Parsed::Fragment;
+                }
+                next = ext[0];
+                l4 += 8;
+            }
+            // ICMPv6, ESP, no next header, ...: no ports to filter on.
+            _ => return Parsed::NotInScope,
+        }
+    }
+    Parsed::Malformed
+}
+
+#[inline(always)]
+fn parse_l4(
+    ctx: &TcContext,
+    l4: usize,
+    end: usize,
+    family: u8,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+) -> Parsed {
+    let needed = if proto == PROTO_TCP {
+        TCP_NEEDED
+    } else {
+        UDP_NEEDED
+    };
+    if l4 + needed > end {
+        return Parsed::Malformed;
+    }
+    let (ports, tcp_flags) = if proto == PROTO_TCP {
+        let Some(hdr) = load::<[u8; TCP_NEEDED]>(ctx, l4) else {
+            return Parsed::Malformed;
+        };
+        ([hdr[0], hdr[1], hdr[2], hdr[3]], hdr[13])
+    } else {
+        let Some(hdr) = load::<[u8; UDP_NEEDED]>(ctx, l4) else {
+            return Parsed::Malformed;
+        };
+        (hdr, 0)
+    };
+    Parsed::Packet(Packet {
+        family,
+        proto,
+        src,
+        dst,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        tcp_flags,
+    })
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,22 @@
+//! Builds the eBPF program (dockwall-ebpf) with the nightly toolchain and
+//! bpf-linker, so the `dockwall` binary can embed the object.
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
+    let ebpf_dir = std::path::Path::new(&manifest_dir)
+        .parent()
+        .ok_or_else(|| anyhow!("{manifest_dir} has no parent"))?
+        .join("dockwall-ebpf");
+    let root_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("{} is not UTF-8", ebpf_dir.display()))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "dockwall-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

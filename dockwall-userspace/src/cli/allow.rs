@@ -1,0 +1,170 @@
+//! `dockwall allow` and `dockwall revoke`.
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+use crate::{
+    config, docker, ebpf,
+    policy::{self, Allowance, ContainerSpec, PortProto, Source, Target},
+    sync,
+};
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "PORT is the published port (8081 in `-p 8081:8080`); tcp unless /udp is given.\n\
+CONTAINER is NAME or NAME:CONTAINER_PORT[/proto] (8080 in `-p 8081:8080`)."
+)]
+pub struct AllowArgs {
+    /// Source address, CIDR (203.0.113.0/24, 2001:db8::/48) or `any`
+    #[arg(value_parser = clap::value_parser!(SourceArg))]
+    pub source: SourceArg,
+    /// Published port, PORT[/tcp|/udp]; repeatable
+    #[arg(long = "port", value_name = "PORT[/PROTO]")]
+    pub ports: Vec<PortArg>,
+    /// Every port a container publishes, or the one publishing CONTAINER_PORT; repeatable
+    #[arg(long = "container", value_name = "NAME[:CPORT[/PROTO]]")]
+    pub containers: Vec<ContainerArg>,
+}
+
+macro_rules! arg_newtype {
+    ($name:ident, $inner:ty) => {
+        #[derive(Debug, Clone)]
+        pub struct $name(pub $inner);
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                s.parse().map($name)
+            }
+        }
+    };
+}
+arg_newtype!(SourceArg, Source);
+arg_newtype!(PortArg, PortProto);
+arg_newtype!(ContainerArg, ContainerSpec);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Revoke,
+}
+
+impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Revoke => "revoke",
+        }
+    }
+}
+
+pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Result<ExitCode> {
+    let verb = action.verb();
+    let source = args.source.0;
+    let mut wanted: Vec<Allowance> = args
+        .ports
+        .iter()
+        .map(|p| Allowance {
+            source,
+            target: Target::Port(p.0),
+        })
+        .collect();
+    wanted.extend(args.containers.iter().map(|c| Allowance {
+        source,
+        target: Target::Container(c.0.clone()),
+    }));
+    if wanted.is_empty() {
+        bail!(
+            "`dockwall {verb} {source}` needs at least one --port PORT[/proto] or --container NAME"
+        );
+    }
+    super::require_root(verb)?;
+    config::check_readable(config_path)?;
+    let rt = super::runtime()?;
+
+    let lock = config::lock(config_path)?;
+    let mut policy = config::load(config_path)?;
+    let (bindings, source_kind, snapshot) = rt.block_on(sync::bindings());
+
+    // Validate everything before changing anything.
+    if action == Action::Allow && !args.containers.is_empty() {
+        let snap = match snapshot {
+            Some(snap) => snap,
+            None => rt
+                .block_on(sync::live())
+                .context("--container needs Docker to know the container")?,
+        };
+        for c in &args.containers {
+            if !policy::container_known(&c.0, &snap.containers) {
+                bail!(
+                    "unknown container '{}': Docker ({}) has no container by that name (see `docker ps -a`)",
+                    c.0.name,
+                    docker::docker_host()
+                );
+            }
+        }
+    }
+    if action == Action::Revoke
+        && let Some(missing) = wanted.iter().find(|a| !policy.allowances.contains(a))
+    {
+        bail!("no saved allowance '{missing}' to revoke (see `dockwall list`)");
+    }
+
+    let mut changed = Vec::new();
+    for allowance in &wanted {
+        let did = match action {
+            Action::Allow => policy.add(allowance.clone()),
+            Action::Revoke => policy.remove(allowance),
+        };
+        if did {
+            changed.push(allowance);
+        }
+    }
+    config::save(config_path, &policy, &lock)?;
+
+    let in_force = if ebpf::pins_present() {
+        let mut maps = ebpf::Maps::open_pinned()?;
+        sync::apply(&mut maps, &policy, &bindings, source_kind)
+            .context("saved, but applying to the loaded filter failed")?;
+        true
+    } else {
+        false
+    };
+    drop(lock);
+
+    let past = match action {
+        Action::Allow => "allowed",
+        Action::Revoke => "revoked",
+    };
+    for allowance in &wanted {
+        let note = if changed.contains(&allowance) {
+            ""
+        } else {
+            " (already saved)"
+        };
+        let resolved: Vec<String> = policy::resolve_target(&allowance.target, &bindings)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let ports = if matches!(allowance.target, Target::Container(_)) {
+            if resolved.is_empty() {
+                " [publishes nothing now]".to_string()
+            } else {
+                format!(" [published {}]", resolved.join(", "))
+            }
+        } else {
+            String::new()
+        };
+        println!("{past} {allowance}{ports}{note}");
+    }
+    if in_force {
+        println!("in force now");
+    } else {
+        println!(
+            "saved to {}; dockwall is not loaded, it applies at the next `dockwall load`",
+            config_path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,86 @@
+//! `dockwall list`: saved allowances, what each resolves to now, hits.
+
+use std::{path::Path, process::ExitCode};
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::{config, ebpf, policy, sync};
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    source: String,
+    target: String,
+    /// Published port/proto pairs the allowance covers now.
+    resolves_to: Vec<String>,
+    /// New connections let in by the kernel entries of this allowance
+    /// (an entry shared by two allowances counts for both); null when not loaded.
+    hits: Option<u64>,
+}
+
+pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
+    config::check_readable(config_path)?;
+    let policy = config::load(config_path)?;
+    let (bindings, _, _) = super::runtime()?.block_on(sync::bindings());
+    let hits = if ebpf::pins_present() {
+        ebpf::Maps::open_pinned().and_then(|m| m.allow_hits()).ok()
+    } else {
+        None
+    };
+    let compiled = policy::compile_allowances(&policy.allowances, &bindings);
+    let rows: Vec<Row> = policy
+        .allowances
+        .iter()
+        .enumerate()
+        .map(|(index, a)| Row {
+            source: a.source.to_string(),
+            target: a.target.to_string(),
+            resolves_to: policy::resolve_target(&a.target, &bindings)
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            hits: hits.as_ref().map(|hits| {
+                compiled
+                    .iter()
+                    .filter(|(_, owners)| owners.contains(&index))
+                    .map(|(entry, _)| hits.get(entry).copied().unwrap_or(0))
+                    .sum()
+            }),
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!(
+            "no allowances saved in {}: every new connection to a published port is dropped while loaded",
+            config_path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<22} {:<28} {:<24} {:>8}",
+        "SOURCE", "TARGET", "PUBLISHED NOW", "HITS"
+    );
+    for row in rows {
+        let now = if row.resolves_to.is_empty() {
+            "-".to_string()
+        } else {
+            row.resolves_to.join(",")
+        };
+        let hits = row.hits.map_or("-".to_string(), |h| h.to_string());
+        println!(
+            "{:<22} {:<28} {:<24} {:>8}",
+            row.source, row.target, now, hits
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

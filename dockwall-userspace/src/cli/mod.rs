@@ -1,0 +1,95 @@
+//! Command-line interface: one module per subcommand.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod allow;
+mod list;
+mod load;
+mod status;
+mod unload;
+
+pub use allow::AllowArgs;
+pub use list::ListArgs;
+pub use load::LoadArgs;
+pub use status::StatusArgs;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo dockwall load --iface eth0                      attach, then follow Docker
+  sudo dockwall allow 203.0.113.7 --port 8081          one address to published port 8081/tcp
+  sudo dockwall allow 198.51.100.0/24 --port 5353/udp  a network to a UDP port
+  sudo dockwall allow any --container web              everyone to every port `web` publishes
+  sudo dockwall revoke 203.0.113.7 --port 8081
+  dockwall list
+  dockwall status --json
+  sudo dockwall unload                                 detach; saved allowances stay
+
+PORT is the published port, the one clients connect to: 8081 in `docker run -p 8081:8080`.";
+
+/// Decide who may reach the ports Docker publishes.
+///
+/// A tc eBPF filter on the external interface drops new connections to
+/// Docker-published ports unless an allowance (source address or CIDR,
+/// published port, protocol) matches. Everything else passes untouched:
+/// host services such as SSH, unpublished ports, replies, other interfaces.
+#[derive(Debug, Parser)]
+#[command(name = "dockwall", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Saved allowances [default: /etc/dockwall/dockwall.toml]
+    #[arg(long, global = true, env = "DOCKWALL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the filter to interfaces and keep it in sync with Docker (foreground)
+    Load(LoadArgs),
+    /// Let a source open new connections to published ports (saved, in force at once)
+    Allow(AllowArgs),
+    /// Remove an allowance given with the same arguments as `allow`
+    Revoke(AllowArgs),
+    /// Show the saved allowances, what each resolves to now, and hit counters
+    List(ListArgs),
+    /// Show whether the filter is in force (exit 0 only then), interfaces, ports, counters
+    Status(StatusArgs),
+    /// Detach the filter and remove everything dockwall installed (allowances stay saved)
+    Unload,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = crate::config::config_path(cli.config);
+    match cli.command {
+        Command::Load(args) => load::run(&config, args),
+        Command::Allow(args) => allow::run(&config, args, allow::Action::Allow),
+        Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke),
+        Command::List(args) => list::run(&config, args),
+        Command::Status(args) => status::run(args),
+        Command::Unload => unload::run(&config),
+    }
+}
+
+/// Refuses to go on without root, naming the command.
+pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "`dockwall {what}` must run as root (it changes eBPF maps and {}); try `sudo dockwall {what} ...`",
+            crate::ebpf::PIN_DIR
+        );
+    }
+    Ok(())
+}
+
+/// A small runtime for the async Docker client.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}

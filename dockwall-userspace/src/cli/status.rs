@@ -1,0 +1,146 @@
+//! `dockwall status`: is the filter in force? Exit 0 only when it is.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use dockwall_common::stat;
+use serde::Serialize;
+
+use crate::{ebpf, policy::Binding, runtime};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Iface {
+    name: String,
+    mode: ebpf::AttachMode,
+    attached: bool,
+}
+
+#[derive(Serialize)]
+struct Published {
+    container: String,
+    host_ip: String,
+    host_port: u16,
+    container_port: u16,
+    proto: String,
+}
+
+#[derive(Serialize, Default)]
+struct Counters {
+    allowed: u64,
+    dropped: u64,
+    not_in_scope: u64,
+    established: u64,
+    reply: u64,
+    fragment: u64,
+    malformed: u64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    in_force: bool,
+    interfaces: Vec<Iface>,
+    published: Vec<Published>,
+    counters: Option<Counters>,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let state = runtime::state()?;
+    let pins = ebpf::pins_present();
+    let interfaces: Vec<Iface> = state
+        .interfaces
+        .iter()
+        .map(|i| Iface {
+            name: i.name.clone(),
+            mode: i.mode,
+            attached: pins && ebpf::attached(&i.name, i.mode),
+        })
+        .collect();
+    let in_force = pins && !interfaces.is_empty() && interfaces.iter().all(|i| i.attached);
+    let published = if pins {
+        runtime::published()?
+    } else {
+        Vec::new()
+    };
+    let counters = if pins {
+        let s = ebpf::Maps::open_pinned()?.stats()?;
+        Some(Counters {
+            allowed: s[stat::ALLOWED as usize],
+            dropped: s[stat::DROPPED as usize],
+            not_in_scope: s[stat::NOT_IN_SCOPE as usize],
+            established: s[stat::ESTABLISHED as usize],
+            reply: s[stat::REPLY as usize],
+            fragment: s[stat::FRAGMENT as usize],
+            malformed: s[stat::MALFORMED as usize],
+        })
+    } else {
+        None
+    };
+    let status = Status {
+        in_force,
+        interfaces,
+        published: published.iter().map(published_row).collect(),
+        counters,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_text(&status);
+    }
+    Ok(if in_force {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn published_row(b: &Binding) -> Published {
+    Published {
+        container: b.container.clone(),
+        host_ip: b.host_ip_display(),
+        host_port: b.host_port,
+        container_port: b.container_port,
+        proto: b.proto.to_string(),
+    }
+}
+
+fn print_text(s: &Status) {
+    if s.in_force {
+        println!("dockwall: in force");
+    } else if s.interfaces.is_empty() {
+        println!("dockwall: NOT loaded (run `dockwall load --iface IF`)");
+    } else {
+        println!(
+            "dockwall: NOT in force: the filter is missing on some interface (run `dockwall load` again)"
+        );
+    }
+    for i in &s.interfaces {
+        let state = if i.attached {
+            "attached"
+        } else {
+            "NOT attached"
+        };
+        println!("  interface {} ({:?}): {state}", i.name, i.mode);
+    }
+    if !s.published.is_empty() {
+        println!("published ports:");
+        for p in &s.published {
+            println!(
+                "  {:<20} {}:{} -> {}/{}",
+                p.container, p.host_ip, p.host_port, p.container_port, p.proto
+            );
+        }
+    }
+    if let Some(c) = &s.counters {
+        println!(
+            "new connections: allowed {} dropped {}; passed: not in scope {} established {} reply {} fragment {}; malformed dropped {}",
+            c.allowed, c.dropped, c.not_in_scope, c.established, c.reply, c.fragment, c.malformed
+        );
+    }
+}

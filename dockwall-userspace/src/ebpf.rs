@@ -1,0 +1,418 @@
+//! The eBPF dataplane: loading the embedded object, attaching it to
+//! interfaces, pinning, and keeping its maps equal to the policy.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    sys::SyscallError,
+    util::KernelVersion,
+};
+use dockwall_common::{
+    ALL_MAPS, AllowKey, AllowValue, MAP_ALLOW, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS,
+    PublishedKey, PublishedValue, stat,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::AllowEntry;
+
+/// Where dockwall pins its maps and links (bpffs).
+pub const PIN_DIR: &str = "/sys/fs/bpf/dockwall";
+/// The bpffs mount dockwall needs.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Handle and priority of dockwall's filters on the legacy clsact path, so a
+/// reload replaces them in place (no moment without a filter).
+const NETLINK_HANDLE: u32 = 0xd0c;
+const NETLINK_PRIORITY: u16 = 1;
+
+/// The compiled eBPF object, embedded at build time.
+pub fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dockwall"))
+}
+
+/// How the classifiers are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// tcx (Linux >= 6.6) where available, else netlink.
+    Auto,
+    /// tcx links, pinned under /sys/fs/bpf/dockwall.
+    Tcx,
+    /// Legacy clsact qdisc filters (older kernels).
+    Netlink,
+}
+
+impl AttachMode {
+    pub fn resolve(self) -> AttachMode {
+        match self {
+            AttachMode::Auto => match KernelVersion::current() {
+                Ok(v) if v >= KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
+                _ => AttachMode::Netlink,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Fails with a clear message unless /sys/fs/bpf is a bpffs.
+pub fn check_bpffs() -> anyhow::Result<()> {
+    let path = std::ffi::CString::new(BPFFS).context("BPFFS path")?;
+    // SAFETY: statfs into a zeroed struct we own.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("statfs({BPFFS})"));
+    }
+    if fs.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "no bpffs mounted at {BPFFS}: mount it with `mount -t bpf bpf {BPFFS}` \
+             (or add it to /etc/fstab) and try again"
+        );
+    }
+    Ok(())
+}
+
+fn map_pin(name: &str) -> PathBuf {
+    Path::new(PIN_DIR).join(name)
+}
+
+fn link_pin(iface: &str, direction: &str) -> PathBuf {
+    Path::new(PIN_DIR).join(format!("link_{direction}_{iface}"))
+}
+
+/// Loads the object, reusing maps already pinned by an earlier load (so
+/// allowances, counters and UDP flows survive a restart of the daemon).
+pub fn load_pinned() -> anyhow::Result<Ebpf> {
+    std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
+    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(object())
+        .context("loading the dockwall eBPF object (bpf_map_create / BPF_OBJ_GET)")?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// Loads the object with private, unpinned maps (tests, dry runs).
+pub fn load_unpinned() -> anyhow::Result<Ebpf> {
+    let mut ebpf = Ebpf::load(object()).context("loading the dockwall eBPF object")?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for name in [PROG_INGRESS, PROG_EGRESS] {
+        program(ebpf, name)?
+            .load()
+            .with_context(|| format!("loading program {name} (BPF_PROG_LOAD)"))?;
+    }
+    Ok(())
+}
+
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a tc classifier"))
+}
+
+/// Attaches both classifiers to `iface`. Where dockwall is attached already
+/// the program is swapped in place (bpf_link_update / netlink replace), so
+/// there is never a moment without the filter.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<()> {
+    for (name, attach_type, direction) in [
+        (PROG_INGRESS, TcAttachType::Ingress, "ingress"),
+        (PROG_EGRESS, TcAttachType::Egress, "egress"),
+    ] {
+        let prog = program(ebpf, name)?;
+        match mode {
+            AttachMode::Tcx | AttachMode::Auto => attach_tcx(prog, iface, attach_type, direction)?,
+            AttachMode::Netlink => attach_netlink(prog, iface, attach_type)?,
+        }
+    }
+    Ok(())
+}
+
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    attach_type: TcAttachType,
+    direction: &str,
+) -> anyhow::Result<()> {
+    let pin = link_pin(iface, direction);
+    match PinnedLink::from_pin(&pin) {
+        Ok(old) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(old))
+                .with_context(|| format!("{} is not a tcx link", pin.display()))?;
+            let id = prog.attach_to_link(link).with_context(|| {
+                format!(
+                    "replacing the program in {} (bpf_link_update)",
+                    pin.display()
+                )
+            })?;
+            // The pin keeps the link; dropping our handle only closes an fd.
+            drop(prog.take_link(id)?);
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            // First in the chain: a program before us returning TC_ACT_OK
+            // would otherwise skip the filter.
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| {
+                    format!("attaching to {iface} {direction} (tcx, bpf_link_create)")
+                })?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .context("tcx link into FdLink")?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning {} (BPF_OBJ_PIN)", pin.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
+    }
+    Ok(())
+}
+
+fn attach_netlink(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    attach_type: TcAttachType,
+) -> anyhow::Result<()> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => {}
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e).with_context(|| format!("adding the clsact qdisc to {iface}")),
+    }
+    let options = NlOptions {
+        priority: NETLINK_PRIORITY,
+        handle: TcHandle::from(NETLINK_HANDLE),
+        ..Default::default()
+    };
+    let existing = SchedClassifierLink::attached(
+        iface,
+        attach_type,
+        NETLINK_PRIORITY,
+        TcHandle::from(NETLINK_HANDLE),
+        None,
+    )?;
+    let id = match prog.attach_to_link(existing) {
+        Ok(id) => id,
+        Err(_) => prog
+            .attach_with_options(iface, attach_type, TcAttachOptions::Netlink(options))
+            .with_context(|| format!("attaching to {iface} {attach_type:?} (netlink)"))?,
+    };
+    // Netlink filters stay on the qdisc after we exit; dropping the link
+    // would detach it, so hand it to the kernel for good.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Detaches dockwall from `iface` (either attach mode); missing is fine.
+pub fn detach(iface: &str) -> anyhow::Result<()> {
+    for direction in ["ingress", "egress"] {
+        let pin = link_pin(iface, direction);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+    }
+    if Path::new("/sys/class/net").join(iface).exists() {
+        for (attach_type, name) in [
+            (TcAttachType::Ingress, PROG_INGRESS),
+            (TcAttachType::Egress, PROG_EGRESS),
+        ] {
+            match tc::qdisc_detach_program(iface, attach_type, name) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                // No clsact qdisc: nothing of ours is there.
+                Err(tc::TcError::NetlinkError(_)) => {}
+                Err(e) => return Err(e).with_context(|| format!("detaching from {iface}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether dockwall's ingress classifier is attached to `iface` now.
+pub fn attached(iface: &str, mode: AttachMode) -> bool {
+    match mode {
+        AttachMode::Netlink => netlink_attached(iface),
+        _ => SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+            .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(PROG_INGRESS)))
+            .unwrap_or(false),
+    }
+}
+
+fn netlink_attached(iface: &str) -> bool {
+    // `tc filter show` is the simplest reliable read of legacy filters.
+    std::process::Command::new("tc")
+        .args(["filter", "show", "dev", iface, "ingress"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(PROG_INGRESS))
+        .unwrap_or(false)
+}
+
+/// Removes every map pin and the pin directory.
+pub fn remove_pins() -> anyhow::Result<()> {
+    let dir = Path::new(PIN_DIR);
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {PIN_DIR}")),
+    };
+    for entry in entries {
+        let path = entry.with_context(|| format!("reading {PIN_DIR}"))?.path();
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {PIN_DIR}"))
+}
+
+pub fn pins_present() -> bool {
+    ALL_MAPS.iter().all(|m| map_pin(m).exists())
+}
+
+/// The maps userspace writes and reads.
+pub struct Maps {
+    published: HashMap<MapData, PublishedKey, PublishedValue>,
+    allow: LpmTrie<MapData, AllowKey, AllowValue>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// What a sync changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub removed: usize,
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        Self::from_maps(take(MAP_PUBLISHED)?, take(MAP_ALLOW)?, take(MAP_STATS)?)
+    }
+
+    /// Opens the maps a running `load` pinned.
+    pub fn open_pinned() -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = map_pin(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "dockwall is not loaded: cannot open {} (run `dockwall load --iface IF` first)",
+                    path.display()
+                )
+            })?;
+            Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+        };
+        Self::from_maps(open(MAP_PUBLISHED)?, open(MAP_ALLOW)?, open(MAP_STATS)?)
+    }
+
+    fn from_maps(published: Map, allow: Map, stats: Map) -> anyhow::Result<Self> {
+        Ok(Maps {
+            published: published.try_into().context(MAP_PUBLISHED)?,
+            allow: allow.try_into().context(MAP_ALLOW)?,
+            stats: stats.try_into().context(MAP_STATS)?,
+        })
+    }
+
+    /// Makes the published-port map equal `desired`: adds first, then removes.
+    pub fn sync_published(
+        &mut self,
+        desired: &BTreeMap<PublishedKey, PublishedValue>,
+    ) -> anyhow::Result<Changes> {
+        let current: BTreeMap<PublishedKey, PublishedValue> = self
+            .published
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading DW_PUBLISHED (bpf_map_get_next_key)")?;
+        let mut changes = Changes::default();
+        for (key, value) in desired {
+            if current.get(key) != Some(value) {
+                self.published
+                    .insert(key, value, 0)
+                    .context("updating DW_PUBLISHED (bpf_map_update_elem)")?;
+                changes.added += 1;
+            }
+        }
+        for key in current.keys().filter(|k| !desired.contains_key(k)) {
+            self.published
+                .remove(key)
+                .context("updating DW_PUBLISHED (bpf_map_delete_elem)")?;
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Makes the allowance trie hold exactly `desired`. New entries go in
+    /// before stale ones leave, and kept entries are not rewritten (their hit
+    /// counters survive).
+    pub fn sync_allow(&mut self, desired: &BTreeSet<AllowEntry>) -> anyhow::Result<Changes> {
+        let current: BTreeSet<AllowEntry> = self.allow_hits()?.into_keys().collect();
+        let mut changes = Changes::default();
+        for entry in desired.difference(&current) {
+            let (len, data) = entry.key();
+            self.allow
+                .insert(&Key::new(len, data), AllowValue::default(), 0)
+                .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
+            changes.added += 1;
+        }
+        for entry in current.difference(desired) {
+            let (len, data) = entry.key();
+            self.allow.remove(&Key::new(len, data)).with_context(|| {
+                format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
+            })?;
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Every allowance entry in the kernel with its hit counter.
+    pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
+        let mut out = BTreeMap::new();
+        for item in self.allow.iter() {
+            let (key, value) = item.context("reading DW_ALLOW (bpf_map_get_next_key)")?;
+            if let Some(entry) = AllowEntry::from_key(key.prefix_len(), &key.data()) {
+                out.insert(entry, value.hits);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The verdict counters, summed over CPUs.
+    pub fn stats(&self) -> anyhow::Result<[u64; stat::COUNT as usize]> {
+        let mut out = [0u64; stat::COUNT as usize];
+        for (index, slot) in out.iter_mut().enumerate() {
+            let values = self
+                .stats
+                .get(&(index as u32), 0)
+                .context("reading DW_STATS (bpf_map_lookup_elem)")?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,11 @@
+//! dockwall: decide who may reach the ports Docker publishes.
+//!
+//! The binary's modules are public so the kernel tests (tests/) can load the
+//! same embedded object and compile keys with the same code.
+pub mod cli;
+pub mod config;
+pub mod docker;
+pub mod ebpf;
+pub mod policy;
+pub mod runtime;
+pub mod sync;

@@ -1,0 +1,600 @@
+//! The policy model: allowances as the user writes them, Docker's published
+//! ports, and how both compile to the kernel's map keys.
+//!
+//! Pure: no I/O, no kernel. Every dataplane is generated from what
+//! [`compile_allowances`] and [`compile_published`] return.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
+
+use dockwall_common::{
+    ALLOW_KEY_FIXED_BITS, AllowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, PublishedKey,
+    PublishedValue,
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// A transport protocol Docker can publish and dockwall filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            _ => Err(format!(
+                "unknown protocol '{s}': use tcp or udp (dockwall filters TCP and UDP published ports)"
+            )),
+        }
+    }
+}
+
+/// Who an allowance lets in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Everyone, IPv4 and IPv6.
+    Any,
+    /// One address (a /32 or /128) or a network.
+    Net(IpNet),
+}
+
+impl Source {
+    /// The networks this source stands for.
+    pub fn nets(self) -> Vec<IpNet> {
+        match self {
+            Source::Any => vec![
+                IpNet::new(IpAddr::from([0u8; 4]), 0).expect("/0 is a valid prefix"),
+                IpNet::new(IpAddr::from([0u8; 16]), 0).expect("/0 is a valid prefix"),
+            ],
+            Source::Net(net) => vec![net],
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Any => f.write_str("any"),
+            Source::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+                write!(f, "{}", net.addr())
+            }
+            Source::Net(net) => write!(f, "{net}"),
+        }
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("any") {
+            return Ok(Source::Any);
+        }
+        if let Ok(addr) = s.parse::<IpAddr>() {
+            return Ok(Source::Net(IpNet::from(addr)));
+        }
+        let net: IpNet = s.parse().map_err(|_| {
+            format!(
+                "invalid source '{s}': expected an IPv4/IPv6 address (203.0.113.7, 2001:db8::7), \
+                 a CIDR (203.0.113.0/24, 2001:db8::/48) or 'any'"
+            )
+        })?;
+        if net.trunc() != net {
+            return Err(format!(
+                "invalid source '{s}': host bits are set after the /{len} prefix; \
+                 did you mean the network {trunc} or the single host {host}?",
+                len = net.prefix_len(),
+                trunc = net.trunc(),
+                host = IpNet::from(net.addr()),
+            ));
+        }
+        Ok(Source::Net(net))
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `PORT[/tcp|/udp]`, protocol tcp when left out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortProto {
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PortProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.proto)
+    }
+}
+
+impl FromStr for PortProto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (port, proto) = match s.split_once('/') {
+            Some((port, proto)) => (port, proto.parse()?),
+            None => (s, Proto::Tcp),
+        };
+        Ok(PortProto {
+            port: parse_port(port)?,
+            proto,
+        })
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("invalid port '0': ports run from 1 to 65535".to_string()),
+        Ok(n) if n > 65535 => Err(format!("invalid port '{s}': ports run from 1 to 65535")),
+        Ok(n) => Ok(n as u16),
+        Err(_) => Err(format!(
+            "invalid port '{s}': expected a number from 1 to 65535"
+        )),
+    }
+}
+
+/// `NAME[:CPORT[/proto]]`: a container, and optionally one of its ports
+/// (the container-side port, as in `-p 8081:8080` it is 8080).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub port: Option<PortProto>,
+}
+
+impl fmt::Display for ContainerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{}", self.name, p),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+impl FromStr for ContainerSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, port) = match s.split_once(':') {
+            Some((name, port)) => (name, Some(port.parse::<PortProto>()?)),
+            None => (s, None),
+        };
+        let name = name.trim_start_matches('/');
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            return Err(format!(
+                "invalid container '{s}': expected NAME[:CONTAINER_PORT[/tcp|/udp]], e.g. web or web:8080/tcp"
+            ));
+        }
+        Ok(ContainerSpec {
+            name: name.to_string(),
+            port,
+        })
+    }
+}
+
+/// What an allowance opens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A published port: the one clients connect to (8081 in `-p 8081:8080`).
+    Port(PortProto),
+    /// Every published port of a container, or the one publishing its port.
+    Container(ContainerSpec),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Port(p) => write!(f, "port {p}"),
+            Target::Container(c) => write!(f, "container {c}"),
+        }
+    }
+}
+
+/// One allowance: `source` may open new connections to `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Allowance {
+    pub source: Source,
+    pub target: Target,
+}
+
+impl fmt::Display for Allowance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.source, self.target)
+    }
+}
+
+/// A port Docker publishes, as read from the Engine API.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Binding {
+    pub container: String,
+    pub container_id: String,
+    /// `None`: every host address of the family (Docker's 0.0.0.0 / ::).
+    pub host_ip: Option<IpAddr>,
+    pub ipv6: bool,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub proto: Proto,
+}
+
+impl Binding {
+    /// Builds a binding from Docker's `HostIp` string ("0.0.0.0", "::", an address).
+    pub fn new(
+        container: &str,
+        container_id: &str,
+        host_ip: IpAddr,
+        host_port: u16,
+        container_port: u16,
+        proto: Proto,
+    ) -> Self {
+        Binding {
+            container: container.trim_start_matches('/').to_string(),
+            container_id: container_id.to_string(),
+            host_ip: (!host_ip.is_unspecified()).then_some(host_ip),
+            ipv6: host_ip.is_ipv6(),
+            host_port,
+            container_port,
+            proto,
+        }
+    }
+
+    pub fn host_ip_display(&self) -> String {
+        match (self.host_ip, self.ipv6) {
+            (Some(ip), _) => ip.to_string(),
+            (None, false) => "0.0.0.0".to_string(),
+            (None, true) => "::".to_string(),
+        }
+    }
+
+    fn matches(&self, spec: &ContainerSpec) -> bool {
+        let named = self.container == spec.name
+            || (spec.name.len() >= 12 && self.container_id.starts_with(&spec.name));
+        named
+            && spec
+                .port
+                .is_none_or(|p| p.port == self.container_port && p.proto == self.proto)
+    }
+}
+
+/// Whether a container spec names a container Docker reports (running or not).
+pub fn container_known(spec: &ContainerSpec, names_and_ids: &[(String, String)]) -> bool {
+    names_and_ids.iter().any(|(name, id)| {
+        *name == spec.name || (spec.name.len() >= 12 && id.starts_with(&spec.name))
+    })
+}
+
+/// One entry of the kernel's allowance trie: (published port, proto, source net).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowEntry {
+    pub port: u16,
+    pub proto: Proto,
+    pub net: IpNet,
+}
+
+impl AllowEntry {
+    /// The LPM trie key: prefix length and data.
+    pub fn key(&self) -> (u32, AllowKey) {
+        let (family, addr) = addr_bytes(self.net.addr());
+        (
+            ALLOW_KEY_FIXED_BITS + u32::from(self.net.prefix_len()),
+            AllowKey {
+                port: self.port,
+                proto: self.proto.number(),
+                family,
+                addr,
+            },
+        )
+    }
+
+    /// The inverse of [`AllowEntry::key`], for reading the map back.
+    pub fn from_key(prefix_len: u32, key: &AllowKey) -> Option<Self> {
+        let proto = Proto::from_number(key.proto)?;
+        let addr_len = u8::try_from(prefix_len.checked_sub(ALLOW_KEY_FIXED_BITS)?).ok()?;
+        let addr = addr_from_bytes(key.family, &key.addr)?;
+        Some(AllowEntry {
+            port: key.port,
+            proto,
+            net: IpNet::new(addr, addr_len).ok()?,
+        })
+    }
+}
+
+/// (family, 16 bytes with IPv4 in the first four).
+pub fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            (FAMILY_V4, bytes)
+        }
+        IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+    }
+}
+
+pub fn addr_from_bytes(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        FAMILY_V6 => Some(IpAddr::from(*bytes)),
+        _ => None,
+    }
+}
+
+/// The (published port, proto) pairs an allowance's target stands for now.
+pub fn resolve_target(target: &Target, bindings: &[Binding]) -> BTreeSet<PortProto> {
+    match target {
+        Target::Port(p) => BTreeSet::from([*p]),
+        Target::Container(spec) => bindings
+            .iter()
+            .filter(|b| b.matches(spec))
+            .map(|b| PortProto {
+                port: b.host_port,
+                proto: b.proto,
+            })
+            .collect(),
+    }
+}
+
+/// Every allowance trie entry the policy needs, and which allowances need
+/// each (for hit counters per allowance).
+pub fn compile_allowances(
+    allowances: &[Allowance],
+    bindings: &[Binding],
+) -> BTreeMap<AllowEntry, Vec<usize>> {
+    let mut entries: BTreeMap<AllowEntry, Vec<usize>> = BTreeMap::new();
+    for (index, allowance) in allowances.iter().enumerate() {
+        for pp in resolve_target(&allowance.target, bindings) {
+            for net in allowance.source.nets() {
+                entries
+                    .entry(AllowEntry {
+                        port: pp.port,
+                        proto: pp.proto,
+                        net,
+                    })
+                    .or_default()
+                    .push(index);
+            }
+        }
+    }
+    entries
+}
+
+/// The published-port map's contents for Docker's bindings.
+pub fn compile_published(bindings: &[Binding]) -> BTreeMap<PublishedKey, PublishedValue> {
+    bindings
+        .iter()
+        .map(|b| {
+            let (family, addr) = match b.host_ip {
+                Some(ip) => addr_bytes(ip),
+                None if b.ipv6 => (FAMILY_V6, [0; 16]),
+                None => (FAMILY_V4, [0; 16]),
+            };
+            (
+                PublishedKey {
+                    addr,
+                    port: b.host_port,
+                    proto: b.proto.number(),
+                    family,
+                },
+                PublishedValue {
+                    container_port: b.container_port,
+                    _pad: [0; 6],
+                },
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(name: &str, host_ip: &str, host_port: u16, cport: u16, proto: Proto) -> Binding {
+        Binding::new(
+            name,
+            "0123456789abcdef0123",
+            host_ip.parse().unwrap(),
+            host_port,
+            cport,
+            proto,
+        )
+    }
+
+    #[test]
+    fn sources_parse_and_reject_with_reasons() {
+        assert_eq!("any".parse::<Source>(), Ok(Source::Any));
+        assert_eq!(
+            "203.0.113.7".parse::<Source>(),
+            Ok(Source::Net("203.0.113.7/32".parse().unwrap()))
+        );
+        assert_eq!(
+            "2001:db8::/32".parse::<Source>(),
+            Ok(Source::Net("2001:db8::/32".parse().unwrap()))
+        );
+        let err = "10.0.0.1/8".parse::<Source>().unwrap_err();
+        assert!(
+            err.contains("10.0.0.0/8") && err.contains("10.0.0.1/32"),
+            "{err}"
+        );
+        for bad in [
+            "10.0.0.256",
+            "10.0.0.0/33",
+            "::/129",
+            "",
+            "host.example",
+            "1.2.3.4/",
+        ] {
+            let err = bad.parse::<Source>().unwrap_err();
+            assert!(err.contains(&format!("'{bad}'")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn ports_parse_and_reject_with_reasons() {
+        assert_eq!(
+            "8081".parse::<PortProto>(),
+            Ok(PortProto {
+                port: 8081,
+                proto: Proto::Tcp
+            })
+        );
+        assert_eq!(
+            "53/UDP".parse::<PortProto>(),
+            Ok(PortProto {
+                port: 53,
+                proto: Proto::Udp
+            })
+        );
+        for bad in ["0", "65536", "http", "80/sctp", "-1", "80/"] {
+            assert!(bad.parse::<PortProto>().is_err(), "{bad}");
+        }
+        assert!("65535".parse::<PortProto>().is_ok());
+    }
+
+    #[test]
+    fn container_specs() {
+        let spec: ContainerSpec = "web:8080/udp".parse().unwrap();
+        assert_eq!(spec.name, "web");
+        assert_eq!(spec.port.unwrap().proto, Proto::Udp);
+        assert!("web:0".parse::<ContainerSpec>().is_err());
+        assert!("we b".parse::<ContainerSpec>().is_err());
+        assert!("".parse::<ContainerSpec>().is_err());
+    }
+
+    #[test]
+    fn allow_entry_key_roundtrip_and_prefixes() {
+        for (net, prefix) in [
+            ("0.0.0.0/0", 32),
+            ("10.1.0.0/16", 48),
+            ("203.0.113.7/32", 64),
+            ("::/0", 32),
+            ("2001:db8::/48", 80),
+            ("2001:db8::1/128", 160),
+        ] {
+            let entry = AllowEntry {
+                port: 8081,
+                proto: Proto::Tcp,
+                net: net.parse().unwrap(),
+            };
+            let (len, key) = entry.key();
+            assert_eq!(len, prefix, "{net}");
+            assert_eq!(AllowEntry::from_key(len, &key), Some(entry));
+        }
+    }
+
+    #[test]
+    fn container_allowance_resolves_to_published_ports() {
+        let bindings = vec![
+            binding("web", "0.0.0.0", 8081, 8080, Proto::Tcp),
+            binding("web", "::", 8081, 8080, Proto::Tcp),
+            binding("web", "0.0.0.0", 5353, 53, Proto::Udp),
+            binding("api", "0.0.0.0", 8082, 8080, Proto::Tcp),
+        ];
+        let all = Target::Container("web".parse().unwrap());
+        let ports: Vec<_> = resolve_target(&all, &bindings).into_iter().collect();
+        assert_eq!(ports.len(), 2);
+        let one = Target::Container("web:53/udp".parse().unwrap());
+        let ports: Vec<_> = resolve_target(&one, &bindings).into_iter().collect();
+        assert_eq!(
+            ports,
+            vec![PortProto {
+                port: 5353,
+                proto: Proto::Udp
+            }]
+        );
+        // api also uses container port 8080, published on 8082: not web's.
+        let web8080 = Target::Container("web:8080".parse().unwrap());
+        let ports: Vec<_> = resolve_target(&web8080, &bindings).into_iter().collect();
+        assert_eq!(ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![8081]);
+    }
+
+    #[test]
+    fn any_compiles_to_both_families_and_duplicates_merge() {
+        let allowances = vec![
+            Allowance {
+                source: Source::Any,
+                target: Target::Port("8081".parse().unwrap()),
+            },
+            Allowance {
+                source: "0.0.0.0/0".parse().unwrap(),
+                target: Target::Port("8081".parse().unwrap()),
+            },
+        ];
+        let entries = compile_allowances(&allowances, &[]);
+        assert_eq!(entries.len(), 2);
+        let v4 = entries
+            .iter()
+            .find(|(e, _)| e.net.addr().is_ipv4())
+            .unwrap();
+        assert_eq!(v4.1, &vec![0, 1]);
+    }
+
+    #[test]
+    fn published_wildcard_and_specific() {
+        let map = compile_published(&[
+            binding("web", "0.0.0.0", 8081, 8080, Proto::Tcp),
+            binding("web", "::", 8081, 8080, Proto::Tcp),
+            binding("db", "10.0.0.5", 5432, 5432, Proto::Tcp),
+        ]);
+        let keys: Vec<_> = map.keys().collect();
+        assert_eq!(keys.len(), 3);
+        assert!(
+            keys.iter()
+                .any(|k| k.family == FAMILY_V4 && k.addr == [0; 16] && k.port == 8081)
+        );
+        assert!(
+            keys.iter()
+                .any(|k| k.family == FAMILY_V6 && k.addr == [0; 16] && k.port == 8081)
+        );
+        assert!(keys.iter().any(|k| k.addr[..4] == [10, 0, 0, 5]));
+    }
+}

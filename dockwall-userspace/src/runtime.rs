@@ -1,0 +1,122 @@
+//! What a running or past `dockwall load` left for the other commands:
+//! the managed interfaces and Docker's last known published ports.
+//!
+//! Lives in /run (tmpfs), so it vanishes on reboot together with the bpffs
+//! pins it describes. `DOCKWALL_RUN_DIR` moves it (tests).
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{ebpf::AttachMode, policy::Binding};
+
+pub const DEFAULT_RUN_DIR: &str = "/run/dockwall";
+const STATE_FILE: &str = "state.json";
+const PUBLISHED_FILE: &str = "published.json";
+const DAEMON_LOCK: &str = "load.lock";
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("DOCKWALL_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManagedIface {
+    pub name: String,
+    pub mode: AttachMode,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub interfaces: Vec<ManagedIface>,
+}
+
+fn read<T: DeserializeOwned + Default>(name: &str) -> anyhow::Result<T> {
+    let path = run_dir().join(name);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write<T: Serialize>(name: &str, value: &T) -> anyhow::Result<()> {
+    let dir = run_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    let bytes = serde_json::to_vec_pretty(value).context("serializing runtime state")?;
+    fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn state() -> anyhow::Result<State> {
+    read(STATE_FILE)
+}
+
+pub fn save_state(state: &State) -> anyhow::Result<()> {
+    write(STATE_FILE, state)
+}
+
+/// Docker's published ports as last seen by dockwall; used when Docker
+/// cannot be asked (it is down, or the command runs without it).
+pub fn published() -> anyhow::Result<Vec<Binding>> {
+    read(PUBLISHED_FILE)
+}
+
+pub fn save_published(bindings: &[Binding]) -> anyhow::Result<()> {
+    write(PUBLISHED_FILE, &bindings)
+}
+
+/// Removes the runtime files (unload).
+pub fn clear() -> anyhow::Result<()> {
+    for name in [STATE_FILE, PUBLISHED_FILE] {
+        let path = run_dir().join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Held by the one running `dockwall load`; a second one is refused.
+pub struct DaemonLock {
+    _file: File,
+}
+
+pub fn daemon_lock() -> anyhow::Result<DaemonLock> {
+    let dir = run_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(DAEMON_LOCK);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another `dockwall load` is already running (pid {}); stop it first or use `dockwall status`",
+            holder.trim()
+        );
+    }
+    file.set_len(0).context("truncating the load lock")?;
+    write!(file, "{}", std::process::id()).context("writing the load lock")?;
+    Ok(DaemonLock { _file: file })
+}
