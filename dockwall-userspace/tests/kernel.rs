@@ -1,0 +1,1044 @@
+//! The real kernel program under BPF_PROG_TEST_RUN, with crafted packets.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN). Each test loads its own copy of the
+//! embedded object with private, unpinned maps, so tests share no state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions},
+};
+use dockwall_common::{PROG_EGRESS, PROG_INGRESS, stat};
+use dockwall_userspace::{
+    ebpf::{self, Maps},
+    policy::{self, AllowEntry, Allowance, Binding, Proto, Target},
+};
+
+const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
+const DROP: u32 = 2; // TC_ACT_SHOT
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const RST: u8 = 0x04;
+
+struct Harness {
+    ebpf: Ebpf,
+    maps: Maps,
+}
+
+impl Harness {
+    /// Published: 8081/tcp+udp and 5353/udp and 7000-7001/tcp on every
+    /// address; 9000/tcp only on 10.0.0.5 and 2001:db8::5.
+    fn new(allow: &[(&str, &str)]) -> Self {
+        let mut ebpf = ebpf::load_unpinned().expect("load object (are we root?)");
+        let mut maps = Maps::from_ebpf(&mut ebpf).unwrap();
+        let mut bindings = Vec::new();
+        for ip in ["0.0.0.0", "::"] {
+            bindings.push(binding("web", ip, 8081, 8080, Proto::Tcp));
+            bindings.push(binding("web", ip, 8081, 8080, Proto::Udp));
+            bindings.push(binding("dns", ip, 5353, 53, Proto::Udp));
+            bindings.push(binding("open", ip, 7000, 80, Proto::Tcp));
+            bindings.push(binding("open4", ip, 7001, 80, Proto::Tcp));
+        }
+        bindings.push(binding("db", "10.0.0.5", 9000, 5432, Proto::Tcp));
+        bindings.push(binding("db", "2001:db8::5", 9000, 5432, Proto::Tcp));
+        maps.sync_published(&policy::compile_published(&bindings))
+            .unwrap();
+        let allowances: Vec<Allowance> = allow
+            .iter()
+            .map(|(src, port)| Allowance {
+                source: src.parse().unwrap(),
+                target: Target::Port(port.parse().unwrap()),
+            })
+            .collect();
+        let entries: BTreeSet<AllowEntry> = policy::compile_allowances(&allowances, &bindings)
+            .into_keys()
+            .collect();
+        maps.sync_allow(&entries).unwrap();
+        Harness { ebpf, maps }
+    }
+
+    fn standard() -> Self {
+        Harness::new(&[
+            ("192.0.2.0/24", "8081/tcp"),
+            ("198.51.100.7", "5353/udp"),
+            ("2001:db8:1::/48", "8081/tcp"),
+            ("2001:db8:2::7", "5353/udp"),
+            ("203.0.113.0/24", "9000/tcp"),
+            ("2001:db8:3::/64", "9000/tcp"),
+            ("any", "7000/tcp"),
+            ("0.0.0.0/0", "7001/tcp"),
+            ("10.0.0.0/8", "8081/tcp"),
+            ("10.1.0.0/16", "8081/tcp"),
+        ])
+    }
+
+    fn run(&mut self, prog: &str, frame: &[u8]) -> u32 {
+        let prog = ebpf::program(&mut self.ebpf, prog).unwrap();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    fn ingress(&mut self, frame: &[u8]) -> u32 {
+        self.run(PROG_INGRESS, frame)
+    }
+
+    fn egress(&mut self, frame: &[u8]) -> u32 {
+        self.run(PROG_EGRESS, frame)
+    }
+
+    fn stats(&self) -> [u64; stat::COUNT as usize] {
+        self.maps.stats().unwrap()
+    }
+}
+
+fn binding(name: &str, ip: &str, host_port: u16, cport: u16, proto: Proto) -> Binding {
+    Binding::new(name, "cafe", ip.parse().unwrap(), host_port, cport, proto)
+}
+
+// ---- packet builder -------------------------------------------------------
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[12] = 5 << 4;
+    h[13] = flags;
+    h
+}
+
+fn udp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 8];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..6].copy_from_slice(&12u16.to_be_bytes());
+    h.extend_from_slice(b"ping");
+    h
+}
+
+struct V4 {
+    options: Vec<u8>,
+    frag: u16,
+    total_len: Option<u16>,
+    ihl: Option<u8>,
+}
+
+impl Default for V4 {
+    fn default() -> Self {
+        V4 {
+            options: Vec::new(),
+            frag: 0x4000, // DF
+            total_len: None,
+            ihl: None,
+        }
+    }
+}
+
+fn ipv4(src: &str, dst: &str, proto: u8, l4: &[u8], o: V4) -> Vec<u8> {
+    let src: std::net::Ipv4Addr = src.parse().unwrap();
+    let dst: std::net::Ipv4Addr = dst.parse().unwrap();
+    assert_eq!(o.options.len() % 4, 0);
+    let hlen = 20 + o.options.len();
+    let mut h = vec![0u8; 20];
+    h[0] = 0x40 | o.ihl.unwrap_or((hlen / 4) as u8);
+    let total = o.total_len.unwrap_or((hlen + l4.len()) as u16);
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6..8].copy_from_slice(&o.frag.to_be_bytes());
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    h.extend_from_slice(&o.options);
+    h.extend_from_slice(l4);
+    h
+}
+
+/// IPv6 with a chain of extension headers: (type, bytes incl. next/len).
+fn ipv6(src: &str, dst: &str, proto: u8, l4: &[u8], ext: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    let dst: std::net::Ipv6Addr = dst.parse().unwrap();
+    let mut payload = Vec::new();
+    for (i, (_, body)) in ext.iter().enumerate() {
+        let mut body = body.clone();
+        body[0] = ext.get(i + 1).map_or(proto, |(t, _)| *t);
+        payload.extend_from_slice(&body);
+    }
+    payload.extend_from_slice(l4);
+    let mut h = vec![0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    h[6] = ext.first().map_or(proto, |(t, _)| *t);
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src.octets());
+    h[24..40].copy_from_slice(&dst.octets());
+    h.extend_from_slice(&payload);
+    h
+}
+
+fn ext_opts(kind: u8) -> (u8, Vec<u8>) {
+    // 8 bytes: next, len=0, PadN option of 4 bytes... (kind is the header type)
+    (kind, vec![0, 0, 1, 4, 0, 0, 0, 0])
+}
+
+fn ext_frag(offset_units: u16, more: bool) -> (u8, Vec<u8>) {
+    let v = (offset_units << 3) | u16::from(more);
+    let b = v.to_be_bytes();
+    (44, vec![0, 0, b[0], b[1], 0, 0, 0, 1])
+}
+
+fn eth_tags(tags: &[u16], ethertype: u16, l3: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    for tpid in tags {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&100u16.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+fn eth(l3: &[u8]) -> Vec<u8> {
+    let ethertype = if l3[0] >> 4 == 6 { 0x86DD } else { 0x0800 };
+    eth_tags(&[], ethertype, l3)
+}
+
+fn syn4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    eth(&ipv4(src, dst, 6, &tcp(40000, dport, SYN), V4::default()))
+}
+
+fn syn6(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    eth(&ipv6(src, dst, 6, &tcp(40000, dport, SYN), &[]))
+}
+
+fn udp4(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    eth(&ipv4(src, dst, 17, &udp(sport, dport), V4::default()))
+}
+
+fn udp6(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    eth(&ipv6(src, dst, 17, &udp(sport, dport), &[]))
+}
+
+const HOST4: &str = "172.16.0.1";
+const HOST6: &str = "2001:db8::1";
+
+fn name(v: u32) -> &'static str {
+    match v {
+        PASS => "PASS",
+        DROP => "DROP",
+        _ => "OTHER",
+    }
+}
+
+fn check(h: &mut Harness, cases: &[(&str, Vec<u8>, u32)]) {
+    let mut failures = Vec::new();
+    for (what, frame, want) in cases {
+        let got = h.ingress(frame);
+        if got != *want {
+            failures.push(format!("{what}: want {} got {}", name(*want), name(got)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+// ---- verdict matrix -------------------------------------------------------
+
+#[test]
+fn verdict_matrix_ipv4_ipv6_tcp_udp() {
+    let mut h = Harness::standard();
+    let cases = vec![
+        // IPv4 TCP: allowed, not allowed, not in scope
+        ("v4 tcp allowed", syn4("192.0.2.10", HOST4, 8081), PASS),
+        ("v4 tcp not allowed", syn4("192.0.3.10", HOST4, 8081), DROP),
+        (
+            "v4 tcp unpublished port (ssh)",
+            syn4("192.0.3.10", HOST4, 22),
+            PASS,
+        ),
+        (
+            "v4 tcp allowed source, other published port",
+            syn4("192.0.2.10", HOST4, 7001),
+            PASS,
+        ),
+        (
+            "v4 tcp allowed source, port of another allowance",
+            syn4("192.0.2.10", "10.0.0.5", 9000),
+            DROP,
+        ),
+        // IPv4 UDP
+        (
+            "v4 udp allowed",
+            udp4("198.51.100.7", HOST4, 40000, 5353),
+            PASS,
+        ),
+        (
+            "v4 udp not allowed",
+            udp4("198.51.100.8", HOST4, 40000, 5353),
+            DROP,
+        ),
+        (
+            "v4 udp unpublished port",
+            udp4("198.51.100.8", HOST4, 40000, 53),
+            PASS,
+        ),
+        // protocol is part of the allowance: 8081/tcp allowed, 8081/udp not
+        (
+            "v4 udp to tcp-only allowance",
+            udp4("192.0.2.10", HOST4, 40000, 8081),
+            DROP,
+        ),
+        // IPv6 TCP
+        (
+            "v6 tcp allowed",
+            syn6("2001:db8:1:ffff::1", HOST6, 8081),
+            PASS,
+        ),
+        (
+            "v6 tcp not allowed",
+            syn6("2001:db8:2::1", HOST6, 8081),
+            DROP,
+        ),
+        (
+            "v6 tcp unpublished port",
+            syn6("2001:db8:2::1", HOST6, 22),
+            PASS,
+        ),
+        // IPv6 UDP
+        (
+            "v6 udp allowed",
+            udp6("2001:db8:2::7", HOST6, 40000, 5353),
+            PASS,
+        ),
+        (
+            "v6 udp not allowed",
+            udp6("2001:db8:2::8", HOST6, 40000, 5353),
+            DROP,
+        ),
+        // host-specific publish: 9000 only on 10.0.0.5 / 2001:db8::5
+        (
+            "v4 specific bind, allowed",
+            syn4("203.0.113.9", "10.0.0.5", 9000),
+            PASS,
+        ),
+        (
+            "v4 specific bind, not allowed",
+            syn4("192.0.3.1", "10.0.0.5", 9000),
+            DROP,
+        ),
+        (
+            "v4 other address, same port: not published",
+            syn4("192.0.3.1", "10.0.0.6", 9000),
+            PASS,
+        ),
+        (
+            "v6 specific bind, allowed",
+            syn6("2001:db8:3::9", "2001:db8::5", 9000),
+            PASS,
+        ),
+        (
+            "v6 specific bind, not allowed",
+            syn6("2001:db8:4::9", "2001:db8::5", 9000),
+            DROP,
+        ),
+        (
+            "v6 other address: not published",
+            syn6("2001:db8:4::9", "2001:db8::6", 9000),
+            PASS,
+        ),
+        // `any` covers both families; 0.0.0.0/0 only IPv4
+        ("any v4", syn4("100.64.1.1", HOST4, 7000), PASS),
+        ("any v6", syn6("2001:db8:ff::1", HOST6, 7000), PASS),
+        ("0.0.0.0/0 v4", syn4("100.64.1.1", HOST4, 7001), PASS),
+        (
+            "0.0.0.0/0 does not cover v6",
+            syn6("2001:db8:ff::1", HOST6, 7001),
+            DROP,
+        ),
+        // not new: replies and established segments always pass
+        (
+            "v4 ack from disallowed",
+            eth(&ipv4(
+                "192.0.3.10",
+                HOST4,
+                6,
+                &tcp(40000, 8081, ACK),
+                V4::default(),
+            )),
+            PASS,
+        ),
+        (
+            "v4 syn-ack from disallowed",
+            eth(&ipv4(
+                "192.0.3.10",
+                HOST4,
+                6,
+                &tcp(40000, 8081, SYN | ACK),
+                V4::default(),
+            )),
+            PASS,
+        ),
+        (
+            "v4 rst from disallowed",
+            eth(&ipv4(
+                "192.0.3.10",
+                HOST4,
+                6,
+                &tcp(40000, 8081, RST),
+                V4::default(),
+            )),
+            PASS,
+        ),
+        (
+            "v6 ack from disallowed",
+            eth(&ipv6(
+                "2001:db8:2::1",
+                HOST6,
+                6,
+                &tcp(40000, 8081, ACK),
+                &[],
+            )),
+            PASS,
+        ),
+        // non-IP
+        ("arp", eth_tags(&[], 0x0806, &[0u8; 28]), PASS),
+        (
+            "icmp",
+            eth(&ipv4(
+                "192.0.3.10",
+                HOST4,
+                1,
+                &[8, 0, 0, 0, 0, 0, 0, 0],
+                V4::default(),
+            )),
+            PASS,
+        ),
+        (
+            "icmpv6",
+            eth(&ipv6(
+                "2001:db8:2::1",
+                HOST6,
+                58,
+                &[128, 0, 0, 0, 0, 0, 0, 0],
+                &[],
+            )),
+            PASS,
+        ),
+    ];
+    check(&mut h, &cases);
+    let s = h.stats();
+    let (pass, drop) = cases.iter().fold(
+        (0, 0),
+        |(p, d), c| if c.2 == PASS { (p + 1, d) } else { (p, d + 1) },
+    );
+    assert_eq!(s[stat::DROPPED as usize], drop, "dropped counter");
+    assert_eq!(
+        s[stat::ALLOWED as usize] + s[stat::NOT_IN_SCOPE as usize] + s[stat::ESTABLISHED as usize],
+        pass,
+        "pass counters"
+    );
+    assert_eq!(s[stat::ESTABLISHED as usize], 4);
+    assert_eq!(s[stat::ALLOWED as usize], 10);
+}
+
+#[test]
+fn cidr_edges() {
+    let mut h = Harness::new(&[
+        ("192.0.2.0/24", "8081/tcp"),
+        ("198.51.100.7/32", "8081/tcp"),
+        ("2001:db8:1::/48", "8081/tcp"),
+        ("2001:db8:2::7/128", "8081/tcp"),
+        ("0.0.0.0/0", "7000/tcp"),
+        ("::/0", "7001/tcp"),
+        ("255.255.255.255/32", "9000/tcp"),
+    ]);
+    let cases = vec![
+        ("/24 first", syn4("192.0.2.0", HOST4, 8081), PASS),
+        ("/24 last", syn4("192.0.2.255", HOST4, 8081), PASS),
+        ("/24 one below", syn4("192.0.1.255", HOST4, 8081), DROP),
+        ("/24 one above", syn4("192.0.3.0", HOST4, 8081), DROP),
+        ("/32 exact", syn4("198.51.100.7", HOST4, 8081), PASS),
+        (
+            "/32 neighbour below",
+            syn4("198.51.100.6", HOST4, 8081),
+            DROP,
+        ),
+        (
+            "/32 neighbour above",
+            syn4("198.51.100.8", HOST4, 8081),
+            DROP,
+        ),
+        ("/48 first", syn6("2001:db8:1::", HOST6, 8081), PASS),
+        (
+            "/48 last",
+            syn6("2001:db8:1:ffff:ffff:ffff:ffff:ffff", HOST6, 8081),
+            PASS,
+        ),
+        (
+            "/48 one below",
+            syn6("2001:db8:0:ffff:ffff:ffff:ffff:ffff", HOST6, 8081),
+            DROP,
+        ),
+        ("/48 one above", syn6("2001:db8:2::", HOST6, 8081), DROP),
+        ("/128 exact", syn6("2001:db8:2::7", HOST6, 8081), PASS),
+        ("/128 neighbour", syn6("2001:db8:2::6", HOST6, 8081), DROP),
+        ("/0 v4 low", syn4("0.0.0.0", HOST4, 7000), PASS),
+        ("/0 v4 high", syn4("255.255.255.255", HOST4, 7000), PASS),
+        ("/0 v4 does not cover v6", syn6("::1", HOST6, 7000), DROP),
+        ("/0 v6 low", syn6("::", HOST6, 7001), PASS),
+        (
+            "/0 v6 high",
+            syn6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", HOST6, 7001),
+            PASS,
+        ),
+        (
+            "/0 v6 does not cover v4",
+            syn4("1.2.3.4", HOST4, 7001),
+            DROP,
+        ),
+        (
+            "all-ones /32",
+            syn4("255.255.255.255", "10.0.0.5", 9000),
+            PASS,
+        ),
+        (
+            "v4 allowance does not match v4-mapped v6",
+            syn6("::ffff:192.0.2.1", HOST6, 8081),
+            DROP,
+        ),
+    ];
+    check(&mut h, &cases);
+}
+
+#[test]
+fn longest_prefix_gets_the_hit() {
+    let mut h = Harness::standard();
+    assert_eq!(h.ingress(&syn4("10.1.2.3", HOST4, 8081)), PASS);
+    assert_eq!(h.ingress(&syn4("10.2.0.1", HOST4, 8081)), PASS);
+    assert_eq!(h.ingress(&syn4("10.2.0.2", HOST4, 8081)), PASS);
+    let hits = h.maps.allow_hits().unwrap();
+    let get = |net: &str| {
+        hits[&AllowEntry {
+            port: 8081,
+            proto: Proto::Tcp,
+            net: net.parse().unwrap(),
+        }]
+    };
+    assert_eq!(get("10.1.0.0/16"), 1);
+    assert_eq!(get("10.0.0.0/8"), 2);
+}
+
+#[test]
+fn allowance_changes_take_effect_on_the_next_packet() {
+    let mut h = Harness::new(&[]);
+    let frame = syn4("192.0.2.10", HOST4, 8081);
+    assert_eq!(h.ingress(&frame), DROP);
+    let entry = AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: "192.0.2.10/32".parse().unwrap(),
+    };
+    h.maps.sync_allow(&BTreeSet::from([entry])).unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+    h.maps.sync_allow(&BTreeSet::new()).unwrap();
+    assert_eq!(h.ingress(&frame), DROP);
+    // Unpublishing the port takes it out of scope.
+    h.maps.sync_published(&BTreeMap::new()).unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+}
+
+// ---- replies to outbound UDP (egress tracking) ----------------------------
+
+#[test]
+fn udp_reply_to_outbound_flow_passes_even_on_a_published_port() {
+    let mut h = Harness::standard();
+    // A container's datagram, masqueraded to the host address with source
+    // port 5353, which is also a published UDP port.
+    let reply = udp4("192.0.2.200", HOST4, 53, 5353);
+    assert_eq!(
+        h.ingress(&reply),
+        DROP,
+        "before any outbound flow it is a new datagram"
+    );
+    assert_eq!(h.egress(&udp4(HOST4, "192.0.2.200", 5353, 53)), PASS);
+    assert_eq!(h.ingress(&reply), PASS, "reply to the outbound flow");
+    assert_eq!(
+        h.ingress(&udp4("192.0.2.200", HOST4, 54, 5353)),
+        DROP,
+        "other remote port"
+    );
+    assert_eq!(
+        h.ingress(&udp4("192.0.2.201", HOST4, 53, 5353)),
+        DROP,
+        "other remote host"
+    );
+    // IPv6 too.
+    let reply6 = udp6("2001:db8:9::1", HOST6, 53, 5353);
+    assert_eq!(h.ingress(&reply6), DROP);
+    assert_eq!(h.egress(&udp6(HOST6, "2001:db8:9::1", 5353, 53)), PASS);
+    assert_eq!(h.ingress(&reply6), PASS);
+    assert_eq!(h.stats()[stat::REPLY as usize], 2);
+    // Egress never drops, whatever it is handed.
+    assert_eq!(h.egress(&syn4(HOST4, "192.0.2.1", 8081)), PASS);
+    assert_eq!(h.egress(&[0u8; 14]), PASS);
+}
+
+// ---- odd packets ----------------------------------------------------------
+
+#[test]
+fn truncated_at_every_length_is_dropped_never_allowed() {
+    let mut h = Harness::standard();
+    let l3s = [
+        ipv4(
+            "192.0.2.10",
+            HOST4,
+            6,
+            &tcp(40000, 8081, SYN),
+            V4::default(),
+        ),
+        ipv4("192.0.3.10", HOST4, 6, &tcp(40000, 22, SYN), V4::default()),
+        ipv6("2001:db8:1::1", HOST6, 6, &tcp(40000, 8081, SYN), &[]),
+        ipv4("198.51.100.7", HOST4, 17, &udp(40000, 5353), V4::default()),
+        ipv6("2001:db8:2::7", HOST6, 17, &udp(40000, 5353), &[]),
+    ];
+    let mut runs = 0;
+    for l3 in &l3s {
+        let ipv6 = l3[0] >> 4 == 6;
+        let (l3_len, proto) = if ipv6 { (40, l3[6]) } else { (20, l3[9]) };
+        // Bytes of the transport header dockwall reads: ports (+ TCP flags).
+        let needed = l3_len + if proto == 6 { 14 } else { 4 };
+        let ethertype = if ipv6 { 0x86DD } else { 0x0800 };
+        // The kernel refuses untagged test frames with an incomplete IP
+        // header, but not VLAN-tagged ones: cover every cut with a tag.
+        for tags in [&[][..], &[0x8100][..]] {
+            let frame = eth_tags(tags, ethertype, l3);
+            assert_eq!(h.ingress(&frame), PASS, "complete frame");
+            let l2 = 14 + 4 * tags.len();
+            let shortest = if tags.is_empty() { l2 + l3_len } else { 14 };
+            for len in shortest..l2 + needed {
+                assert_eq!(
+                    h.ingress(&frame[..len]),
+                    DROP,
+                    "{tags:x?} cut to {len} of {} bytes",
+                    frame.len()
+                );
+                runs += 1;
+            }
+        }
+    }
+    assert!(runs > 150, "{runs} truncated frames");
+    assert_eq!(h.stats()[stat::MALFORMED as usize], runs);
+}
+
+#[test]
+fn empty_and_short_frames_are_refused_by_the_kernel_or_dropped() {
+    let mut h = Harness::standard();
+    let prog = ebpf::program(&mut h.ebpf, PROG_INGRESS).unwrap();
+    // The kernel refuses skb test runs shorter than an Ethernet header.
+    for len in [0usize, 1, 13] {
+        let frame = vec![0u8; len];
+        let opts = TestRunOptions {
+            data_in: Some(&frame),
+            ..Default::default()
+        };
+        assert!(prog.test_run(opts).is_err(), "len {len}");
+    }
+}
+
+#[test]
+fn ipv4_header_variants() {
+    let mut h = Harness::standard();
+    let nop_opts = |n: usize| V4 {
+        options: vec![1u8; n], // NOP options
+        ..V4::default()
+    };
+    let l4 = tcp(40000, 8081, SYN);
+    let cases = vec![
+        (
+            "options 4 bytes, allowed",
+            eth(&ipv4("192.0.2.1", HOST4, 6, &l4, nop_opts(4))),
+            PASS,
+        ),
+        (
+            "options 4 bytes, not allowed",
+            eth(&ipv4("192.0.3.1", HOST4, 6, &l4, nop_opts(4))),
+            DROP,
+        ),
+        (
+            "options 40 bytes (IHL 15), allowed",
+            eth(&ipv4("192.0.2.1", HOST4, 6, &l4, nop_opts(40))),
+            PASS,
+        ),
+        (
+            "options 40 bytes (IHL 15), not allowed",
+            eth(&ipv4("192.0.3.1", HOST4, 6, &l4, nop_opts(40))),
+            DROP,
+        ),
+        (
+            "IHL 4 (bogus)",
+            eth(&ipv4(
+                "192.0.2.1",
+                HOST4,
+                6,
+                &l4,
+                V4 {
+                    ihl: Some(4),
+                    ..V4::default()
+                },
+            )),
+            DROP,
+        ),
+        (
+            "IHL 0 (bogus)",
+            eth(&ipv4(
+                "192.0.2.1",
+                HOST4,
+                6,
+                &l4,
+                V4 {
+                    ihl: Some(0),
+                    ..V4::default()
+                },
+            )),
+            DROP,
+        ),
+        (
+            "IHL 15 without the options present",
+            eth(&ipv4(
+                "192.0.2.1",
+                HOST4,
+                6,
+                &l4,
+                V4 {
+                    ihl: Some(15),
+                    ..V4::default()
+                },
+            )),
+            DROP,
+        ),
+        (
+            "version 6 in an IPv4 frame",
+            {
+                let mut f = syn4("192.0.2.1", HOST4, 8081);
+                f[14] = 0x65;
+                f
+            },
+            DROP,
+        ),
+        (
+            "total length shorter than the headers",
+            eth(&ipv4(
+                "192.0.2.1",
+                HOST4,
+                6,
+                &l4,
+                V4 {
+                    total_len: Some(30),
+                    ..V4::default()
+                },
+            )),
+            DROP,
+        ),
+        (
+            "transport fields only in trailing padding",
+            eth(&ipv4(
+                "192.0.3.1",
+                HOST4,
+                6,
+                &l4,
+                V4 {
+                    total_len: Some(22),
+                    ..V4::default()
+                },
+            )),
+            DROP,
+        ),
+        (
+            "ethernet padding after a short datagram is fine",
+            {
+                let mut f = udp4("198.51.100.7", HOST4, 40000, 5353);
+                f.extend_from_slice(&[0u8; 20]);
+                f
+            },
+            PASS,
+        ),
+    ];
+    check(&mut h, &cases);
+}
+
+#[test]
+fn ipv4_fragments() {
+    let mut h = Harness::standard();
+    let l4 = tcp(40000, 8081, SYN);
+    let frag = |src: &str, frag: u16, l4: &[u8]| {
+        eth(&ipv4(
+            src,
+            HOST4,
+            6,
+            l4,
+            V4 {
+                frag,
+                ..V4::default()
+            },
+        ))
+    };
+    let cases = vec![
+        (
+            "first fragment (MF), allowed",
+            frag("192.0.2.1", 0x2000, &l4),
+            PASS,
+        ),
+        (
+            "first fragment (MF), not allowed",
+            frag("192.0.3.1", 0x2000, &l4),
+            DROP,
+        ),
+        (
+            "non-first fragment: no ports, passes",
+            frag("192.0.3.1", 0x2000 | 185, &[0xAB; 24]),
+            PASS,
+        ),
+        (
+            "last fragment: no ports, passes",
+            frag("192.0.3.1", 185, &[0xAB; 24]),
+            PASS,
+        ),
+        // RFC 1858 tiny fragment: ports but no flags in the first fragment.
+        (
+            "tiny first fragment",
+            frag("192.0.3.1", 0x2000, &l4[..8]),
+            DROP,
+        ),
+        (
+            "tiny first fragment from an allowed source",
+            frag("192.0.2.1", 0x2000, &l4[..8]),
+            DROP,
+        ),
+    ];
+    check(&mut h, &cases);
+    assert_eq!(h.stats()[stat::FRAGMENT as usize], 2);
+}
+
+#[test]
+fn vlan_tags() {
+    let mut h = Harness::standard();
+    let allowed = ipv4("192.0.2.1", HOST4, 6, &tcp(40000, 8081, SYN), V4::default());
+    let blocked = ipv4("192.0.3.1", HOST4, 6, &tcp(40000, 8081, SYN), V4::default());
+    let blocked6 = ipv6("2001:db8:2::1", HOST6, 6, &tcp(40000, 8081, SYN), &[]);
+    let cases = vec![
+        (
+            "802.1Q, allowed",
+            eth_tags(&[0x8100], 0x0800, &allowed),
+            PASS,
+        ),
+        (
+            "802.1Q, not allowed",
+            eth_tags(&[0x8100], 0x0800, &blocked),
+            DROP,
+        ),
+        (
+            "802.1Q v6, not allowed",
+            eth_tags(&[0x8100], 0x86DD, &blocked6),
+            DROP,
+        ),
+        (
+            "QinQ, allowed",
+            eth_tags(&[0x88A8, 0x8100], 0x0800, &allowed),
+            PASS,
+        ),
+        (
+            "QinQ, not allowed",
+            eth_tags(&[0x88A8, 0x8100], 0x0800, &blocked),
+            DROP,
+        ),
+        (
+            "three tags: unparseable, dropped",
+            eth_tags(&[0x88A8, 0x8100, 0x8100], 0x0800, &allowed),
+            DROP,
+        ),
+        ("802.1Q ARP", eth_tags(&[0x8100], 0x0806, &[0u8; 28]), PASS),
+        (
+            "802.1Q truncated tag",
+            {
+                let mut f = eth_tags(&[], 0x8100, &[]);
+                f.push(0);
+                f
+            },
+            DROP,
+        ),
+    ];
+    check(&mut h, &cases);
+}
+
+#[test]
+fn ipv6_extension_headers() {
+    let mut h = Harness::standard();
+    let l4 = tcp(40000, 8081, SYN);
+    let v6 = |src: &str, ext: &[(u8, Vec<u8>)]| eth(&ipv6(src, HOST6, 6, &l4, ext));
+    let chain = |n: usize| (0..n).map(|_| ext_opts(60)).collect::<Vec<_>>();
+    let ah = (51u8, vec![0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]); // 12 bytes: (1+2)*4
+    let cases = vec![
+        (
+            "hop-by-hop, allowed",
+            v6("2001:db8:1::1", &[ext_opts(0)]),
+            PASS,
+        ),
+        (
+            "hop-by-hop, not allowed",
+            v6("2001:db8:2::1", &[ext_opts(0)]),
+            DROP,
+        ),
+        (
+            "hbh + routing + dest, allowed",
+            v6("2001:db8:1::1", &[ext_opts(0), ext_opts(43), ext_opts(60)]),
+            PASS,
+        ),
+        (
+            "hbh + routing + dest, not allowed",
+            v6("2001:db8:2::1", &[ext_opts(0), ext_opts(43), ext_opts(60)]),
+            DROP,
+        ),
+        ("AH, not allowed", v6("2001:db8:2::1", &[ah.clone()]), DROP),
+        ("AH, allowed", v6("2001:db8:1::1", &[ah]), PASS),
+        (
+            "first fragment, not allowed",
+            v6("2001:db8:2::1", &[ext_frag(0, true)]),
+            DROP,
+        ),
+        (
+            "first fragment, allowed",
+            v6("2001:db8:1::1", &[ext_frag(0, true)]),
+            PASS,
+        ),
+        (
+            "non-first fragment: no ports, passes",
+            v6("2001:db8:2::1", &[ext_frag(100, true)]),
+            PASS,
+        ),
+        (
+            "7 extension headers, not allowed",
+            v6("2001:db8:2::1", &chain(7)),
+            DROP,
+        ),
+        (
+            "7 extension headers, allowed",
+            v6("2001:db8:1::1", &chain(7)),
+            PASS,
+        ),
+        (
+            "9 extension headers: unparseable, dropped",
+            v6("2001:db8:1::1", &chain(9)),
+            DROP,
+        ),
+        (
+            "ESP: no ports, passes",
+            eth(&ipv6("2001:db8:2::1", HOST6, 50, &[0u8; 16], &[])),
+            PASS,
+        ),
+        (
+            "no next header",
+            eth(&ipv6("2001:db8:2::1", HOST6, 59, &[], &[])),
+            PASS,
+        ),
+        (
+            "extension header cut short",
+            {
+                let mut f = v6("2001:db8:1::1", &[ext_opts(0)]);
+                f.truncate(14 + 40 + 1);
+                f
+            },
+            DROP,
+        ),
+        (
+            "extension length pointing past the end",
+            {
+                let mut f = v6("2001:db8:1::1", &[ext_opts(0)]);
+                f[14 + 40 + 1] = 200;
+                f
+            },
+            DROP,
+        ),
+        (
+            "payload length shorter than the headers",
+            {
+                let mut f = v6("2001:db8:1::1", &[]);
+                f[14 + 4..14 + 6].copy_from_slice(&4u16.to_be_bytes());
+                f
+            },
+            DROP,
+        ),
+    ];
+    check(&mut h, &cases);
+}
+
+#[test]
+fn random_mutations_always_get_a_verdict_and_are_counted_once() {
+    let mut h = Harness::standard();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let base = syn4("192.0.3.10", HOST4, 8081); // not allowed
+    let base6 = syn6("2001:db8:2::1", HOST6, 8081); // not allowed
+    // Tagged copies: the kernel accepts those at any length.
+    let tagged = eth_tags(&[0x8100], 0x0800, &base[14..]);
+    let tagged6 = eth_tags(&[0x8100], 0x86DD, &base6[14..]);
+    let mut refused = 0u64;
+    for i in 0..4000 {
+        let mut f = [&base, &base6, &tagged, &tagged6][i % 4].clone();
+        // Mutate a few bytes outside the addresses, ports and flags under test.
+        let flips = 1 + rand() % 4;
+        for _ in 0..flips {
+            let pos = (rand() as usize) % f.len();
+            f[pos] = rand() as u8;
+        }
+        let len = 14 + (rand() as usize) % (f.len() - 13);
+        let f = &f[..len];
+        let prog = ebpf::program(&mut h.ebpf, PROG_INGRESS).unwrap();
+        let opts = TestRunOptions {
+            data_in: Some(f),
+            ..Default::default()
+        };
+        let Ok(result) = prog.test_run(opts) else {
+            refused += 1; // the kernel's own check of the IP header
+            continue;
+        };
+        let verdict = result.return_value;
+        assert!(
+            verdict == PASS || verdict == DROP,
+            "frame {i}: verdict {verdict}"
+        );
+    }
+    let s = h.stats();
+    assert!(
+        refused < 2000,
+        "{refused} of 4000 refused by the kernel: too few frames reached the program"
+    );
+    assert_eq!(
+        s.iter().sum::<u64>() + refused,
+        4000,
+        "every run counted once: {s:?}"
+    );
+}
+
+#[test]
+fn ip_addr_helpers_agree_with_the_kernel_layout() {
+    let (family, bytes) = policy::addr_bytes("192.0.2.1".parse::<IpAddr>().unwrap());
+    assert_eq!(family, dockwall_common::FAMILY_V4);
+    assert_eq!(&bytes[..4], &[192, 0, 2, 1]);
+    assert!(bytes[4..].iter().all(|b| *b == 0));
+}
