@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use bollard::{
     Docker,
     models::{EventMessage, PortTypeEnum},
-    query_parameters::{EventsOptions, ListContainersOptions},
+    query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
 };
 use futures_util::Stream;
 
@@ -74,6 +74,11 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
             .unwrap_or_else(|| id.chars().take(12).collect());
         snap.containers.push((name.clone(), id.clone()));
         if c.state.as_ref().map(|s| s.to_string()).as_deref() != Some("running") {
+            // A stopped container keeps its fixed published ports in scope,
+            // so the port is filtered from the first packet when it starts
+            // again (docker restart, restart policies, reboots).
+            snap.bindings
+                .extend(configured_bindings(docker, &name, &id).await?);
             continue;
         }
         for port in c.ports.unwrap_or_default() {
@@ -102,6 +107,63 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
     snap.bindings.sort();
     snap.bindings.dedup();
     Ok(snap)
+}
+
+/// The fixed host ports a (stopped) container is configured to publish.
+/// Ports Docker picks at start (`-p 8080`) are unknown until then.
+async fn configured_bindings(
+    docker: &Docker,
+    name: &str,
+    id: &str,
+) -> anyhow::Result<Vec<Binding>> {
+    let inspect = tokio::time::timeout(
+        API_TIMEOUT,
+        docker.inspect_container(id, None::<InspectContainerOptions>),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("Docker API: inspecting {name} timed out"))?;
+    let inspect = match inspect {
+        Ok(i) => i,
+        // Removed between list and inspect: nothing to publish.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("Docker API: GET /containers/{name}/json"));
+        }
+    };
+    let mut out = Vec::new();
+    let port_map = inspect
+        .host_config
+        .and_then(|h| h.port_bindings)
+        .unwrap_or_default();
+    for (spec, bindings) in port_map {
+        let Some((cport, proto)) = spec.split_once('/') else {
+            continue;
+        };
+        let (Ok(cport), Ok(proto)) = (cport.parse::<u16>(), proto.parse::<Proto>()) else {
+            continue;
+        };
+        for b in bindings.unwrap_or_default() {
+            let Some(host_port) = b
+                .host_port
+                .as_deref()
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p != 0)
+            else {
+                continue;
+            };
+            // An empty HostIp means Docker's default: 0.0.0.0 and ::.
+            let ips: Vec<IpAddr> = match b.host_ip.as_deref().unwrap_or("") {
+                "" => vec![IpAddr::from([0u8; 4]), IpAddr::from([0u8; 16])],
+                ip => ip.parse().into_iter().collect(),
+            };
+            for ip in ips {
+                out.push(Binding::new(name, id, ip, host_port, cport, proto));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Container and network events that can change what is published.

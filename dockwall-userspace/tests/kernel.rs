@@ -909,7 +909,11 @@ fn ipv6_extension_headers() {
             v6("2001:db8:2::1", &[ext_opts(0), ext_opts(43), ext_opts(60)]),
             DROP,
         ),
-        ("AH, not allowed", v6("2001:db8:2::1", &[ah.clone()]), DROP),
+        (
+            "AH, not allowed",
+            v6("2001:db8:2::1", std::slice::from_ref(&ah)),
+            DROP,
+        ),
         ("AH, allowed", v6("2001:db8:1::1", &[ah]), PASS),
         (
             "first fragment, not allowed",

@@ -1,1 +1,54 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! Everything a fresh machine needs is installed by `setup`, which `build`,
+//! `test` and `demo` run first (each step is skipped when already done).
+
+mod demo;
+mod e2e;
+mod lab;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker, bpffs)
+    Setup,
+    /// Setup, then build target/release/dockwall
+    Build,
+    /// Setup, build, then every test: lint, unit, kernel (BPF_PROG_TEST_RUN), end to end on a real dockerd
+    Test,
+    /// Setup, build, then a self-contained demo: local dockerd, a container, an outside client
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => setup::run().and_then(|()| util::build_release()),
+        Task::Test => setup::run()
+            .and_then(|()| util::build_release())
+            .and_then(|()| e2e::run_all()),
+        Task::Demo => setup::run()
+            .and_then(|()| util::build_release())
+            .and_then(|()| demo::run()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -42,8 +42,15 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
         .map(|(index, a)| Row {
             source: a.source.to_string(),
             target: a.target.to_string(),
+            // Only ports something publishes now: an allowance for a port
+            // nobody publishes is saved but has no effect yet.
             resolves_to: policy::resolve_target(&a.target, &bindings)
                 .iter()
+                .filter(|p| {
+                    bindings
+                        .iter()
+                        .any(|b| b.host_port == p.port && b.proto == p.proto)
+                })
                 .map(|p| p.to_string())
                 .collect(),
             hits: hits.as_ref().map(|hits| {

@@ -1,0 +1,423 @@
+//! `cargo xtask test`: lint, unit and kernel tests (cargo test), then the
+//! end-to-end suite on a real dockerd with outside clients in namespaces.
+//! Ends with one line `N passed, M failed` covering everything.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    lab::{Client, Dockerd, Dockwall},
+    util::{self, output},
+};
+
+/// Results of named checks.
+#[derive(Default)]
+struct Report {
+    passed: usize,
+    failed: Vec<String>,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, result: anyhow::Result<()>) {
+        match result {
+            Ok(()) => {
+                self.passed += 1;
+                println!("e2e: ok   {name}");
+            }
+            Err(e) => {
+                println!("e2e: FAIL {name}: {e:#}");
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+
+    fn expect(&mut self, name: &str, ok: bool, detail: impl FnOnce() -> String) {
+        let result = if ok {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(detail()))
+        };
+        self.check(name, result);
+    }
+}
+
+pub fn run_all() -> anyhow::Result<()> {
+    let mut report = Report::default();
+    lint(&mut report);
+    let (cargo_passed, cargo_failed) = cargo_tests(&mut report)?;
+    match end_to_end(&mut report) {
+        Ok(()) => {}
+        Err(e) => report.check("end-to-end setup", Err(e)),
+    }
+    let passed = report.passed + cargo_passed;
+    let failed = report.failed.len() + cargo_failed;
+    if !report.failed.is_empty() {
+        println!("failed checks: {}", report.failed.join("; "));
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} test(s) failed");
+    }
+    Ok(())
+}
+
+fn lint(report: &mut Report) {
+    let root = util::root();
+    report.check(
+        "cargo fmt --check",
+        util::run(
+            Command::new("cargo")
+                .current_dir(&root)
+                .args(["fmt", "--all", "--", "--check"]),
+        ),
+    );
+    report.check(
+        "cargo clippy -D warnings",
+        util::run(Command::new("cargo").current_dir(&root).args([
+            "clippy",
+            "--release",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+    );
+}
+
+/// `cargo test` of the workspace (unit tests and the kernel tests, which
+/// need root); returns the summed pass/fail counts.
+fn cargo_tests(report: &mut Report) -> anyhow::Result<(usize, usize)> {
+    let out = Command::new("cargo")
+        .current_dir(util::root())
+        .args(["test", "--release", "--no-fail-fast"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("spawning cargo test")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let (mut passed, mut failed) = (0, 0);
+    for line in text.lines().filter(|l| l.starts_with("test result:")) {
+        let num = |word: &str| -> usize {
+            line.split(';')
+                .find(|p| p.trim_end().ends_with(word))
+                .and_then(|p| p.split_whitespace().rev().nth(1))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        passed += num("passed");
+        failed += num("failed");
+    }
+    if !out.status.success() && failed == 0 {
+        report.check(
+            "cargo test",
+            Err(anyhow::anyhow!("cargo test failed: {}", out.status)),
+        );
+    }
+    Ok((passed, failed))
+}
+
+fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
+    let dockerd = Dockerd::start()?;
+    dockerd.build_image()?;
+    let dw = Dockwall::new(dockerd.host())?;
+    let a = Client::new("dw-client-a", "dwa0", 1)?;
+    let b = Client::new("dw-client-b", "dwb0", 2)?;
+    dockerd.cli(&["network", "create", "dwnet"])?;
+    dockerd.run_web("web1", &["-p", "8081:8080"])?;
+    dockerd.run_web("web2", &["--network", "dwnet", "-p", "8082:8080"])?;
+    dockerd.cli(&[
+        "run",
+        "-d",
+        "--name",
+        "dns",
+        "-p",
+        "5353:53/udp",
+        crate::lab::IMAGE,
+        "/bin/udpecho",
+        "serve",
+        "53",
+    ])?;
+    // A host service nobody published (think SSH).
+    let host_service =
+        std::net::TcpListener::bind("0.0.0.0:2222").context("binding the host service on 2222")?;
+    let _accepting = std::thread::spawn(move || for _ in host_service.incoming() {});
+
+    let a8081 = format!("{}:8081", a.host4);
+    let b8081 = format!("{}:8081", b.host4);
+    let a8082 = format!("{}:8082", a.host4);
+    let b8082 = format!("{}:8082", b.host4);
+    let a5353 = format!("{}:5353", a.host4);
+    let b5353 = format!("{}:5353", b.host4);
+    let a6_8081 = format!("[{}]:8081", a.host6);
+
+    // Without dockwall everyone gets in: proves the setup, so every
+    // "blocked" below is dockwall's doing.
+    r.check("before load: a reaches web1", http_is(&a, &a8081, "web1"));
+    r.check("before load: b reaches web1", http_is(&b, &b8081, "web1"));
+    r.check("before load: b reaches the UDP port", udp_works(&b, &b5353));
+
+    let (code, out, err) = dw.run(&["allow", &a.addr4, "--port", "8081"])?;
+    r.expect(
+        "allow before load is saved",
+        code == 0 && out.contains("not loaded"),
+        || format!("{code} {out} {err}"),
+    );
+    let mut loaded = dw.load(&["dwa0", "dwb0"])?;
+    r.check(
+        "allowed source reaches its published port (8081 -> 8080)",
+        http_is(&a, &a8081, "web1"),
+    );
+    r.check("other source is blocked", blocked(&b, &b8081));
+    r.check(
+        "second container, same container port on 8082, blocked for the allowed source",
+        blocked(&a, &a8082),
+    );
+    r.check(
+        "host service on an unpublished port stays reachable (a)",
+        connects(&a, &format!("{}:2222", a.host4)),
+    );
+    r.check(
+        "host service on an unpublished port stays reachable (b)",
+        connects(&b, &format!("{}:2222", b.host4)),
+    );
+    r.check(
+        "UDP published port blocked without an allowance",
+        udp_blocked(&a, &a5353),
+    );
+    r.check(
+        "IPv6 client through Docker's userland proxy is blocked",
+        blocked(&a, &a6_8081),
+    );
+
+    // allow is in force when it returns: connect at once, no sleep.
+    let (code, _, err) = dw.run(&["allow", &format!("{}/32", a.addr4), "--port", "5353/udp"])?;
+    r.expect("allow UDP port", code == 0, || err.clone());
+    r.check(
+        "UDP published port allowed right after `allow` returns",
+        udp_works(&a, &a5353),
+    );
+    r.check(
+        "UDP still blocked for the other source",
+        udp_blocked(&b, &b5353),
+    );
+    let started = Instant::now();
+    let (code, _, err) = dw.run(&["allow", &b.addr4, "--container", "web2"])?;
+    let took = started.elapsed();
+    r.expect("allow --container", code == 0, || err.clone());
+    r.check(
+        "container allowance opens web2's published port",
+        http_is(&b, &b8082, "web2"),
+    );
+    r.check(
+        "container allowance does not open web1",
+        blocked(&b, &b8081),
+    );
+    println!("e2e: note `dockwall allow --container` took {took:?} end to end");
+    let (code, _, err) = dw.run(&["allow", &a.addr6, "--port", "8081"])?;
+    r.expect("allow IPv6 source", code == 0, || err.clone());
+    r.check(
+        "IPv6 client allowed through the userland proxy",
+        http_is(&a, &a6_8081, "web1"),
+    );
+
+    // Replies are never dropped: a container's outbound TCP, and outbound
+    // UDP masqueraded onto source port 5353, itself a published UDP port.
+    let server = a.http_server_once(8090, "hello-from-outside")?;
+    // busybox wget crashes in a FROM-scratch image; nc does the same job.
+    let request = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8090",
+        a.addr4
+    );
+    let wget = dockerd.cli(&["exec", "web1", "/bin/busybox", "sh", "-c", &request]);
+    let _ = server.join();
+    r.check(
+        "container egress (TCP) keeps working",
+        match wget {
+            Ok(body) if body.contains("hello-from-outside") => Ok(()),
+            other => Err(anyhow::anyhow!("{other:?}")),
+        },
+    );
+    let udp_server = b.udp_server(5300)?;
+    let reply = dockerd.cli(&[
+        "exec",
+        "dns",
+        "/bin/udpecho",
+        "send",
+        &b.addr4,
+        "5300",
+        "5353",
+        "ping",
+    ]);
+    let seen = udp_server.join().unwrap_or_default();
+    r.check(
+        "reply to a container's UDP on a published port number passes",
+        match (&reply, seen.first()) {
+            (Ok(body), Some(from)) if body.contains("ping") && from.port() == 5353 => Ok(()),
+            (Ok(_), Some(from)) => Err(anyhow::anyhow!(
+                "masquerade picked source port {} (test needs 5353)",
+                from.port()
+            )),
+            other => Err(anyhow::anyhow!("{other:?}")),
+        },
+    );
+
+    // docker restart with a new address: the policy still holds.
+    let old_ip = dockerd.container_ip("web1")?;
+    dockerd.cli(&["stop", "-t", "1", "web1"])?;
+    dockerd.run_web("filler", &[])?;
+    dockerd.cli(&["start", "web1"])?;
+    let new_ip = dockerd.container_ip("web1")?;
+    r.expect("web1 came back on a new address", old_ip != new_ip, || {
+        format!("{old_ip} == {new_ip}")
+    });
+    r.check(
+        "after restart: allowed source still reaches web1",
+        retry(|| http_is(&a, &a8081, "web1")),
+    );
+    r.check(
+        "after restart: other source blocked from the first packet",
+        blocked(&b, &b8081),
+    );
+
+    let (code, out, _) = dw.run(&["status"])?;
+    r.expect(
+        "status exits 0 while in force and shows the ports",
+        code == 0 && out.contains("8081") && out.contains("web2"),
+        || out.clone(),
+    );
+    let (code, out, _) = dw.run(&["list", "--json"])?;
+    r.check(
+        "list --json shows per-allowance hits",
+        (|| {
+            let rows: serde_json::Value =
+                serde_json::from_str(&out).context("list --json output")?;
+            let hit = rows.as_array().is_some_and(|rows| {
+                rows.iter().any(|row| {
+                    row["target"].as_str().is_some_and(|t| t.contains("8081"))
+                        && row["hits"].as_u64().unwrap_or(0) > 0
+                })
+            });
+            if code != 0 || !hit {
+                bail!("{out}");
+            }
+            Ok(())
+        })(),
+    );
+
+    let (code, _, err) = dw.run(&["revoke", &a.addr4, "--port", "8081"])?;
+    r.expect("revoke", code == 0, || err.clone());
+    r.check("revoked source is blocked at once", blocked(&a, &a8081));
+
+    r.expect("daemon exits on SIGTERM", loaded.stop()? == 0, String::new);
+    r.check(
+        "filter stays in force after the daemon exits",
+        blocked(&b, &b8081),
+    );
+    let (code, _, _) = dw.run(&["status"])?;
+    r.expect("status still 0 with the daemon gone", code == 0, || {
+        code.to_string()
+    });
+
+    let (code, _, err) = dw.run(&["unload"])?;
+    r.expect("unload", code == 0, || err.clone());
+    r.expect(
+        "unload removes every pin",
+        !std::path::Path::new("/sys/fs/bpf/dockwall").exists(),
+        String::new,
+    );
+    r.check(
+        "unload leaves no tc program on the interfaces",
+        no_tc_programs(&["dwa0", "dwb0"]),
+    );
+    r.check(
+        "after unload everyone gets in again",
+        http_is(&b, &b8081, "web1"),
+    );
+    let (code, _, _) = dw.run(&["status"])?;
+    r.expect(
+        "status exits non-zero when not loaded",
+        code != 0,
+        String::new,
+    );
+    let (_, out, _) = dw.run(&["list"])?;
+    r.expect(
+        "allowances stay saved after unload",
+        out.contains("5353/udp"),
+        || out.clone(),
+    );
+    drop(loaded);
+    Ok(())
+}
+
+fn http_is(c: &Client, addr: &str, want: &str) -> anyhow::Result<()> {
+    let body = c.http_get(addr)?;
+    if body != want {
+        bail!("{addr} answered {body:?}, expected {want:?}");
+    }
+    Ok(())
+}
+
+fn connects(c: &Client, addr: &str) -> anyhow::Result<()> {
+    if !c.tcp_connects(addr)? {
+        bail!("{} could not connect to {addr}", c.ns);
+    }
+    Ok(())
+}
+
+fn blocked(c: &Client, addr: &str) -> anyhow::Result<()> {
+    if c.tcp_connects(addr)? {
+        bail!("{} connected to {addr}", c.ns);
+    }
+    Ok(())
+}
+
+fn udp_works(c: &Client, addr: &str) -> anyhow::Result<()> {
+    let reply = c.udp_echo(addr, "hi")?;
+    if reply != "echo:hi" {
+        bail!("reply {reply:?}");
+    }
+    Ok(())
+}
+
+fn udp_blocked(c: &Client, addr: &str) -> anyhow::Result<()> {
+    match c.udp_echo(addr, "hi") {
+        Ok(reply) => bail!("{} got a UDP reply {reply:?} from {addr}", c.ns),
+        Err(_) => Ok(()),
+    }
+}
+
+fn retry(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn no_tc_programs(ifaces: &[&str]) -> anyhow::Result<()> {
+    for iface in ifaces {
+        for dir in ["ingress", "egress"] {
+            let out = output(Command::new("tc").args(["filter", "show", "dev", iface, dir]))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("dw_") {
+                bail!("{iface} {dir}: {text}");
+            }
+        }
+        let out = output(Command::new("bpftool").args(["net", "show", "dev", iface]));
+        if let Ok(out) = out {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("dw_ingress") || text.contains("dw_egress") {
+                bail!("{iface}: {text}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! A throwaway Docker host for the end-to-end tests and the demo: a dockerd
+//! of our own, a locally built image, outside clients in network namespaces
+//! behind veth pairs, and a `dockwall load` running in the background.
+//!
+//! Every piece is a guard that removes what it made when dropped, so a
+//! failing test cleans up too. Traffic only goes to addresses these guards
+//! create and to the containers of our dockerd.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::util::{self, capture, output, run, sh};
+
+pub const IMAGE: &str = "dockwall-test:latest";
+/// Everything the lab writes lives here; removed on drop.
+const LAB_DIR: &str = "/run/dockwall-lab";
+
+/// How long a client waits before it calls a connection blocked.
+pub const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
+
+// ---- dockerd ---------------------------------------------------------------
+
+pub struct Dockerd {
+    child: Child,
+    socket: PathBuf,
+    /// Docker leaves its iptables chains and docker0 behind when it stops;
+    /// we remove them only if they were not there before we started.
+    created_docker_state: bool,
+}
+
+impl Dockerd {
+    pub fn start() -> anyhow::Result<Self> {
+        if output(Command::new("pgrep").args(["-x", "dockerd"]))?
+            .status
+            .success()
+        {
+            bail!(
+                "a dockerd is already running on this host; stop it first (the tests start their own)"
+            );
+        }
+        let had_state = output(Command::new("iptables").args(["-t", "nat", "-S", "DOCKER"]))?
+            .status
+            .success()
+            || PathBuf::from("/sys/class/net/docker0").exists();
+        let dir = PathBuf::from(LAB_DIR).join("docker");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let socket = dir.join("docker.sock");
+        let log = fs::File::create(dir.join("dockerd.log")).context("creating dockerd.log")?;
+        let child = Command::new("dockerd")
+            .arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--data-root")
+            .arg("/var/lib/dockwall-lab-docker")
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .stdout(log.try_clone().context("dup log")?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd (apt-get install docker.io)")?;
+        let dockerd = Dockerd {
+            child,
+            socket,
+            created_docker_state: !had_state,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dockerd
+            .docker(&["info", "--format", "{{.ServerVersion}}"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            if Instant::now() > deadline {
+                bail!("dockerd did not come up in 30 s; see {LAB_DIR}/docker/dockerd.log");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(dockerd)
+    }
+
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn docker(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.env("DOCKER_HOST", self.host())
+            .env("DOCKER_BUILDKIT", "0")
+            .args(args);
+        cmd
+    }
+
+    /// Runs `docker ARGS`, returns trimmed stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        capture(&mut self.docker(args)).map(|s| s.trim().to_string())
+    }
+
+    /// Builds the test image: busybox (httpd, sh, wget) and udpecho.
+    pub fn build_image(&self) -> anyhow::Result<()> {
+        let ctx = PathBuf::from(LAB_DIR).join("image");
+        fs::create_dir_all(ctx.join("bin")).context("creating the image context")?;
+        fs::copy("/bin/busybox", ctx.join("bin/busybox"))
+            .context("copying /bin/busybox (apt-get install busybox-static)")?;
+        run(Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(ctx.join("bin/udpecho"))
+            .arg(util::root().join("xtask/assets/udpecho.c")))?;
+        fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY bin/ /bin/\n")
+            .context("writing Dockerfile")?;
+        let mut cmd = self.docker(&["build", "-q", "-t", IMAGE]);
+        cmd.arg(&ctx);
+        let built = capture(&mut cmd).map(|_| ());
+        let _ = fs::remove_dir_all(&ctx);
+        built
+    }
+
+    /// `docker run -d` of the test image serving HTTP on 8080 (body: `name`).
+    pub fn run_web(&self, name: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let script = format!(
+            "/bin/busybox mkdir -p /w && echo {name} > /w/index.html && exec /bin/busybox httpd -f -p 8080 -h /w"
+        );
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, "/bin/busybox", "sh", "-c", &script]);
+        self.cli(&args).map(|_| ())
+    }
+
+    pub fn container_ip(&self, name: &str) -> anyhow::Result<String> {
+        self.cli(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            name,
+        ])
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let ids = self.cli(&["ps", "-aq"]).unwrap_or_default();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.lines());
+            let _ = self.docker(&args).output();
+        }
+        let _ = self.docker(&["network", "prune", "-f"]).output();
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.wait();
+        if self.created_docker_state {
+            let _ = sh("for t in filter nat; do
+                  iptables -t $t -S | grep -E '^-A .*(DOCKER|docker0)' | sed 's/^-A/-D/' | while read -r r; do eval iptables -t $t $r; done
+                  for c in DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER; do iptables -t $t -F $c 2>/dev/null; iptables -t $t -X $c 2>/dev/null; done
+                done; ip link del docker0 2>/dev/null; true")
+            .output();
+        }
+        let _ = fs::remove_dir_all(PathBuf::from(LAB_DIR).join("docker"));
+    }
+}
+
+// ---- clients in network namespaces -----------------------------------------
+
+/// An outside host: a network namespace joined to this host by a veth pair.
+pub struct Client {
+    pub ns: String,
+    pub host_if: String,
+    pub host4: String,
+    pub addr4: String,
+    pub host6: String,
+    pub addr6: String,
+}
+
+impl Client {
+    /// Subnet `n`: host side 10.99.n.1 / fd99:n::1, client 10.99.n.2 / fd99:n::2.
+    pub fn new(ns: &str, host_if: &str, n: u8) -> anyhow::Result<Self> {
+        let client = Client {
+            ns: ns.to_string(),
+            host_if: host_if.to_string(),
+            host4: format!("10.99.{n}.1"),
+            addr4: format!("10.99.{n}.2"),
+            host6: format!("fd99:{n}::1"),
+            addr6: format!("fd99:{n}::2"),
+        };
+        client.remove();
+        let c = &client;
+        let script = format!(
+            "set -e
+             ip netns add {ns}
+             ip link add {hif} type veth peer name eth0 netns {ns}
+             ip addr add {h4}/24 dev {hif}
+             ip -6 addr add {h6}/64 dev {hif} nodad
+             ip link set {hif} up
+             ip -n {ns} link set lo up
+             ip -n {ns} addr add {a4}/24 dev eth0
+             ip -n {ns} -6 addr add {a6}/64 dev eth0 nodad
+             ip -n {ns} link set eth0 up
+             ip -n {ns} route add default via {h4}
+             ip -n {ns} -6 route add default via {h6}",
+            ns = c.ns,
+            hif = c.host_if,
+            h4 = c.host4,
+            h6 = c.host6,
+            a4 = c.addr4,
+            a6 = c.addr6,
+        );
+        run(&mut sh(&script)).with_context(|| format!("creating client namespace {ns}"))?;
+        Ok(client)
+    }
+
+    fn remove(&self) {
+        let _ = output(Command::new("ip").args(["netns", "del", &self.ns]));
+        let _ = output(Command::new("ip").args(["link", "del", &self.host_if]));
+    }
+
+    /// Runs `f` on a thread inside this client's network namespace.
+    pub fn exec<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", self.ns);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let ns = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+                // SAFETY: setns on this thread only, with an fd we own.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow!("client thread panicked"))?
+        })
+    }
+
+    /// HTTP GET / from this client; the body, or why it failed.
+    pub fn http_get(&self, addr: &str) -> anyhow::Result<String> {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+        self.exec(move || http_get(addr))?
+    }
+
+    /// Whether a TCP connection from this client completes in time.
+    pub fn tcp_connects(&self, addr: &str) -> anyhow::Result<bool> {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+        self.exec(move || TcpStream::connect_timeout(&addr, BLOCKED_TIMEOUT).is_ok())
+    }
+
+    /// Sends a datagram, returns the reply.
+    pub fn udp_echo(&self, addr: &str, msg: &str) -> anyhow::Result<String> {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+        let msg = msg.to_string();
+        self.exec(move || -> anyhow::Result<String> {
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let sock = UdpSocket::bind(bind).context("bind")?;
+            sock.set_read_timeout(Some(BLOCKED_TIMEOUT))
+                .context("timeout")?;
+            sock.send_to(msg.as_bytes(), addr).context("send_to")?;
+            let mut buf = [0u8; 1500];
+            let (n, _) = sock.recv_from(&mut buf).context("no UDP reply")?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })?
+    }
+
+    /// A UDP echo server in the client namespace for `count` datagrams;
+    /// returns the source addresses it saw.
+    pub fn udp_server(&self, port: u16) -> anyhow::Result<thread::JoinHandle<Vec<SocketAddr>>> {
+        let path = format!("/run/netns/{}", self.ns);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = thread::spawn(move || {
+            let setup = || -> anyhow::Result<UdpSocket> {
+                let ns = fs::File::open(&path)?;
+                // SAFETY: as in `exec`.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                let sock = UdpSocket::bind(("0.0.0.0", port))?;
+                sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+                Ok(sock)
+            };
+            let sock = match setup() {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return Vec::new();
+                }
+            };
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1500];
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+                seen.push(from);
+            }
+            seen
+        });
+        rx.recv().context("UDP server thread")??;
+        Ok(handle)
+    }
+
+    /// A TCP server in the client namespace answering one HTTP request.
+    pub fn http_server_once(
+        &self,
+        port: u16,
+        body: &str,
+    ) -> anyhow::Result<thread::JoinHandle<()>> {
+        let path = format!("/run/netns/{}", self.ns);
+        let body = body.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = thread::spawn(move || {
+            let setup = || -> anyhow::Result<TcpListener> {
+                let ns = fs::File::open(&path)?;
+                // SAFETY: as in `exec`.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                let l = TcpListener::bind(("0.0.0.0", port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            };
+            let listener = match setup() {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok((mut s, _)) = listener.accept() {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut req = [0u8; 1024];
+                    let _ = s.read(&mut req);
+                    let _ = write!(
+                        s,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        rx.recv().context("HTTP server thread")??;
+        Ok(handle)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn http_get(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, BLOCKED_TIMEOUT)
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .context("timeout")?;
+    write!(s, "GET / HTTP/1.0\r\nHost: test\r\n\r\n").context("send")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).context("read")?;
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.trim().to_string())
+}
+
+// ---- dockwall --------------------------------------------------------------
+
+/// Environment for every dockwall command of a lab: its Docker, and a
+/// config and run dir of its own (never the host's /etc/dockwall).
+pub struct Dockwall {
+    pub docker_host: String,
+    pub config: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Dockwall {
+    pub fn new(docker_host: String) -> anyhow::Result<Self> {
+        if PathBuf::from("/sys/fs/bpf/dockwall").exists() {
+            bail!(
+                "dockwall is loaded on this host (/sys/fs/bpf/dockwall); `dockwall unload` it before the tests"
+            );
+        }
+        let dir = PathBuf::from(LAB_DIR).join("dockwall");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).context("creating the dockwall lab dir")?;
+        Ok(Dockwall {
+            docker_host,
+            config: dir.join("dockwall.toml"),
+            run_dir: dir.join("run"),
+        })
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(util::dockwall_bin());
+        cmd.env("DOCKER_HOST", &self.docker_host)
+            .env("DOCKWALL_CONFIG", &self.config)
+            .env("DOCKWALL_RUN_DIR", &self.run_dir)
+            .args(args);
+        cmd
+    }
+
+    /// Runs a dockwall command: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let out = output(&mut self.cmd(args))?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Starts `dockwall load` in the background; returns once it reports the
+    /// filter in force.
+    pub fn load(&self, ifaces: &[&str]) -> anyhow::Result<Loaded> {
+        let mut args = vec!["load"];
+        for iface in ifaces {
+            args.extend_from_slice(&["--iface", iface]);
+        }
+        let mut child = self
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning dockwall load")?;
+        let stdout = child.stdout.take().context("dockwall load stdout")?;
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let loaded = Loaded {
+            child,
+            lines,
+            unload: self.cmd(&["unload"]),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !loaded.saw("filter in force") {
+            if Instant::now() > deadline {
+                bail!(
+                    "dockwall load did not report the filter in force in 20 s: {:?}",
+                    loaded.output()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(loaded)
+    }
+}
+
+impl Drop for Dockwall {
+    fn drop(&mut self) {
+        if let Some(dir) = self.config.parent() {
+            let _ = fs::remove_dir_all(dir);
+        }
+        let _ = fs::remove_dir(LAB_DIR);
+    }
+}
+
+/// A running `dockwall load`. Dropping it stops the daemon and unloads.
+pub struct Loaded {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    unload: Command,
+}
+
+impl Loaded {
+    pub fn saw(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .map(|l| l.iter().any(|x| x.contains(needle)))
+            .unwrap_or(false)
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: the daemon exits, the filter stays.
+    pub fn stop(&mut self) -> anyhow::Result<i32> {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().context("waiting for dockwall load")?;
+        Ok(status.code().unwrap_or(-1))
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+        let _ = self.unload.output();
+    }
+}

@@ -1,0 +1,65 @@
+//! Running commands with errors that name them.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn dockwall_bin() -> PathBuf {
+    root().join("target/release/dockwall")
+}
+
+/// Runs a command with inherited output; fails unless it succeeds.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and captures its output, whatever its exit status.
+pub fn output(cmd: &mut Command) -> anyhow::Result<Output> {
+    cmd.stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))
+}
+
+/// Runs a command, returns stdout; fails (with stderr) unless it succeeds.
+pub fn capture(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = output(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `sh -c`, for the few pipelines that read better in shell.
+pub fn sh(script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", script]);
+    cmd
+}
+
+pub fn build_release() -> anyhow::Result<()> {
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "--package",
+        "dockwall-userspace",
+    ]))
+}
