@@ -351,6 +351,188 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
         || out.clone(),
     );
     drop(loaded);
+
+    netlink_path(r, &dw, &b, &b8081)?;
+    docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
+    bad_input(r, &dw, &b.host_if)?;
+    Ok(())
+}
+
+/// The legacy clsact path (kernels before tcx) on this kernel.
+fn netlink_path(r: &mut Report, dw: &Dockwall, b: &Client, b8081: &str) -> anyhow::Result<()> {
+    let loaded = dw.load_with(&[&b.host_if], &["--attach", "netlink"], None)?;
+    r.check("netlink attach: other source blocked", blocked(b, b8081));
+    let (code, out, _) = dw.run(&["status"])?;
+    r.expect(
+        "netlink attach: status in force",
+        code == 0 && out.contains("Netlink"),
+        || out.clone(),
+    );
+    drop(loaded); // stops the daemon and unloads
+    r.check(
+        "netlink attach: unload leaves no filter",
+        no_tc_programs(&[&b.host_if]),
+    );
+    r.check(
+        "netlink attach: open again after unload",
+        http_is(b, b8081, "web1"),
+    );
+    Ok(())
+}
+
+/// `load` before Docker answers: no ports at first, picked up when it comes.
+fn docker_comes_later(
+    r: &mut Report,
+    dw: &Dockwall,
+    dockerd: &Dockerd,
+    b: &Client,
+    b8081: &str,
+) -> anyhow::Result<()> {
+    let dir = std::path::Path::new("/run/dockwall-lab/late");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).context("creating /run/dockwall-lab/late")?;
+    let late = dir.join("docker.sock");
+    let host = format!("unix://{}", late.display());
+    let loaded = dw.load_with(&[&b.host_if], &[], Some(&host))?;
+    r.expect(
+        "load without Docker says so and starts with no published ports",
+        loaded.saw("0 published port(s)"),
+        || format!("{:?}", loaded.output()),
+    );
+    r.check("without Docker nothing is filtered yet", connects(b, b8081));
+    let real = dockerd.host();
+    std::os::unix::fs::symlink(real.trim_start_matches("unix://"), &late)
+        .context("symlinking the Docker socket")?;
+    r.check(
+        "when Docker comes, its published ports are filtered",
+        retry(|| blocked(b, b8081)),
+    );
+    drop(loaded);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+/// Each bad input: non-zero exit, one line on stderr naming the value,
+/// saved allowances unchanged, nothing loaded.
+fn bad_input(r: &mut Report, dw: &Dockwall, iface: &str) -> anyhow::Result<()> {
+    let before = std::fs::read(&dw.config).unwrap_or_default();
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "malformed address",
+            &["allow", "10.0.0.300", "--port", "8081"],
+            "10.0.0.300",
+        ),
+        (
+            "CIDR with host bits",
+            &["allow", "10.0.0.1/8", "--port", "8081"],
+            "10.0.0.0/8",
+        ),
+        (
+            "prefix too long",
+            &["allow", "10.0.0.0/33", "--port", "8081"],
+            "10.0.0.0/33",
+        ),
+        (
+            "IPv6 prefix too long",
+            &["allow", "2001:db8::/129", "--port", "8081"],
+            "2001:db8::/129",
+        ),
+        ("port 0", &["allow", "any", "--port", "0"], "'0'"),
+        ("port 65536", &["allow", "any", "--port", "65536"], "65536"),
+        (
+            "non-numeric port",
+            &["allow", "any", "--port", "http"],
+            "http",
+        ),
+        (
+            "unknown protocol",
+            &["allow", "any", "--port", "80/sctp"],
+            "sctp",
+        ),
+        (
+            "unknown container",
+            &["allow", "any", "--container", "no-such-container"],
+            "no-such-container",
+        ),
+        ("no target", &["allow", "any"], "--port"),
+        (
+            "revoke what was never allowed",
+            &["revoke", "192.0.2.1", "--port", "9999"],
+            "192.0.2.1",
+        ),
+        (
+            "missing interface",
+            &["load", "--iface", "nosuch0"],
+            "nosuch0",
+        ),
+        (
+            "loopback is not Ethernet",
+            &["load", "--iface", "lo"],
+            "'lo'",
+        ),
+    ];
+    for (name, args, needle) in cases {
+        let (code, out, err) = dw.run(args)?;
+        r.expect(
+            &format!("bad input refused: {name}"),
+            code != 0 && err.trim().lines().count() == 1 && err.contains(needle) && out.is_empty(),
+            || format!("exit {code}, stdout {out:?}, stderr {err:?}"),
+        );
+    }
+    // Not root: the same binary as user nobody.
+    let cmd = dw.cmd(&["allow", "any", "--port", "8081"]);
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let envs: Vec<_> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    let mut nobody = Command::new("setpriv");
+    nobody
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&program)
+        .args(&args)
+        .envs(envs);
+    let out = output(&mut nobody)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    r.expect(
+        "bad input refused: not root",
+        !out.status.success() && err.contains("must run as root"),
+        || err.to_string(),
+    );
+    // No bpffs: in a private mount namespace with /sys/fs/bpf unmounted.
+    let script = format!(
+        "umount /sys/fs/bpf && DOCKER_HOST={} DOCKWALL_CONFIG={} DOCKWALL_RUN_DIR={} {} load --iface {iface}",
+        dw.docker_host,
+        dw.config.display(),
+        dw.run_dir.display(),
+        crate::util::dockwall_bin().display()
+    );
+    let out = output(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    r.expect(
+        "bad input refused: no bpffs",
+        !out.status.success() && err.contains("no bpffs mounted"),
+        || err.to_string(),
+    );
+    let after = std::fs::read(&dw.config).unwrap_or_default();
+    r.expect(
+        "bad inputs left the saved allowances unchanged",
+        before == after,
+        String::new,
+    );
+    r.expect(
+        "bad inputs loaded nothing",
+        !std::path::Path::new("/sys/fs/bpf/dockwall").exists(),
+        String::new,
+    );
     Ok(())
 }
 

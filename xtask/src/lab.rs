@@ -86,7 +86,19 @@ impl Dockerd {
             }
             thread::sleep(Duration::from_millis(100));
         }
+        // The data root is ours alone: clear what a crashed run left behind.
+        dockerd.remove_all();
         Ok(dockerd)
+    }
+
+    fn remove_all(&self) {
+        let ids = self.cli(&["ps", "-aq"]).unwrap_or_default();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.lines());
+            let _ = self.docker(&args).output();
+        }
+        let _ = self.docker(&["network", "prune", "-f"]).output();
     }
 
     pub fn host(&self) -> String {
@@ -148,13 +160,7 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        let ids = self.cli(&["ps", "-aq"]).unwrap_or_default();
-        if !ids.is_empty() {
-            let mut args = vec!["rm", "-f"];
-            args.extend(ids.lines());
-            let _ = self.docker(&args).output();
-        }
-        let _ = self.docker(&["network", "prune", "-f"]).output();
+        self.remove_all();
         // SAFETY: signalling our own child by PID.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -437,12 +443,26 @@ impl Dockwall {
     /// Starts `dockwall load` in the background; returns once it reports the
     /// filter in force.
     pub fn load(&self, ifaces: &[&str]) -> anyhow::Result<Loaded> {
+        self.load_with(ifaces, &[], None)
+    }
+
+    /// `load` with extra arguments and, optionally, another DOCKER_HOST.
+    pub fn load_with(
+        &self,
+        ifaces: &[&str],
+        extra: &[&str],
+        docker_host: Option<&str>,
+    ) -> anyhow::Result<Loaded> {
         let mut args = vec!["load"];
         for iface in ifaces {
             args.extend_from_slice(&["--iface", iface]);
         }
-        let mut child = self
-            .cmd(&args)
+        args.extend_from_slice(extra);
+        let mut cmd = self.cmd(&args);
+        if let Some(host) = docker_host {
+            cmd.env("DOCKER_HOST", host);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
