@@ -180,6 +180,8 @@ impl Drop for Dockerd {
             .output();
         }
         let _ = fs::remove_dir_all(PathBuf::from(LAB_DIR).join("docker"));
+        // Last guard out (the others are dropped first) removes the lab dir.
+        let _ = fs::remove_dir(LAB_DIR);
     }
 }
 
