@@ -241,14 +241,9 @@ impl Client {
 
     /// Runs `f` on a thread inside this client's network namespace.
     pub fn exec<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-        let path = format!("/run/netns/{}", self.ns);
         thread::scope(|s| {
             s.spawn(|| {
-                let ns = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-                // SAFETY: setns on this thread only, with an fd we own.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-                }
+                enter_netns(&self.ns)?;
                 Ok(f())
             })
             .join()
@@ -288,18 +283,14 @@ impl Client {
         })?
     }
 
-    /// A UDP echo server in the client namespace for `count` datagrams;
-    /// returns the source addresses it saw.
+    /// A UDP echo server in the client namespace that answers one datagram
+    /// (within 5 s); returns the source address it saw.
     pub fn udp_server(&self, port: u16) -> anyhow::Result<thread::JoinHandle<Vec<SocketAddr>>> {
-        let path = format!("/run/netns/{}", self.ns);
+        let ns = self.ns.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = thread::spawn(move || {
             let setup = || -> anyhow::Result<UdpSocket> {
-                let ns = fs::File::open(&path)?;
-                // SAFETY: as in `exec`.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns: {}", std::io::Error::last_os_error());
-                }
+                enter_netns(&ns)?;
                 let sock = UdpSocket::bind(("0.0.0.0", port))?;
                 sock.set_read_timeout(Some(Duration::from_secs(5)))?;
                 Ok(sock)
@@ -332,16 +323,12 @@ impl Client {
         port: u16,
         body: &str,
     ) -> anyhow::Result<thread::JoinHandle<()>> {
-        let path = format!("/run/netns/{}", self.ns);
+        let ns = self.ns.clone();
         let body = body.to_string();
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = thread::spawn(move || {
             let setup = || -> anyhow::Result<TcpListener> {
-                let ns = fs::File::open(&path)?;
-                // SAFETY: as in `exec`.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns: {}", std::io::Error::last_os_error());
-                }
+                enter_netns(&ns)?;
                 let l = TcpListener::bind(("0.0.0.0", port))?;
                 l.set_nonblocking(true)?;
                 Ok(l)
@@ -382,6 +369,19 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// Moves the calling thread into network namespace `ns` (sockets it opens
+/// afterwards live there).
+fn enter_netns(ns: &str) -> anyhow::Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns on the calling thread only, with an fd we own.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setns({path}, CLONE_NEWNET)"));
+    }
+    Ok(())
 }
 
 fn http_get(addr: SocketAddr) -> anyhow::Result<String> {
