@@ -42,6 +42,10 @@ pub const ALLOW_KEY_FIXED_BITS: u32 = 32;
 /// Where a published port can be reached: (host address, protocol, port).
 /// `addr` is all zero for Docker's wildcard binds (0.0.0.0 and ::); an IPv4
 /// address is stored in the first four bytes, the rest zero.
+///
+/// The same map also holds each published container endpoint (container
+/// address, protocol, container port), so a connection routed straight to a
+/// container is judged by the allowances of the port that publishes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishedKey {
@@ -52,14 +56,15 @@ pub struct PublishedKey {
     pub family: u8,
 }
 
-/// What a published port leads to. The kernel only needs the key to exist;
-/// the container port is kept for `status` and debugging with bpftool.
+/// What a published port or container endpoint leads to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PublishedValue {
-    /// Host byte order.
+    /// Host byte order. Kept for debugging with bpftool.
     pub container_port: u16,
-    pub _pad: [u8; 6],
+    /// The published (host) port whose allowances decide, host byte order.
+    pub policy_port: u16,
+    pub _pad: [u8; 4],
 }
 
 /// The data part of an allowance's LPM trie key. The fixed fields come first

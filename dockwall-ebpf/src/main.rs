@@ -6,11 +6,13 @@
 //!
 //! 1. Parse Ethernet (up to two VLAN tags), IPv4 or IPv6 (extension headers),
 //!    TCP or UDP. Not TCP/UDP: pass. Malformed: drop. Non-first fragment: pass.
-//! 2. Destination (address, protocol, port) not published: pass.
+//! 2. Destination (address, protocol, port) neither published on the host
+//!    nor a published container endpoint: pass.
 //! 3. Not a new connection: pass. TCP: anything but a bare SYN. UDP: a reply
 //!    to a flow `dw_egress` saw leave this host (host or masqueraded container).
 //! 4. Longest-prefix match of (published port, protocol, source) in the
-//!    allowances: hit passes, miss drops.
+//!    allowances: hit passes, miss drops. For a container endpoint the
+//!    published port is the one that publishes it.
 //!
 //! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
 //! after dockwall still run; under the legacy clsact path it lets the next
@@ -130,9 +132,9 @@ fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
         // The kernel would discard it too; we cannot tell what it targets.
         Parsed::Malformed => return (stat::MALFORMED, DROP),
     };
-    if !is_published(&pkt) {
+    let Some(policy_port) = published_port(&pkt) else {
         return (stat::NOT_IN_SCOPE, PASS);
-    }
+    };
     if pkt.proto == PROTO_TCP {
         // Only a bare SYN opens a connection. Replies to connections the host
         // or a container opened always carry ACK. A stray ACK that conntrack
@@ -143,7 +145,7 @@ fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
     } else if is_udp_reply(&pkt) {
         return (stat::REPLY, PASS);
     }
-    if allowance_hit(&pkt) {
+    if allowance_hit(&pkt, policy_port) {
         (stat::ALLOWED, PASS)
     } else {
         (stat::DROPPED, DROP)
@@ -158,30 +160,31 @@ fn count(counter: u32) {
     }
 }
 
+/// The published port whose allowances decide, if the destination is in scope.
 #[inline(always)]
-fn is_published(pkt: &Packet) -> bool {
+fn published_port(pkt: &Packet) -> Option<u16> {
     let mut key = PublishedKey {
         addr: pkt.dst,
         port: pkt.dport,
         proto: pkt.proto,
         family: pkt.family,
     };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { PUBLISHED.get(&key) }.is_some() {
-        return true;
+    // SAFETY: the value is copied out at once.
+    if let Some(value) = unsafe { PUBLISHED.get(&key) } {
+        return Some(value.policy_port);
     }
     // Docker's default bind: every address of the host (0.0.0.0 or ::).
     key.addr = [0; 16];
-    unsafe { PUBLISHED.get(&key) }.is_some()
+    unsafe { PUBLISHED.get(&key) }.map(|value| value.policy_port)
 }
 
 #[inline(always)]
-fn allowance_hit(pkt: &Packet) -> bool {
+fn allowance_hit(pkt: &Packet, policy_port: u16) -> bool {
     let addr_bits: u32 = if pkt.family == FAMILY_V4 { 32 } else { 128 };
     let key = Key::new(
         ALLOW_KEY_FIXED_BITS + addr_bits,
         AllowKey {
-            port: pkt.dport,
+            port: policy_port,
             proto: pkt.proto,
             family: pkt.family,
             addr: pkt.src,

@@ -81,6 +81,15 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
                 .extend(configured_bindings(docker, &name, &id).await?);
             continue;
         }
+        let container_ips: Vec<IpAddr> = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .values()
+            .flat_map(|e| [e.ip_address.as_deref(), e.global_ipv6_address.as_deref()])
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
         for port in c.ports.unwrap_or_default() {
             let (Some(host_port), Some(ip)) = (port.public_port, port.ip.as_deref()) else {
                 continue;
@@ -94,14 +103,10 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
             let Ok(host_ip) = ip.parse::<IpAddr>() else {
                 continue;
             };
-            snap.bindings.push(Binding::new(
-                &name,
-                &id,
-                host_ip,
-                host_port,
-                port.private_port,
-                proto,
-            ));
+            snap.bindings.push(
+                Binding::new(&name, &id, host_ip, host_port, port.private_port, proto)
+                    .with_container_ips(container_ips.clone()),
+            );
         }
     }
     snap.bindings.sort();

@@ -265,6 +265,10 @@ pub struct Binding {
     pub host_port: u16,
     pub container_port: u16,
     pub proto: Proto,
+    /// The container's own addresses (one per network), for connections
+    /// routed straight to it. Empty while it is stopped.
+    #[serde(default)]
+    pub container_ips: Vec<IpAddr>,
 }
 
 impl Binding {
@@ -285,7 +289,13 @@ impl Binding {
             host_port,
             container_port,
             proto,
+            container_ips: Vec::new(),
         }
+    }
+
+    pub fn with_container_ips(mut self, ips: Vec<IpAddr>) -> Self {
+        self.container_ips = ips;
+        self
     }
 
     pub fn host_ip_display(&self) -> String {
@@ -408,30 +418,44 @@ pub fn compile_allowances(
     entries
 }
 
-/// The published-port map's contents for Docker's bindings.
+/// The published-port map's contents for Docker's bindings: each host-side
+/// binding, and each container endpoint (container address, port, proto)
+/// tied to the published port whose allowances decide for it. An endpoint
+/// published on several host ports is judged by the lowest of them.
 pub fn compile_published(bindings: &[Binding]) -> BTreeMap<PublishedKey, PublishedValue> {
-    bindings
-        .iter()
-        .map(|b| {
-            let (family, addr) = match b.host_ip {
-                Some(ip) => addr_bytes(ip),
-                None if b.ipv6 => (FAMILY_V6, [0; 16]),
-                None => (FAMILY_V4, [0; 16]),
+    let mut map = BTreeMap::new();
+    let mut sorted: Vec<&Binding> = bindings.iter().collect();
+    sorted.sort_by_key(|b| b.host_port);
+    for b in sorted {
+        let value = PublishedValue {
+            container_port: b.container_port,
+            policy_port: b.host_port,
+            _pad: [0; 4],
+        };
+        let (family, addr) = match b.host_ip {
+            Some(ip) => addr_bytes(ip),
+            None if b.ipv6 => (FAMILY_V6, [0; 16]),
+            None => (FAMILY_V4, [0; 16]),
+        };
+        let host = PublishedKey {
+            addr,
+            port: b.host_port,
+            proto: b.proto.number(),
+            family,
+        };
+        map.entry(host).or_insert(value);
+        for ip in &b.container_ips {
+            let (family, addr) = addr_bytes(*ip);
+            let endpoint = PublishedKey {
+                addr,
+                port: b.container_port,
+                proto: b.proto.number(),
+                family,
             };
-            (
-                PublishedKey {
-                    addr,
-                    port: b.host_port,
-                    proto: b.proto.number(),
-                    family,
-                },
-                PublishedValue {
-                    container_port: b.container_port,
-                    _pad: [0; 6],
-                },
-            )
-        })
-        .collect()
+            map.entry(endpoint).or_insert(value);
+        }
+    }
+    map
 }
 
 #[cfg(test)]
@@ -576,6 +600,27 @@ mod tests {
             .find(|(e, _)| e.net.addr().is_ipv4())
             .unwrap();
         assert_eq!(v4.1, &vec![0, 1]);
+    }
+
+    #[test]
+    fn container_endpoints_point_at_their_published_port() {
+        let web = binding("web", "0.0.0.0", 8081, 8080, Proto::Tcp)
+            .with_container_ips(vec!["172.17.0.2".parse().unwrap()]);
+        let web_v6 = binding("web", "::", 8081, 8080, Proto::Tcp)
+            .with_container_ips(vec!["172.17.0.2".parse().unwrap()]);
+        let also = binding("web", "0.0.0.0", 9091, 8080, Proto::Tcp)
+            .with_container_ips(vec!["172.17.0.2".parse().unwrap()]);
+        let map = compile_published(&[also, web, web_v6]);
+        let endpoint = map
+            .iter()
+            .find(|(k, _)| k.addr[..4] == [172, 17, 0, 2])
+            .unwrap();
+        assert_eq!(endpoint.0.port, 8080);
+        assert_eq!(
+            endpoint.1.policy_port, 8081,
+            "lowest publishing port decides"
+        );
+        assert_eq!(map.len(), 4, "two v4 wildcard ports, one v6, one endpoint");
     }
 
     #[test]

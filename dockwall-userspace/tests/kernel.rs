@@ -37,10 +37,18 @@ impl Harness {
         let mut ebpf = ebpf::load_unpinned().expect("load object (are we root?)");
         let mut maps = Maps::from_ebpf(&mut ebpf).unwrap();
         let mut bindings = Vec::new();
+        let web_ips: Vec<IpAddr> =
+            vec!["172.17.0.2".parse().unwrap(), "fd00:17::2".parse().unwrap()];
+        let dns_ips: Vec<IpAddr> = vec!["172.17.0.3".parse().unwrap()];
         for ip in ["0.0.0.0", "::"] {
-            bindings.push(binding("web", ip, 8081, 8080, Proto::Tcp));
-            bindings.push(binding("web", ip, 8081, 8080, Proto::Udp));
-            bindings.push(binding("dns", ip, 5353, 53, Proto::Udp));
+            bindings.push(
+                binding("web", ip, 8081, 8080, Proto::Tcp).with_container_ips(web_ips.clone()),
+            );
+            bindings.push(
+                binding("web", ip, 8081, 8080, Proto::Udp).with_container_ips(web_ips.clone()),
+            );
+            bindings
+                .push(binding("dns", ip, 5353, 53, Proto::Udp).with_container_ips(dns_ips.clone()));
             bindings.push(binding("open", ip, 7000, 80, Proto::Tcp));
             bindings.push(binding("open4", ip, 7001, 80, Proto::Tcp));
         }
@@ -450,6 +458,65 @@ fn verdict_matrix_ipv4_ipv6_tcp_udp() {
     );
     assert_eq!(s[stat::ESTABLISHED as usize], 4);
     assert_eq!(s[stat::ALLOWED as usize], 10);
+}
+
+#[test]
+fn direct_container_access_uses_the_publishing_ports_allowances() {
+    let mut h = Harness::standard();
+    let cases = vec![
+        (
+            "v4 to web's endpoint, allowed for 8081",
+            syn4("192.0.2.10", "172.17.0.2", 8080),
+            PASS,
+        ),
+        (
+            "v4 to web's endpoint, not allowed",
+            syn4("192.0.3.10", "172.17.0.2", 8080),
+            DROP,
+        ),
+        (
+            "v4 to web, unpublished container port",
+            syn4("192.0.3.10", "172.17.0.2", 9999),
+            PASS,
+        ),
+        (
+            "v6 to web's endpoint, allowed",
+            syn6("2001:db8:1::1", "fd00:17::2", 8080),
+            PASS,
+        ),
+        (
+            "v6 to web's endpoint, not allowed",
+            syn6("2001:db8:2::1", "fd00:17::2", 8080),
+            DROP,
+        ),
+        (
+            "udp to dns endpoint, allowed for 5353/udp",
+            udp4("198.51.100.7", "172.17.0.3", 40000, 53),
+            PASS,
+        ),
+        (
+            "udp to dns endpoint, not allowed",
+            udp4("198.51.100.8", "172.17.0.3", 40000, 53),
+            DROP,
+        ),
+        (
+            "tcp to dns endpoint: only udp is published",
+            syn4("198.51.100.8", "172.17.0.3", 53),
+            PASS,
+        ),
+        (
+            "reply from outside to web's endpoint",
+            eth(&ipv4(
+                "192.0.3.10",
+                "172.17.0.2",
+                6,
+                &tcp(443, 8080, SYN | ACK),
+                V4::default(),
+            )),
+            PASS,
+        ),
+    ];
+    check(&mut h, &cases);
 }
 
 #[test]
