@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod docker;
 pub mod ebpf;
+pub mod iptables;
 pub mod policy;
 pub mod runtime;
 pub mod sync;

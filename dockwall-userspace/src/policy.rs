@@ -418,42 +418,107 @@ pub fn compile_allowances(
     entries
 }
 
-/// The published-port map's contents for Docker's bindings: each host-side
-/// binding, and each container endpoint (container address, port, proto)
-/// tied to the published port whose allowances decide for it. An endpoint
-/// published on several host ports is judged by the lowest of them.
-pub fn compile_published(bindings: &[Binding]) -> BTreeMap<PublishedKey, PublishedValue> {
-    let mut map = BTreeMap::new();
+/// A published port as seen from outside: (host address or every address
+/// of a family, protocol, port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostPort {
+    /// `None`: every address of the family (Docker's 0.0.0.0 / ::).
+    pub ip: Option<IpAddr>,
+    pub ipv6: bool,
+    pub port: u16,
+    pub proto: Proto,
+    pub container_port: u16,
+}
+
+/// A published container endpoint reached directly (routed setups): the
+/// container's address, its port, protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+/// What dockwall guards: the one definition both dataplanes are compiled from.
+/// New connections arriving on a managed interface (a) to a published port
+/// on a host address, (b) straight to a published container endpoint, or
+/// (c) to a published port Docker's userland proxy accepts on the host
+/// itself ((a) and (c) are the same host ports; the dataplanes differ in
+/// where they see them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub host_ports: BTreeSet<HostPort>,
+    /// Each endpoint with the published port whose allowances decide for it:
+    /// the lowest host port that publishes it.
+    pub endpoints: BTreeMap<Endpoint, u16>,
+}
+
+impl HostPort {
+    pub fn ipv6(&self) -> bool {
+        self.ip.map_or(self.ipv6, |ip| ip.is_ipv6())
+    }
+}
+
+pub fn compile_scope(bindings: &[Binding]) -> Scope {
+    let mut scope = Scope::default();
     let mut sorted: Vec<&Binding> = bindings.iter().collect();
     sorted.sort_by_key(|b| b.host_port);
     for b in sorted {
-        let value = PublishedValue {
+        scope.host_ports.insert(HostPort {
+            ip: b.host_ip,
+            ipv6: b.ipv6,
+            port: b.host_port,
+            proto: b.proto,
             container_port: b.container_port,
-            policy_port: b.host_port,
-            _pad: [0; 4],
-        };
-        let (family, addr) = match b.host_ip {
+        });
+        for ip in &b.container_ips {
+            let endpoint = Endpoint {
+                ip: *ip,
+                port: b.container_port,
+                proto: b.proto,
+            };
+            scope.endpoints.entry(endpoint).or_insert(b.host_port);
+        }
+    }
+    scope
+}
+
+/// The eBPF published-port map's contents: host ports and endpoints.
+pub fn compile_published(bindings: &[Binding]) -> BTreeMap<PublishedKey, PublishedValue> {
+    let scope = compile_scope(bindings);
+    let mut map = BTreeMap::new();
+    for hp in &scope.host_ports {
+        let (family, addr) = match hp.ip {
             Some(ip) => addr_bytes(ip),
-            None if b.ipv6 => (FAMILY_V6, [0; 16]),
+            None if hp.ipv6 => (FAMILY_V6, [0; 16]),
             None => (FAMILY_V4, [0; 16]),
         };
-        let host = PublishedKey {
+        let key = PublishedKey {
             addr,
-            port: b.host_port,
-            proto: b.proto.number(),
+            port: hp.port,
+            proto: hp.proto.number(),
             family,
         };
-        map.entry(host).or_insert(value);
-        for ip in &b.container_ips {
-            let (family, addr) = addr_bytes(*ip);
-            let endpoint = PublishedKey {
-                addr,
-                port: b.container_port,
-                proto: b.proto.number(),
-                family,
-            };
-            map.entry(endpoint).or_insert(value);
-        }
+        // Two containers cannot publish the same host port; keep the first.
+        map.entry(key).or_insert(PublishedValue {
+            container_port: hp.container_port,
+            policy_port: hp.port,
+            _pad: [0; 4],
+        });
+    }
+    for (ep, policy_port) in &scope.endpoints {
+        let (family, addr) = addr_bytes(ep.ip);
+        let key = PublishedKey {
+            addr,
+            port: ep.port,
+            proto: ep.proto.number(),
+            family,
+        };
+        map.entry(key).or_insert(PublishedValue {
+            container_port: ep.port,
+            policy_port: *policy_port,
+            _pad: [0; 4],
+        });
     }
     map
 }

@@ -36,6 +36,12 @@ pub struct ManagedIface {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {
     pub interfaces: Vec<ManagedIface>,
+    /// The eBPF filter is installed (maps pinned, classifiers attached).
+    #[serde(default)]
+    pub ebpf: bool,
+    /// The iptables fallback is installed, with this backend.
+    #[serde(default)]
+    pub iptables: Option<crate::iptables::Backend>,
 }
 
 fn read<T: DeserializeOwned + Default>(name: &str) -> anyhow::Result<T> {

@@ -1,6 +1,6 @@
 //! The one path from policy to kernel: saved allowances + Docker's published
-//! ports -> compiled entries -> map diff. `load`, its event loop, `allow` and
-//! `revoke` all go through [`apply`].
+//! ports -> compiled scope and entries -> every installed dataplane.
+//! `load`, its event loop, `allow` and `revoke` all go through [`apply`].
 
 use std::collections::BTreeSet;
 
@@ -8,7 +8,8 @@ use crate::{
     config::Policy,
     docker,
     ebpf::{Changes, Maps},
-    policy::{self, Binding},
+    iptables,
+    policy::{self, AllowEntry, Binding},
     runtime,
 };
 
@@ -37,24 +38,67 @@ pub async fn live() -> anyhow::Result<docker::Snapshot> {
     docker::snapshot(&docker).await
 }
 
-/// Brings both maps in line with the policy. The published map is only
-/// rewritten from a live Docker view: a stale snapshot never removes ports.
+/// The dataplanes that enforce the policy; either may be off.
+pub struct Dataplanes {
+    pub maps: Option<Maps>,
+    pub iptables: Option<iptables::Backend>,
+}
+
+impl Dataplanes {
+    /// What a running or past `load` installed; `None` when not loaded.
+    pub fn installed() -> anyhow::Result<Option<Self>> {
+        let state = runtime::state()?;
+        if state.interfaces.is_empty() {
+            return Ok(None);
+        }
+        let maps = if state.ebpf {
+            Some(Maps::open_pinned()?)
+        } else {
+            None
+        };
+        Ok(Some(Dataplanes {
+            maps,
+            iptables: state.iptables,
+        }))
+    }
+}
+
+/// What a sync changed in the eBPF maps.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Applied {
+    pub published: Changes,
+    pub allow: Changes,
+}
+
+/// The allowance entries the policy compiles to for these bindings.
+pub fn entries(policy: &Policy, bindings: &[Binding]) -> BTreeSet<AllowEntry> {
+    policy::compile_allowances(&policy.allowances, bindings)
+        .into_keys()
+        .collect()
+}
+
+/// Brings every installed dataplane in line with the policy. The eBPF
+/// published map is only rewritten from a live Docker view: a stale snapshot
+/// never removes ports. The iptables chains are rewritten whole, atomically.
 pub fn apply(
-    maps: &mut Maps,
+    dataplanes: &mut Dataplanes,
     policy: &Policy,
     bindings: &[Binding],
     source: BindingsSource,
-) -> anyhow::Result<(Changes, Changes)> {
-    let published = if source == BindingsSource::Docker {
-        let changes = maps.sync_published(&policy::compile_published(bindings))?;
+) -> anyhow::Result<Applied> {
+    let entries = entries(policy, bindings);
+    let mut applied = Applied::default();
+    if let Some(maps) = dataplanes.maps.as_mut() {
+        if source == BindingsSource::Docker {
+            applied.published = maps.sync_published(&policy::compile_published(bindings))?;
+        }
+        applied.allow = maps.sync_allow(&entries)?;
+    }
+    if let Some(backend) = dataplanes.iptables {
+        iptables::apply(backend, &entries, &policy::compile_scope(bindings))?;
+    }
+    if source == BindingsSource::Docker {
         runtime::save_published(bindings)?;
-        changes
-    } else {
-        Changes::default()
-    };
-    let entries: BTreeSet<_> = policy::compile_allowances(&policy.allowances, bindings)
-        .into_keys()
-        .collect();
-    let allow = maps.sync_allow(&entries)?;
-    Ok((published, allow))
+    }
+    Ok(applied)
 }

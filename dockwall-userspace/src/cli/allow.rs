@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 
 use crate::{
-    config, docker, ebpf,
+    config, docker,
     policy::{self, Allowance, ContainerSpec, PortProto, Source, Target},
     sync,
 };
@@ -123,13 +123,13 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
     }
     config::save(config_path, &policy, &lock)?;
 
-    let in_force = if ebpf::pins_present() {
-        let mut maps = ebpf::Maps::open_pinned()?;
-        sync::apply(&mut maps, &policy, &bindings, source_kind)
-            .context("saved, but applying to the loaded filter failed")?;
-        true
-    } else {
-        false
+    let in_force = match sync::Dataplanes::installed()? {
+        Some(mut dataplanes) => {
+            sync::apply(&mut dataplanes, &policy, &bindings, source_kind)
+                .context("saved, but applying to the loaded filter failed")?;
+            true
+        }
+        None => false,
     };
     drop(lock);
 

@@ -11,8 +11,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config,
     ebpf::{self, AttachMode, Maps},
+    iptables,
     runtime::{self, ManagedIface, State},
-    sync::{self, BindingsSource},
+    sync::{self, BindingsSource, Dataplanes},
 };
 
 /// Resync even without Docker events: catches Docker coming up, missed
@@ -26,26 +27,45 @@ const ARPHRD_ETHER: &str = "1";
 #[derive(Debug, Args)]
 #[command(
     after_help = "Stays in the foreground following Docker events until SIGINT/SIGTERM; \
-the filter stays in force after it exits. Run it from systemd or a terminal multiplexer."
+the filter stays in force after it exits. Run it from systemd or a terminal multiplexer.\n\n\
+Both dataplanes are installed by default: the eBPF filter, and the equivalent iptables rules \
+(chain DOCKWALL-FWD from DOCKER-USER, DOCKWALL-IN from INPUT) as a fallback."
 )]
 pub struct LoadArgs {
     /// External interface to filter (ingress); repeatable
     #[arg(long = "iface", value_name = "IF", required = true)]
     pub ifaces: Vec<String>,
-    /// How to attach the classifiers
+    /// How to attach the eBPF classifiers
     #[arg(long, value_enum, default_value = "auto")]
     pub attach: AttachMode,
+    /// Do not install the eBPF filter (iptables fallback only)
+    #[arg(long)]
+    pub no_ebpf: bool,
+    /// Do not install the iptables fallback (eBPF only)
+    #[arg(long)]
+    pub no_iptables: bool,
+    /// Print what would be applied (map contents, iptables-restore input) and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
+    if args.no_ebpf && args.no_iptables {
+        bail!("--no-ebpf and --no-iptables together would enforce nothing; drop one of them");
+    }
     let mode = args.attach.resolve();
     for iface in &args.ifaces {
         check_iface(iface)?;
     }
-    super::require_root("load")?;
-    ebpf::check_bpffs()?;
     config::check_readable(config_path)?;
     let policy = config::load(config_path)?;
+    if args.dry_run {
+        return dry_run(&args, &policy);
+    }
+    super::require_root("load")?;
+    if !args.no_ebpf {
+        ebpf::check_bpffs()?;
+    }
     let _daemon = runtime::daemon_lock()?;
 
     let rt = super::runtime()?;
@@ -57,18 +77,42 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
                 crate::docker::docker_host()
             );
         }
-        let mut ebpf_obj = ebpf::load_pinned()?;
-        let mut maps = Maps::from_ebpf(&mut ebpf_obj)?;
+        let previous = runtime::state().unwrap_or_default();
+        let backend = (!args.no_iptables).then(iptables::Backend::detect);
+        let mut ebpf_obj = None;
+        let mut dataplanes = Dataplanes {
+            maps: None,
+            iptables: backend,
+        };
+        if !args.no_ebpf {
+            let mut obj = ebpf::load_pinned()?;
+            dataplanes.maps = Some(Maps::from_ebpf(&mut obj)?);
+            ebpf_obj = Some(obj);
+        }
+        // Fill every dataplane before it is hooked in: the first packet it
+        // sees already meets the whole policy.
         {
             let _lock = config::lock(config_path)?;
-            sync::apply(&mut maps, &policy, &bindings, source)?;
+            sync::apply(&mut dataplanes, &policy, &bindings, source)?;
         }
-        let previous = runtime::state().unwrap_or_default();
-        for iface in &args.ifaces {
-            ebpf::attach(&mut ebpf_obj, iface, mode)?;
+        if let Some(obj) = ebpf_obj.as_mut() {
+            for iface in &args.ifaces {
+                ebpf::attach(obj, iface, mode)?;
+            }
         }
-        for old in previous.interfaces.iter().filter(|o| !args.ifaces.contains(&o.name)) {
+        if let Some(backend) = backend {
+            iptables::ensure_jumps(backend, &args.ifaces)?;
+            iptables::remove_jumps(backend, &args.ifaces)?;
+        }
+        // Take away what an earlier load installed and this one does not.
+        for old in previous.interfaces.iter().filter(|o| args.no_ebpf || !args.ifaces.contains(&o.name)) {
             ebpf::detach(&old.name)?;
+        }
+        if args.no_ebpf && previous.ebpf {
+            ebpf::remove_pins()?;
+        }
+        if let Some(old) = previous.iptables.filter(|old| Some(*old) != backend) {
+            iptables::remove(old)?;
         }
         runtime::save_state(&State {
             interfaces: args
@@ -79,16 +123,74 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
                     mode,
                 })
                 .collect(),
+            ebpf: !args.no_ebpf,
+            iptables: backend,
         })?;
+        let mut planes = Vec::new();
+        if !args.no_ebpf {
+            planes.push(format!("ebpf {mode:?}").to_lowercase());
+        }
+        if let Some(b) = backend {
+            planes.push(format!("iptables {b:?}").to_lowercase());
+        }
         println!(
-            "dockwall: filter in force on {} ({:?}): {} published port(s), {} allowance(s)",
+            "dockwall: filter in force on {} ({}): {} published port(s), {} allowance(s)",
             args.ifaces.join(", "),
-            mode,
+            planes.join(" + "),
             bindings.len(),
             policy.allowances.len()
         );
-        follow(config_path, &mut maps).await
+        follow(config_path, &mut dataplanes, &args.ifaces).await
     })
+}
+
+/// `--dry-run`: everything `load` would install, from the same compile step.
+fn dry_run(args: &LoadArgs, policy: &config::Policy) -> anyhow::Result<ExitCode> {
+    let (bindings, source, _) = super::runtime()?.block_on(sync::bindings());
+    println!("# dockwall load --dry-run: nothing is changed");
+    println!(
+        "# published ports from {source:?}, {} allowance(s)",
+        policy.allowances.len()
+    );
+    let entries = sync::entries(policy, &bindings);
+    if !args.no_ebpf {
+        println!(
+            "\n# eBPF map {}: (address, proto, port) -> policy port",
+            dockwall_common::MAP_PUBLISHED
+        );
+        for (key, value) in crate::policy::compile_published(&bindings) {
+            let addr = crate::policy::addr_from_bytes(key.family, &key.addr)
+                .map_or("?".to_string(), |a| a.to_string());
+            let proto = crate::policy::Proto::from_number(key.proto)
+                .map_or("?".to_string(), |p| p.to_string());
+            println!("{addr} {proto} {} -> {}", key.port, value.policy_port);
+        }
+        println!(
+            "\n# eBPF map {}: (published port/proto, source)",
+            dockwall_common::MAP_ALLOW
+        );
+        for e in &entries {
+            println!("{}/{} {}", e.port, e.proto, e.net);
+        }
+    }
+    if !args.no_iptables {
+        let backend = iptables::Backend::detect();
+        let scope = crate::policy::compile_scope(&bindings);
+        for family in iptables::Family::ALL {
+            println!("\n# {} --noflush", backend.tool(family, "-restore"));
+            print!("{}", iptables::compile(family, &entries, &scope));
+        }
+        for iface in &args.ifaces {
+            println!(
+                "# then: -I {} 1 -i {iface} -j {} and -I {} 1 -i {iface} -j {}",
+                iptables::DOCKER_USER,
+                iptables::CHAIN_FWD,
+                iptables::INPUT,
+                iptables::CHAIN_IN
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Refuses interfaces that do not exist or are not Ethernet, before anything changes.
@@ -114,7 +216,11 @@ fn check_iface(iface: &str) -> anyhow::Result<()> {
 }
 
 /// Follows Docker and the saved allowances until SIGINT/SIGTERM.
-async fn follow(config_path: &Path, maps: &mut Maps) -> anyhow::Result<ExitCode> {
+async fn follow(
+    config_path: &Path,
+    dataplanes: &mut Dataplanes,
+    ifaces: &[String],
+) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(RESYNC_INTERVAL);
@@ -124,7 +230,7 @@ async fn follow(config_path: &Path, maps: &mut Maps) -> anyhow::Result<ExitCode>
             && let Ok(docker) = crate::docker::connect().await
         {
             events = Some(Box::pin(crate::docker::events(&docker)));
-            resync(config_path, maps).await;
+            resync(config_path, dataplanes, ifaces).await;
         }
         let event = async {
             match events.as_mut() {
@@ -135,13 +241,13 @@ async fn follow(config_path: &Path, maps: &mut Maps) -> anyhow::Result<ExitCode>
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = tick.tick() => resync(config_path, maps).await,
+            _ = tick.tick() => resync(config_path, dataplanes, ifaces).await,
             item = event => match item {
                 Some(Ok(_)) => {
                     tokio::time::sleep(EVENT_DEBOUNCE).await;
-                    resync(config_path, maps).await;
+                    resync(config_path, dataplanes, ifaces).await;
                 }
-                // Docker went away: keep the maps as they are, reconnect.
+                // Docker went away: keep the rules as they are, reconnect.
                 Some(Err(_)) | None => events = None,
             },
         }
@@ -150,22 +256,34 @@ async fn follow(config_path: &Path, maps: &mut Maps) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-async fn resync(config_path: &Path, maps: &mut Maps) {
-    if let Err(e) = try_resync(config_path, maps).await {
+async fn resync(config_path: &Path, dataplanes: &mut Dataplanes, ifaces: &[String]) {
+    if let Err(e) = try_resync(config_path, dataplanes, ifaces).await {
         eprintln!("dockwall: resync failed, keeping the rules in force: {e:#}");
     }
 }
 
-async fn try_resync(config_path: &Path, maps: &mut Maps) -> anyhow::Result<()> {
+async fn try_resync(
+    config_path: &Path,
+    dataplanes: &mut Dataplanes,
+    ifaces: &[String],
+) -> anyhow::Result<()> {
     let (bindings, source, _) = sync::bindings().await;
     let _lock = config::lock(config_path)?;
     let policy = config::load(config_path)?;
-    let (published, allow) = sync::apply(maps, &policy, &bindings, source)?;
-    if published.added + published.removed + allow.added + allow.removed > 0 {
+    let applied = sync::apply(dataplanes, &policy, &bindings, source)?;
+    let (p, a) = (applied.published, applied.allow);
+    if p.added + p.removed + a.added + a.removed > 0 {
         println!(
             "dockwall: synced: published ports +{} -{}, allowance entries +{} -{}",
-            published.added, published.removed, allow.added, allow.removed
+            p.added, p.removed, a.added, a.removed
         );
+    }
+    // Docker re-creates DOCKER-USER when it restarts, and appears after us
+    // when it starts later: put our jumps (back) in place.
+    if let Some(backend) = dataplanes.iptables {
+        for repaired in iptables::ensure_jumps(backend, ifaces)? {
+            println!("dockwall: iptables jump (re)installed: {repaired}");
+        }
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use clap::Args;
 use dockwall_common::stat;
 use serde::Serialize;
 
-use crate::{ebpf, policy::Binding, runtime};
+use crate::{ebpf, iptables, policy::Binding, runtime};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -43,16 +43,27 @@ struct Counters {
 }
 
 #[derive(Serialize)]
+struct Iptables {
+    backend: iptables::Backend,
+    in_force: bool,
+    families: Vec<iptables::Installed>,
+}
+
+#[derive(Serialize)]
 struct Status {
     in_force: bool,
+    /// Whether the eBPF filter is installed at all (`load --no-ebpf`).
+    ebpf: bool,
     interfaces: Vec<Iface>,
+    /// The iptables fallback; null when off (`load --no-iptables`).
+    iptables: Option<Iptables>,
     published: Vec<Published>,
     counters: Option<Counters>,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let state = runtime::state()?;
-    let pins = ebpf::pins_present();
+    let pins = state.ebpf && ebpf::pins_present();
     let interfaces: Vec<Iface> = state
         .interfaces
         .iter()
@@ -62,8 +73,20 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             attached: pins && ebpf::attached(&i.name, i.mode),
         })
         .collect();
-    let in_force = pins && !interfaces.is_empty() && interfaces.iter().all(|i| i.attached);
-    let published = if pins {
+    let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
+    let iptables = state.iptables.map(|backend| {
+        let families = iptables::installed(backend, &names);
+        Iptables {
+            backend,
+            in_force: iptables::in_force(&families, &names),
+            families,
+        }
+    });
+    let ebpf_ok = !state.ebpf || (pins && interfaces.iter().all(|i| i.attached));
+    let iptables_ok = iptables.as_ref().is_none_or(|i| i.in_force);
+    let in_force =
+        !interfaces.is_empty() && (state.ebpf || iptables.is_some()) && ebpf_ok && iptables_ok;
+    let published = if !interfaces.is_empty() {
         runtime::published()?
     } else {
         Vec::new()
@@ -84,7 +107,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     };
     let status = Status {
         in_force,
+        ebpf: state.ebpf,
         interfaces,
+        iptables,
         published: published.iter().map(published_row).collect(),
         counters,
     };
@@ -121,12 +146,24 @@ fn print_text(s: &Status) {
         );
     }
     for i in &s.interfaces {
-        let state = if i.attached {
-            "attached"
-        } else {
-            "NOT attached"
+        let state = match (s.ebpf, i.attached) {
+            (false, _) => "eBPF off (--no-ebpf)",
+            (true, true) => "eBPF attached",
+            (true, false) => "eBPF NOT attached",
         };
         println!("  interface {} ({:?}): {state}", i.name, i.mode);
+    }
+    match &s.iptables {
+        None if !s.interfaces.is_empty() => println!("  iptables fallback: off (--no-iptables)"),
+        None => {}
+        Some(ipt) => {
+            let state = if ipt.in_force {
+                "in force"
+            } else {
+                "INCOMPLETE (a chain or jump is missing)"
+            };
+            println!("  iptables fallback ({:?}): {state}", ipt.backend);
+        }
     }
     if !s.published.is_empty() {
         println!("published ports:");

@@ -1,0 +1,468 @@
+//! The iptables fallback dataplane: the same policy as the eBPF filter, as
+//! rules in chains of dockwall's own.
+//!
+//! - `DOCKWALL-FWD`, jumped to from Docker's `DOCKER-USER` for each managed
+//!   interface: connections Docker DNATed from a published port (matched on
+//!   the *original* destination with conntrack, so rules name the published
+//!   port like the eBPF side) and connections routed straight to a published
+//!   container endpoint.
+//! - `DOCKWALL-IN`, jumped to from `INPUT`: published ports that Docker's
+//!   userland proxy accepts on the host itself (IPv6 clients of an
+//!   IPv4-only container), a path `DOCKER-USER` never sees.
+//!
+//! Both chains return for related/established traffic first, so container
+//! egress keeps working. Every change rewrites both chains in one
+//! `iptables-restore --noflush` transaction: no moment with half a policy.
+//! Rules are compiled by [`compile`] (pure) from the same [`Scope`] and
+//! allowance entries as the eBPF maps.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    io::Write as _,
+    net::IpAddr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{AllowEntry, Proto, Scope};
+
+pub const CHAIN_FWD: &str = "DOCKWALL-FWD";
+pub const CHAIN_IN: &str = "DOCKWALL-IN";
+pub const DOCKER_USER: &str = "DOCKER-USER";
+pub const INPUT: &str = "INPUT";
+
+/// Which iptables Docker uses; dockwall uses the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn matches(self, ip: IpAddr) -> bool {
+        ip.is_ipv6() == (self == Family::V6)
+    }
+
+    fn host_len(self) -> u8 {
+        if self == Family::V6 { 128 } else { 32 }
+    }
+}
+
+impl Backend {
+    /// `iptables-nft`, `ip6tables-legacy-restore`, ...
+    pub fn tool(self, family: Family, suffix: &str) -> String {
+        let base = if family == Family::V6 {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let kind = match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        };
+        format!("{base}-{kind}{suffix}")
+    }
+
+    /// The backend holding Docker's chains; else the system default.
+    pub fn detect() -> Backend {
+        let has_docker_user = |b: Backend| {
+            Command::new(b.tool(Family::V4, ""))
+                .args(["-S", DOCKER_USER])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if has_docker_user(Backend::Nft) {
+            return Backend::Nft;
+        }
+        if has_docker_user(Backend::Legacy) {
+            return Backend::Legacy;
+        }
+        match std::fs::read_link("/etc/alternatives/iptables") {
+            Ok(target) if target.to_string_lossy().contains("legacy") => Backend::Legacy,
+            _ => Backend::Nft,
+        }
+    }
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    }
+}
+
+/// Matches a packet that opens a connection, like the eBPF side: a bare SYN
+/// for TCP; for UDP everything not related/established (returned earlier).
+fn new_conn(p: Proto, dport: Option<u16>) -> String {
+    let dport = dport.map(|d| format!(" --dport {d}")).unwrap_or_default();
+    match p {
+        Proto::Tcp => format!("-p tcp -m tcp{dport} --tcp-flags SYN,ACK SYN"),
+        Proto::Udp => format!("-p udp -m udp{dport}"),
+    }
+}
+
+/// The `iptables-restore --noflush` input for one family: both chains,
+/// declared (so flushed) and refilled in one transaction.
+pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) -> String {
+    let mut fwd = String::new();
+    let mut inp = String::new();
+    let returning = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN";
+    let _ = writeln!(fwd, "-A {CHAIN_FWD} {returning}");
+    let _ = writeln!(inp, "-A {CHAIN_IN} {returning}");
+    let endpoints: Vec<_> = scope
+        .endpoints
+        .iter()
+        .filter(|(ep, _)| family.matches(ep.ip))
+        .collect();
+    for e in entries.iter().filter(|e| family.matches(e.net.addr())) {
+        let p = proto_name(e.proto);
+        let src = format!("-s {}/{}", e.net.addr(), e.net.prefix_len());
+        let _ = writeln!(
+            fwd,
+            "-A {CHAIN_FWD} {src} -p {p} -m conntrack --ctstate DNAT --ctorigdstport {} -j RETURN",
+            e.port
+        );
+        for (ep, _) in endpoints
+            .iter()
+            .filter(|(ep, policy_port)| **policy_port == e.port && ep.proto == e.proto)
+        {
+            let _ = writeln!(
+                fwd,
+                "-A {CHAIN_FWD} {src} -d {}/{} -p {p} -m {p} --dport {} -m conntrack ! --ctstate DNAT -j RETURN",
+                ep.ip,
+                family.host_len(),
+                ep.port
+            );
+        }
+        let _ = writeln!(
+            inp,
+            "-A {CHAIN_IN} {src} -p {p} -m {p} --dport {} -j RETURN",
+            e.port
+        );
+    }
+    for hp in scope
+        .host_ports
+        .iter()
+        .filter(|hp| hp.ipv6() == (family == Family::V6))
+    {
+        let orig_dst = hp
+            .ip
+            .map(|ip| format!(" --ctorigdst {ip}"))
+            .unwrap_or_default();
+        let dst = hp
+            .ip
+            .map(|ip| format!("-d {ip}/{} ", family.host_len()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            fwd,
+            "-A {CHAIN_FWD} {} -m conntrack --ctstate DNAT --ctorigdstport {}{orig_dst} -j DROP",
+            new_conn(hp.proto, None),
+            hp.port
+        );
+        let _ = writeln!(
+            inp,
+            "-A {CHAIN_IN} {dst}{} -j DROP",
+            new_conn(hp.proto, Some(hp.port))
+        );
+    }
+    for (ep, _) in &endpoints {
+        let _ = writeln!(
+            fwd,
+            "-A {CHAIN_FWD} -d {}/{} {} -m conntrack ! --ctstate DNAT -j DROP",
+            ep.ip,
+            family.host_len(),
+            new_conn(ep.proto, Some(ep.port))
+        );
+    }
+    format!("*filter\n:{CHAIN_FWD} - [0:0]\n:{CHAIN_IN} - [0:0]\n{fwd}{inp}COMMIT\n")
+}
+
+/// Installs (or atomically replaces) both chains for both families.
+pub fn apply(
+    backend: Backend,
+    entries: &BTreeSet<AllowEntry>,
+    scope: &Scope,
+) -> anyhow::Result<()> {
+    for family in Family::ALL {
+        let tool = backend.tool(family, "-restore");
+        restore(&tool, &compile(family, entries, scope))?;
+    }
+    Ok(())
+}
+
+fn restore(tool: &str, input: &str) -> anyhow::Result<()> {
+    let mut child = Command::new(tool)
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool} (apt-get install iptables)"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to {tool}"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} --noflush failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn run(tool: &str, args: &[&str]) -> anyhow::Result<bool> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {tool}"))?;
+    Ok(out.status.success())
+}
+
+fn chain_exists(tool: &str, chain: &str) -> bool {
+    run(tool, &["-S", chain]).unwrap_or(false)
+}
+
+/// The jumps each managed interface needs: (parent chain, our chain).
+const JUMPS: [(&str, &str); 2] = [(DOCKER_USER, CHAIN_FWD), (INPUT, CHAIN_IN)];
+
+/// Puts missing jumps in place (first in the parent chain). A parent that
+/// does not exist yet (no DOCKER-USER before Docker runs, or no IPv6
+/// DOCKER-USER without Docker's ip6tables) is skipped; returns what was added.
+pub fn ensure_jumps(backend: Backend, ifaces: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut added = Vec::new();
+    for family in Family::ALL {
+        let tool = backend.tool(family, "");
+        for (parent, ours) in JUMPS {
+            if !chain_exists(&tool, parent) || !chain_exists(&tool, ours) {
+                continue;
+            }
+            for iface in ifaces {
+                let rule = ["-i", iface.as_str(), "-j", ours];
+                if run(&tool, &[&["-C", parent][..], &rule].concat())? {
+                    continue;
+                }
+                if !run(&tool, &[&["-I", parent, "1"][..], &rule].concat())? {
+                    bail!("{tool} -I {parent} 1 -i {iface} -j {ours} failed");
+                }
+                added.push(format!("{tool} {parent} -i {iface} -j {ours}"));
+            }
+        }
+    }
+    Ok(added)
+}
+
+/// What is installed now, per family.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Installed {
+    pub family: &'static str,
+    pub chains: bool,
+    /// Interfaces whose INPUT jump is in place.
+    pub input_jumps: Vec<String>,
+    /// Interfaces whose DOCKER-USER jump is in place (None: no DOCKER-USER).
+    pub docker_user_jumps: Option<Vec<String>>,
+}
+
+pub fn installed(backend: Backend, ifaces: &[String]) -> Vec<Installed> {
+    Family::ALL
+        .iter()
+        .map(|family| {
+            let tool = backend.tool(*family, "");
+            let jumped = |parent: &str, ours: &str| -> Vec<String> {
+                ifaces
+                    .iter()
+                    .filter(|i| run(&tool, &["-C", parent, "-i", i, "-j", ours]).unwrap_or(false))
+                    .cloned()
+                    .collect()
+            };
+            Installed {
+                family: if *family == Family::V6 {
+                    "ipv6"
+                } else {
+                    "ipv4"
+                },
+                chains: chain_exists(&tool, CHAIN_FWD) && chain_exists(&tool, CHAIN_IN),
+                input_jumps: jumped(INPUT, CHAIN_IN),
+                docker_user_jumps: chain_exists(&tool, DOCKER_USER)
+                    .then(|| jumped(DOCKER_USER, CHAIN_FWD)),
+            }
+        })
+        .collect()
+}
+
+/// Whether the fallback fully guards `ifaces`: chains present and every
+/// jump in place wherever its parent chain exists.
+pub fn in_force(installed: &[Installed], ifaces: &[String]) -> bool {
+    installed.iter().all(|i| {
+        i.chains
+            && i.input_jumps.len() == ifaces.len()
+            && i.docker_user_jumps
+                .as_ref()
+                .is_none_or(|j| j.len() == ifaces.len())
+    })
+}
+
+/// Removes jumps to our chains, except those for interfaces in `keep`;
+/// never touches a rule that does not jump to a dockwall chain.
+pub fn remove_jumps(backend: Backend, keep: &[String]) -> anyhow::Result<()> {
+    for family in Family::ALL {
+        let tool = backend.tool(family, "");
+        for (parent, ours) in JUMPS {
+            if !chain_exists(&tool, parent) {
+                continue;
+            }
+            let out = Command::new(&tool)
+                .args(["-S", parent])
+                .output()
+                .with_context(|| format!("{tool} -S {parent}"))?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let iface = words
+                    .windows(2)
+                    .find(|w| w[0] == "-i")
+                    .map(|w| w[1].to_string());
+                let kept = iface.is_some_and(|i| keep.contains(&i));
+                if words.first() == Some(&"-A") && words.ends_with(&["-j", ours]) && !kept {
+                    let mut args = vec!["-D"];
+                    args.extend_from_slice(&words[1..]);
+                    if !run(&tool, &args)? {
+                        bail!("{tool} {} failed", args.join(" "));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes every jump to our chains and the chains themselves.
+pub fn remove(backend: Backend) -> anyhow::Result<()> {
+    remove_jumps(backend, &[])?;
+    for family in Family::ALL {
+        let tool = backend.tool(family, "");
+        for (_, ours) in JUMPS {
+            if chain_exists(&tool, ours)
+                && (!run(&tool, &["-F", ours])? || !run(&tool, &["-X", ours])?)
+            {
+                bail!("{tool}: removing chain {ours} failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Binding, compile_scope};
+
+    fn entry(port: u16, proto: Proto, net: &str) -> AllowEntry {
+        AllowEntry {
+            port,
+            proto,
+            net: net.parse().unwrap(),
+        }
+    }
+
+    fn scope() -> Scope {
+        let web = |ip: &str| {
+            Binding::new("web", "id", ip.parse().unwrap(), 8081, 8080, Proto::Tcp)
+                .with_container_ips(vec!["172.17.0.2".parse().unwrap()])
+        };
+        compile_scope(&[
+            web("0.0.0.0"),
+            web("::"),
+            Binding::new(
+                "dns",
+                "id",
+                "10.0.0.5".parse().unwrap(),
+                5353,
+                53,
+                Proto::Udp,
+            ),
+        ])
+    }
+
+    #[test]
+    fn v4_rules_name_the_published_port_and_return_established_first() {
+        let entries = BTreeSet::from([
+            entry(8081, Proto::Tcp, "192.0.2.0/24"),
+            entry(5353, Proto::Udp, "198.51.100.7/32"),
+            entry(8081, Proto::Tcp, "2001:db8::/32"),
+        ]);
+        let text = compile(Family::V4, &entries, &scope());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "*filter");
+        assert_eq!(
+            lines[3],
+            "-A DOCKWALL-FWD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+        );
+        assert!(text.contains(
+            "-A DOCKWALL-FWD -s 192.0.2.0/24 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -j RETURN"
+        ));
+        // Direct access to the container endpoint, judged by 8081's allowances.
+        assert!(text.contains(
+            "-A DOCKWALL-FWD -s 192.0.2.0/24 -d 172.17.0.2/32 -p tcp -m tcp --dport 8080 -m conntrack ! --ctstate DNAT -j RETURN"
+        ));
+        assert!(text.contains(
+            "-A DOCKWALL-FWD -p tcp -m tcp --tcp-flags SYN,ACK SYN -m conntrack --ctstate DNAT --ctorigdstport 8081 -j DROP"
+        ));
+        assert!(text.contains(
+            "-A DOCKWALL-FWD -p udp -m udp -m conntrack --ctstate DNAT --ctorigdstport 5353 --ctorigdst 10.0.0.5 -j DROP"
+        ));
+        assert!(text.contains("-A DOCKWALL-IN -d 10.0.0.5/32 -p udp -m udp --dport 5353 -j DROP"));
+        assert!(
+            !text.contains("2001:db8"),
+            "IPv6 sources stay out of the IPv4 rules"
+        );
+        // Every RETURN for an allowance comes before every DROP.
+        let last_return = lines
+            .iter()
+            .rposition(|l| l.contains("DOCKWALL-FWD -s"))
+            .unwrap();
+        let first_drop = lines.iter().position(|l| l.ends_with("-j DROP")).unwrap();
+        assert!(last_return < first_drop);
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+    }
+
+    #[test]
+    fn v6_rules_cover_the_userland_proxy_path() {
+        let entries = BTreeSet::from([entry(8081, Proto::Tcp, "2001:db8::/32")]);
+        let text = compile(Family::V6, &entries, &scope());
+        assert!(
+            text.contains("-A DOCKWALL-IN -s 2001:db8::/32 -p tcp -m tcp --dport 8081 -j RETURN")
+        );
+        assert!(
+            text.contains(
+                "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 --tcp-flags SYN,ACK SYN -j DROP"
+            )
+        );
+        assert!(!text.contains("172.17"));
+    }
+
+    #[test]
+    fn empty_policy_is_still_a_valid_transaction() {
+        let text = compile(Family::V4, &BTreeSet::new(), &Scope::default());
+        assert_eq!(text.lines().count(), 6);
+    }
+}
