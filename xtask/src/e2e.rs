@@ -355,6 +355,56 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
     netlink_path(r, &dw, &b, &b8081)?;
     docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
     bad_input(r, &dw, &b.host_if)?;
+    equivalence(r, &dockerd, &dw, &a, &b)?;
+    Ok(())
+}
+
+/// eBPF-only and iptables-only give the same verdict as each other and as
+/// the policy, over real traffic.
+fn equivalence(
+    r: &mut Report,
+    dockerd: &Dockerd,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let m = crate::equivalence::run(dockerd, dw, a, b)?;
+    println!(
+        "e2e: equivalence matrix: {} cases x 3 runs (baseline, ebpf-only, iptables-only) in {:.1?}; \
+         {} blocked by policy; mismatches between dataplanes: {}; mismatches with the policy: {}",
+        m.cases,
+        started.elapsed(),
+        m.blocked_expected,
+        m.mismatches_between,
+        m.mismatches_vs_policy.len()
+    );
+    for line in m.mismatches_vs_policy.iter().take(25) {
+        println!("e2e:   {line}");
+    }
+    r.expect("equivalence: at least 1000 cases", m.cases >= 1000, || {
+        m.cases.to_string()
+    });
+    r.expect(
+        "equivalence: the matrix both blocks and lets in",
+        m.blocked_expected > 100 && m.blocked_expected + 100 < m.cases,
+        || m.blocked_expected.to_string(),
+    );
+    r.expect(
+        "equivalence: every case the policy blocks connects without dockwall",
+        m.blocked_open_in_baseline == m.blocked_expected,
+        || format!("{} of {}", m.blocked_open_in_baseline, m.blocked_expected),
+    );
+    r.expect(
+        "equivalence: eBPF and iptables give identical verdicts",
+        m.mismatches_between == 0,
+        || m.mismatches_between.to_string(),
+    );
+    r.expect(
+        "equivalence: both dataplanes match the policy on every case",
+        m.mismatches_vs_policy.is_empty(),
+        || m.mismatches_vs_policy.len().to_string(),
+    );
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 mod demo;
 mod e2e;
+mod equivalence;
 mod lab;
 mod setup;
 mod util;
