@@ -11,7 +11,9 @@
 //!   IPv4-only container), a path `DOCKER-USER` never sees.
 //!
 //! Both chains return for related/established traffic first, so container
-//! egress keeps working. Every change rewrites both chains in one
+//! egress keeps working. Allowed sources live in ipset `hash:net` sets, one
+//! per (family, protocol, published port), so 100k allowances cost one rule
+//! and one hash lookup, not 100k rules. Every change rewrites both chains in one
 //! `iptables-restore --noflush` transaction: no moment with half a policy.
 //! Rules are compiled by [`compile`] (pure) from the same [`Scope`] and
 //! allowance entries as the eBPF maps.
@@ -128,21 +130,23 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
         .iter()
         .filter(|(ep, _)| family.matches(ep.ip))
         .collect();
-    for e in entries.iter().filter(|e| family.matches(e.net.addr())) {
-        let p = proto_name(e.proto);
-        let src = format!("-s {}/{}", e.net.addr(), e.net.prefix_len());
+    for (port, proto, sources) in sets(family, entries) {
+        let p = proto_name(proto);
+        let src = match &sources {
+            Sources::Everyone => String::new(),
+            Sources::Set(name, _) => format!(" -m set --match-set {name} src"),
+        };
         let _ = writeln!(
             fwd,
-            "-A {CHAIN_FWD} {src} -p {p} -m conntrack --ctstate DNAT --ctorigdstport {} -j RETURN",
-            e.port
+            "-A {CHAIN_FWD} -p {p} -m conntrack --ctstate DNAT --ctorigdstport {port}{src} -j RETURN"
         );
         for (ep, _) in endpoints
             .iter()
-            .filter(|(ep, policy_port)| **policy_port == e.port && ep.proto == e.proto)
+            .filter(|(ep, policy_port)| **policy_port == port && ep.proto == proto)
         {
             let _ = writeln!(
                 fwd,
-                "-A {CHAIN_FWD} {src} -d {}/{} -p {p} -m {p} --dport {} -m conntrack ! --ctstate DNAT -j RETURN",
+                "-A {CHAIN_FWD} -d {}/{} -p {p} -m {p} --dport {} -m conntrack ! --ctstate DNAT{src} -j RETURN",
                 ep.ip,
                 family.host_len(),
                 ep.port
@@ -150,8 +154,7 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
         }
         let _ = writeln!(
             inp,
-            "-A {CHAIN_IN} {src} -p {p} -m {p} --dport {} -j RETURN",
-            e.port
+            "-A {CHAIN_IN} -p {p} -m {p} --dport {port}{src} -j RETURN"
         );
     }
     for hp in scope
@@ -191,17 +194,153 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
     format!("*filter\n:{CHAIN_FWD} - [0:0]\n:{CHAIN_IN} - [0:0]\n{fwd}{inp}COMMIT\n")
 }
 
+/// Who an allowance rule lets in: everyone (a /0, which hash:net cannot
+/// hold), or the members of an ipset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sources {
+    Everyone,
+    Set(String, Vec<ipnet::IpNet>),
+}
+
+/// Prefix of every ipset dockwall owns.
+pub const SET_PREFIX: &str = "dockwall-";
+
+/// `dockwall-4-tcp-8081`: the allowed sources of one published port.
+fn set_name(family: Family, proto: Proto, port: u16) -> String {
+    let f = if family == Family::V6 { 6 } else { 4 };
+    format!("{SET_PREFIX}{f}-{}-{port}", proto_name(proto))
+}
+
+/// The allowance entries of one family grouped by (port, proto).
+pub fn sets(family: Family, entries: &BTreeSet<AllowEntry>) -> Vec<(u16, Proto, Sources)> {
+    let mut grouped: std::collections::BTreeMap<(u16, Proto), Vec<ipnet::IpNet>> =
+        Default::default();
+    for e in entries.iter().filter(|e| family.matches(e.net.addr())) {
+        grouped.entry((e.port, e.proto)).or_default().push(e.net);
+    }
+    grouped
+        .into_iter()
+        .map(|((port, proto), nets)| {
+            let sources = if nets.iter().any(|n| n.prefix_len() == 0) {
+                Sources::Everyone
+            } else {
+                Sources::Set(set_name(family, proto, port), nets)
+            };
+            (port, proto, sources)
+        })
+        .collect()
+}
+
+/// The `ipset restore` input that makes each set hold exactly its members:
+/// filled under a temporary name, then swapped in (atomic per set).
+pub fn compile_sets(family: Family, entries: &BTreeSet<AllowEntry>) -> String {
+    let inet = if family == Family::V6 {
+        "inet6"
+    } else {
+        "inet"
+    };
+    let mut out = String::new();
+    for (_, _, sources) in sets(family, entries) {
+        let Sources::Set(name, nets) = sources else {
+            continue;
+        };
+        let tmp = format!("{name}~");
+        let size = nets.len().next_power_of_two().max(1024);
+        for set in [&name, &tmp] {
+            let _ = writeln!(
+                out,
+                "create {set} hash:net family {inet} hashsize {size} maxelem 1048576 -exist"
+            );
+        }
+        let _ = writeln!(out, "flush {tmp}");
+        for net in nets {
+            let _ = writeln!(out, "add {tmp} {net} -exist");
+        }
+        let _ = writeln!(out, "swap {tmp} {name}");
+        let _ = writeln!(out, "destroy {tmp}");
+    }
+    out
+}
+
+fn ipset_restore(input: &str) -> anyhow::Result<()> {
+    if input.is_empty() {
+        return Ok(());
+    }
+    let mut child = Command::new("ipset")
+        .arg("restore")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ipset (apt-get install ipset)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())
+        .context("writing to ipset restore")?;
+    let out = child
+        .wait_with_output()
+        .context("waiting for ipset restore")?;
+    if !out.status.success() {
+        bail!(
+            "ipset restore failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// dockwall's sets that exist now.
+fn existing_sets() -> Vec<String> {
+    Command::new("ipset")
+        .args(["list", "-n"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with(SET_PREFIX))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Destroys dockwall's sets not in `keep` (after no rule refers to them).
+fn destroy_sets_except(keep: &BTreeSet<String>) -> anyhow::Result<()> {
+    let doomed: String = existing_sets()
+        .into_iter()
+        .filter(|s| !keep.contains(s))
+        .map(|s| format!("destroy {s}\n"))
+        .collect();
+    ipset_restore(&doomed)
+}
+
 /// Installs (or atomically replaces) both chains for both families.
 pub fn apply(
     backend: Backend,
     entries: &BTreeSet<AllowEntry>,
     scope: &Scope,
 ) -> anyhow::Result<()> {
+    // Sets first (rules may name new ones), then both chains in one
+    // transaction per family, then sets no rule names any more.
+    let mut keep = BTreeSet::new();
+    for family in Family::ALL {
+        ipset_restore(&compile_sets(family, entries))?;
+        keep.extend(
+            sets(family, entries)
+                .into_iter()
+                .filter_map(|(_, _, s)| match s {
+                    Sources::Set(name, _) => Some(name),
+                    Sources::Everyone => None,
+                }),
+        );
+    }
     for family in Family::ALL {
         let tool = backend.tool(family, "-restore");
         restore(&tool, &compile(family, entries, scope))?;
     }
-    Ok(())
+    destroy_sets_except(&keep)
 }
 
 fn restore(tool: &str, input: &str) -> anyhow::Result<()> {
@@ -241,6 +380,14 @@ fn run(tool: &str, args: &[&str]) -> anyhow::Result<bool> {
 
 fn chain_exists(tool: &str, chain: &str) -> bool {
     run(tool, &["-S", chain]).unwrap_or(false)
+}
+
+/// Whether both dockwall chains exist for both families.
+pub fn chains_present(backend: Backend) -> bool {
+    Family::ALL.iter().all(|f| {
+        let tool = backend.tool(*f, "");
+        chain_exists(&tool, CHAIN_FWD) && chain_exists(&tool, CHAIN_IN)
+    })
 }
 
 /// The jumps each managed interface needs: (parent chain, our chain).
@@ -355,7 +502,7 @@ pub fn remove_jumps(backend: Backend, keep: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes every jump to our chains and the chains themselves.
+/// Removes every jump to our chains, the chains, and dockwall's ipsets.
 pub fn remove(backend: Backend) -> anyhow::Result<()> {
     remove_jumps(backend, &[])?;
     for family in Family::ALL {
@@ -368,7 +515,7 @@ pub fn remove(backend: Backend) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    destroy_sets_except(&BTreeSet::new())
 }
 
 #[cfg(test)]
@@ -407,6 +554,7 @@ mod tests {
     fn v4_rules_name_the_published_port_and_return_established_first() {
         let entries = BTreeSet::from([
             entry(8081, Proto::Tcp, "192.0.2.0/24"),
+            entry(8081, Proto::Tcp, "203.0.113.7/32"),
             entry(5353, Proto::Udp, "198.51.100.7/32"),
             entry(8081, Proto::Tcp, "2001:db8::/32"),
         ]);
@@ -417,12 +565,13 @@ mod tests {
             lines[3],
             "-A DOCKWALL-FWD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
         );
+        // One rule per published port, its sources in a set.
         assert!(text.contains(
-            "-A DOCKWALL-FWD -s 192.0.2.0/24 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -j RETURN"
+            "-A DOCKWALL-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -m set --match-set dockwall-4-tcp-8081 src -j RETURN"
         ));
         // Direct access to the container endpoint, judged by 8081's allowances.
         assert!(text.contains(
-            "-A DOCKWALL-FWD -s 192.0.2.0/24 -d 172.17.0.2/32 -p tcp -m tcp --dport 8080 -m conntrack ! --ctstate DNAT -j RETURN"
+            "-A DOCKWALL-FWD -d 172.17.0.2/32 -p tcp -m tcp --dport 8080 -m conntrack ! --ctstate DNAT -m set --match-set dockwall-4-tcp-8081 src -j RETURN"
         ));
         assert!(text.contains(
             "-A DOCKWALL-FWD -p tcp -m tcp --tcp-flags SYN,ACK SYN -m conntrack --ctstate DNAT --ctorigdstport 8081 -j DROP"
@@ -432,32 +581,56 @@ mod tests {
         ));
         assert!(text.contains("-A DOCKWALL-IN -d 10.0.0.5/32 -p udp -m udp --dport 5353 -j DROP"));
         assert!(
-            !text.contains("2001:db8"),
-            "IPv6 sources stay out of the IPv4 rules"
+            !text.contains("dockwall-6-"),
+            "IPv6 sets stay out of the IPv4 rules"
         );
-        // Every RETURN for an allowance comes before every DROP.
-        let last_return = lines
-            .iter()
-            .rposition(|l| l.contains("DOCKWALL-FWD -s"))
-            .unwrap();
-        let first_drop = lines.iter().position(|l| l.ends_with("-j DROP")).unwrap();
-        assert!(last_return < first_drop);
+        // In each chain, every RETURN for an allowance comes before every DROP.
+        for chain in [CHAIN_FWD, CHAIN_IN] {
+            let rules: Vec<&&str> = lines.iter().filter(|l| l.contains(chain)).collect();
+            let last_return = rules
+                .iter()
+                .rposition(|l| l.contains("--match-set"))
+                .unwrap();
+            let first_drop = rules.iter().position(|l| l.ends_with("-j DROP")).unwrap();
+            assert!(last_return < first_drop, "{chain}");
+        }
         assert_eq!(lines.last(), Some(&"COMMIT"));
+
+        let sets = compile_sets(Family::V4, &entries);
+        assert!(sets.contains("add dockwall-4-tcp-8081~ 192.0.2.0/24 -exist"));
+        assert!(sets.contains("add dockwall-4-tcp-8081~ 203.0.113.7/32 -exist"));
+        assert!(sets.contains("swap dockwall-4-tcp-8081~ dockwall-4-tcp-8081"));
+        assert!(!sets.contains("2001:db8"));
+    }
+
+    #[test]
+    fn any_needs_no_set() {
+        let entries = BTreeSet::from([
+            entry(8081, Proto::Tcp, "0.0.0.0/0"),
+            entry(8081, Proto::Tcp, "192.0.2.0/24"),
+        ]);
+        let text = compile(Family::V4, &entries, &scope());
+        assert!(text.contains(
+            "-A DOCKWALL-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -j RETURN"
+        ));
+        assert!(!text.contains("--match-set"));
+        assert_eq!(compile_sets(Family::V4, &entries), "");
     }
 
     #[test]
     fn v6_rules_cover_the_userland_proxy_path() {
         let entries = BTreeSet::from([entry(8081, Proto::Tcp, "2001:db8::/32")]);
         let text = compile(Family::V6, &entries, &scope());
-        assert!(
-            text.contains("-A DOCKWALL-IN -s 2001:db8::/32 -p tcp -m tcp --dport 8081 -j RETURN")
-        );
+        assert!(text.contains(
+            "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 -m set --match-set dockwall-6-tcp-8081 src -j RETURN"
+        ));
         assert!(
             text.contains(
                 "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 --tcp-flags SYN,ACK SYN -j DROP"
             )
         );
         assert!(!text.contains("172.17"));
+        assert!(compile_sets(Family::V6, &entries).contains("family inet6"));
     }
 
     #[test]

@@ -356,6 +356,59 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
     docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
     bad_input(r, &dw, &b.host_if)?;
     equivalence(r, &dockerd, &dw, &a, &b)?;
+    scale(r, &dw, &a, &b)?;
+    Ok(())
+}
+
+/// 100k allowances into each dataplane: applied in under 2 s, and still
+/// exact (a member gets in, an outsider does not).
+fn scale(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Result<()> {
+    const N: u32 = 100_000;
+    let mut toml = String::with_capacity(N as usize * 48);
+    toml.push_str(&format!(
+        "[[allow]]\nsource = \"{}\"\nport = \"8081\"\n",
+        a.addr4
+    ));
+    for i in 1..N {
+        // Distinct /30s from 10.0.0.4 up to 10.6.26.128, clear of the lab's 10.99/16.
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i * 4);
+        toml.push_str(&format!(
+            "[[allow]]\nsource = \"{ip}/30\"\nport = \"8081\"\n"
+        ));
+    }
+    std::fs::write(&dw.config, toml).context("writing the 100k-allowance config")?;
+    for (plane, flag) in [("ebpf", "--no-iptables"), ("iptables", "--no-ebpf")] {
+        let started = Instant::now();
+        let loaded = dw.load_with(&[&a.host_if, &b.host_if], &[flag], None)?;
+        let total = started.elapsed();
+        let line = loaded
+            .output()
+            .into_iter()
+            .find(|l| l.contains("applied in"))
+            .unwrap_or_default();
+        let applied_ms: u64 = line
+            .split("applied in ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX);
+        println!(
+            "e2e: note {N} allowances: {plane} applied in {applied_ms} ms; `load` to in force {total:.2?}"
+        );
+        r.expect(
+            &format!("100k allowances applied to {plane} in under 2 s"),
+            applied_ms < 2000,
+            || line.clone(),
+        );
+        r.check(
+            &format!("100k allowances ({plane}): a member gets in"),
+            http_is(a, &format!("{}:8081", a.host4), "web1"),
+        );
+        r.check(
+            &format!("100k allowances ({plane}): an outsider is blocked"),
+            blocked(b, &format!("{}:8081", b.host4)),
+        );
+    }
     Ok(())
 }
 

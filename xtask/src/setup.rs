@@ -8,11 +8,12 @@ use anyhow::{Context as _, bail};
 use crate::util::{self, capture, output, sh};
 
 /// Debian packages: a Docker engine for the end-to-end tests and the demo,
-/// iptables (Docker needs it), busybox-static and gcc for the test image,
+/// iptables (Docker and the fallback need it), ipset (the fallback's sets), busybox-static and gcc for the test image,
 /// iproute2 for namespaces and veths.
 const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "iptables",
+    "ipset",
     "busybox-static",
     "iproute2",
     "gcc",

@@ -80,9 +80,10 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         let previous = runtime::state().unwrap_or_default();
         let backend = (!args.no_iptables).then(iptables::Backend::detect);
         let mut ebpf_obj = None;
-        let mut dataplanes = Dataplanes {
+                let mut dataplanes = Dataplanes {
             maps: None,
             iptables: backend,
+            iptables_applied: None,
         };
         if !args.no_ebpf {
             let mut obj = ebpf::load_pinned()?;
@@ -91,10 +92,12 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         }
         // Fill every dataplane before it is hooked in: the first packet it
         // sees already meets the whole policy.
+                let started = std::time::Instant::now();
         {
             let _lock = config::lock(config_path)?;
             sync::apply(&mut dataplanes, &policy, &bindings, source)?;
         }
+        let apply_time = started.elapsed();
         if let Some(obj) = ebpf_obj.as_mut() {
             for iface in &args.ifaces {
                 ebpf::attach(obj, iface, mode)?;
@@ -133,12 +136,13 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         if let Some(b) = backend {
             planes.push(format!("iptables {b:?}").to_lowercase());
         }
-        println!(
-            "dockwall: filter in force on {} ({}): {} published port(s), {} allowance(s)",
+                println!(
+            "dockwall: filter in force on {} ({}): {} published port(s), {} allowance(s), applied in {} ms",
             args.ifaces.join(", "),
             planes.join(" + "),
             bindings.len(),
-            policy.allowances.len()
+            policy.allowances.len(),
+            apply_time.as_millis()
         );
         follow(config_path, &mut dataplanes, &args.ifaces).await
     })
