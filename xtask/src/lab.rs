@@ -259,8 +259,12 @@ impl Client {
 
     /// Whether a TCP connection from this client completes in time.
     pub fn tcp_connects(&self, addr: &str) -> anyhow::Result<bool> {
+        self.tcp_connects_within(addr, BLOCKED_TIMEOUT)
+    }
+
+    pub fn tcp_connects_within(&self, addr: &str, timeout: Duration) -> anyhow::Result<bool> {
         let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
-        self.exec(move || TcpStream::connect_timeout(&addr, BLOCKED_TIMEOUT).is_ok())
+        self.exec(move || TcpStream::connect_timeout(&addr, timeout).is_ok())
     }
 
     /// Sends a datagram, returns the reply.
