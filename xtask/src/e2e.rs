@@ -122,7 +122,7 @@ fn cargo_tests(report: &mut Report) -> anyhow::Result<(usize, usize)> {
 }
 
 fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
-    let dockerd = Dockerd::start()?;
+    let mut dockerd = Dockerd::start()?;
     dockerd.build_image()?;
     let dw = Dockwall::new(dockerd.host())?;
     let a = Client::new("dw-client-a", "dwa0", 1)?;
@@ -358,6 +358,65 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
     equivalence(r, &dockerd, &dw, &a, &b)?;
     fallback_behaviour(r, &dw, &a, &b)?;
     scale(r, &dw, &a, &b)?;
+    dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
+    Ok(())
+}
+
+/// dockerd restarts under a loaded dockwall (both dataplanes): Docker
+/// re-creates its chains; the policy still holds and `status` says so.
+fn dockerd_restart(
+    r: &mut Report,
+    dockerd: &mut Dockerd,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&dw.config);
+    let (code, _, err) = dw.run(&["allow", &a.addr4, "--port", "8081"])?;
+    anyhow::ensure!(code == 0, "allow: {err}");
+    let loaded = dw.load(&[&a.host_if, &b.host_if])?;
+    let a8081 = format!("{}:8081", a.host4);
+    let b8081 = format!("{}:8081", b.host4);
+    dockerd.restart()?;
+    dockerd.cli(&["start", "web1"])?;
+    r.check(
+        "after a dockerd restart: allowed source reaches web1",
+        retry(|| http_is(a, &a8081, "web1")),
+    );
+    r.check(
+        "after a dockerd restart: other source blocked",
+        blocked(b, &b8081),
+    );
+    let (code, out, _) = dw.run(&["status"])?;
+    r.expect(
+        "after a dockerd restart: status in force with both dataplanes",
+        code == 0
+            && out.contains("eBPF attached")
+            && out.contains("iptables fallback")
+            && out.contains("in force"),
+        || out.clone(),
+    );
+    let rules = crate::util::capture(Command::new("iptables").args(["-S", "DOCKER-USER"]))?;
+    r.expect(
+        "after a dockerd restart: DOCKER-USER still jumps to DOCKWALL-FWD for each interface",
+        rules.contains(&format!("-i {} -j DOCKWALL-FWD", a.host_if))
+            && rules.contains(&format!("-i {} -j DOCKWALL-FWD", b.host_if)),
+        || rules.clone(),
+    );
+    // The fallback alone holds the line after a restart, too.
+    drop(loaded);
+    let loaded = dw.load_with(&[&a.host_if, &b.host_if], &["--no-ebpf"], None)?;
+    dockerd.restart()?;
+    dockerd.cli(&["start", "web1"])?;
+    r.check(
+        "iptables only, after a dockerd restart: allowed source reaches web1",
+        retry(|| http_is(a, &a8081, "web1")),
+    );
+    r.check(
+        "iptables only, after a dockerd restart: other source blocked",
+        blocked(b, &b8081),
+    );
+    drop(loaded);
     Ok(())
 }
 

@@ -56,20 +56,7 @@ impl Dockerd {
         let dir = PathBuf::from(LAB_DIR).join("docker");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let socket = dir.join("docker.sock");
-        let log = fs::File::create(dir.join("dockerd.log")).context("creating dockerd.log")?;
-        let child = Command::new("dockerd")
-            .arg("--host")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--data-root")
-            .arg("/var/lib/dockwall-lab-docker")
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .stdout(log.try_clone().context("dup log")?)
-            .stderr(log)
-            .spawn()
-            .context("starting dockerd (apt-get install docker.io)")?;
+        let child = spawn_dockerd(&dir)?;
         let dockerd = Dockerd {
             child,
             socket,
@@ -89,6 +76,43 @@ impl Dockerd {
         // The data root is ours alone: clear what a crashed run left behind.
         dockerd.remove_all();
         Ok(dockerd)
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .docker(&["info", "--format", "{{.ServerVersion}}"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            if Instant::now() > deadline {
+                bail!("dockerd did not come up in 30 s; see {LAB_DIR}/docker/dockerd.log");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Stops and starts our dockerd (same data root): Docker re-creates its
+    /// chains, and containers without a restart policy stay stopped.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.child = spawn_dockerd(&PathBuf::from(LAB_DIR).join("docker"))?;
+        self.wait_ready()
     }
 
     fn remove_all(&self) {
@@ -161,17 +185,7 @@ impl Dockerd {
 impl Drop for Dockerd {
     fn drop(&mut self) {
         self.remove_all();
-        // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.wait();
+        self.stop();
         if self.created_docker_state {
             let _ = sh("for t in filter nat; do
                   iptables -t $t -S | grep -E '^-A .*(DOCKER|docker0)' | sed 's/^-A/-D/' | while read -r r; do eval iptables -t $t $r; done
@@ -183,6 +197,27 @@ impl Drop for Dockerd {
         // Last guard out (the others are dropped first) removes the lab dir.
         let _ = fs::remove_dir(LAB_DIR);
     }
+}
+
+fn spawn_dockerd(dir: &std::path::Path) -> anyhow::Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dockerd.log"))
+        .context("opening dockerd.log")?;
+    Command::new("dockerd")
+        .arg("--host")
+        .arg(format!("unix://{}", dir.join("docker.sock").display()))
+        .arg("--data-root")
+        .arg("/var/lib/dockwall-lab-docker")
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .stdout(log.try_clone().context("dup log")?)
+        .stderr(log)
+        .spawn()
+        .context("starting dockerd (apt-get install docker.io)")
 }
 
 // ---- clients in network namespaces -----------------------------------------
