@@ -77,8 +77,8 @@ impl Backend {
         format!("{base}-{kind}{suffix}")
     }
 
-    /// The backend holding Docker's chains; else the system default.
-    pub fn detect() -> Backend {
+    /// The backend holding Docker's DOCKER-USER chain, if any has it.
+    pub fn with_docker_user() -> Option<Backend> {
         let has_docker_user = |b: Backend| {
             Command::new(b.tool(Family::V4, ""))
                 .args(["-S", DOCKER_USER])
@@ -87,11 +87,15 @@ impl Backend {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        if has_docker_user(Backend::Nft) {
-            return Backend::Nft;
-        }
-        if has_docker_user(Backend::Legacy) {
-            return Backend::Legacy;
+        [Backend::Nft, Backend::Legacy]
+            .into_iter()
+            .find(|b| has_docker_user(*b))
+    }
+
+    /// The backend holding Docker's chains; else the system default.
+    pub fn detect() -> Backend {
+        if let Some(backend) = Backend::with_docker_user() {
+            return backend;
         }
         match std::fs::read_link("/etc/alternatives/iptables") {
             Ok(target) if target.to_string_lossy().contains("legacy") => Backend::Legacy,
@@ -211,22 +215,18 @@ fn set_name(family: Family, proto: Proto, port: u16) -> String {
     format!("{SET_PREFIX}{f}-{}-{port}", proto_name(proto))
 }
 
-/// The allowance entries of one family grouped by (port, proto).
+/// The allowance entries of one family grouped by (port, proto), each with
+/// the set that holds its sources.
 pub fn sets(family: Family, entries: &BTreeSet<AllowEntry>) -> Vec<(u16, Proto, Sources)> {
-    let mut grouped: std::collections::BTreeMap<(u16, Proto), Vec<ipnet::IpNet>> =
-        Default::default();
-    for e in entries.iter().filter(|e| family.matches(e.net.addr())) {
-        grouped.entry((e.port, e.proto)).or_default().push(e.net);
-    }
-    grouped
+    crate::policy::group_allowed(entries, family == Family::V6)
         .into_iter()
-        .map(|((port, proto), nets)| {
-            let sources = if nets.iter().any(|n| n.prefix_len() == 0) {
+        .map(|g| {
+            let sources = if g.everyone {
                 Sources::Everyone
             } else {
-                Sources::Set(set_name(family, proto, port), nets)
+                Sources::Set(set_name(family, g.proto, g.port), g.nets)
             };
-            (port, proto, sources)
+            (g.port, g.proto, sources)
         })
         .collect()
 }

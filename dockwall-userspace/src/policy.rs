@@ -418,6 +418,34 @@ pub fn compile_allowances(
     entries
 }
 
+/// The allowed sources of one (published port, protocol) in one family:
+/// everyone (a /0), or a list of networks. Both fallbacks keep the list in a
+/// set of their own (ipset, nftables set) and match it with one rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub port: u16,
+    pub proto: Proto,
+    pub everyone: bool,
+    pub nets: Vec<IpNet>,
+}
+
+/// Groups the allowance entries of one family by (port, proto).
+pub fn group_allowed(entries: &BTreeSet<AllowEntry>, ipv6: bool) -> Vec<Allowed> {
+    let mut grouped: BTreeMap<(u16, Proto), Vec<IpNet>> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.net.addr().is_ipv6() == ipv6) {
+        grouped.entry((e.port, e.proto)).or_default().push(e.net);
+    }
+    grouped
+        .into_iter()
+        .map(|((port, proto), nets)| Allowed {
+            port,
+            proto,
+            everyone: nets.iter().any(|n| n.prefix_len() == 0),
+            nets,
+        })
+        .collect()
+}
+
 /// A published port as seen from outside: (host address or every address
 /// of a family, protocol, port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

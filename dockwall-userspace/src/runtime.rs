@@ -39,9 +39,9 @@ pub struct State {
     /// The eBPF filter is installed (maps pinned, classifiers attached).
     #[serde(default)]
     pub ebpf: bool,
-    /// The iptables fallback is installed, with this backend.
+    /// The fallback dataplane that is installed, if any.
     #[serde(default)]
-    pub iptables: Option<crate::iptables::Backend>,
+    pub fallback: Option<crate::fallback::Fallback>,
 }
 
 fn read<T: DeserializeOwned + Default>(name: &str) -> anyhow::Result<T> {

@@ -8,7 +8,7 @@ use crate::{
     config::Policy,
     docker,
     ebpf::{Changes, Maps},
-    iptables,
+    fallback::Fallback,
     policy::{self, AllowEntry, Binding},
     runtime,
 };
@@ -41,10 +41,12 @@ pub async fn live() -> anyhow::Result<docker::Snapshot> {
 /// The dataplanes that enforce the policy; either may be off.
 pub struct Dataplanes {
     pub maps: Option<Maps>,
-    pub iptables: Option<iptables::Backend>,
-    /// What the iptables fallback was last set to, so an unchanged policy is
-    /// not rewritten on every resync (100k set members every 2 s otherwise).
-    pub iptables_applied: Option<(BTreeSet<AllowEntry>, policy::Scope)>,
+    pub fallback: Option<Fallback>,
+    /// The managed interfaces (the nftables table names them).
+    pub ifaces: Vec<String>,
+    /// What the fallback was last set to, so an unchanged policy is not
+    /// rewritten on every resync (100k set members every 2 s otherwise).
+    pub fallback_applied: Option<(BTreeSet<AllowEntry>, policy::Scope)>,
 }
 
 impl Dataplanes {
@@ -61,8 +63,9 @@ impl Dataplanes {
         };
         Ok(Some(Dataplanes {
             maps,
-            iptables: state.iptables,
-            iptables_applied: None,
+            fallback: state.fallback,
+            ifaces: state.interfaces.iter().map(|i| i.name.clone()).collect(),
+            fallback_applied: None,
         }))
     }
 }
@@ -83,7 +86,7 @@ pub fn entries(policy: &Policy, bindings: &[Binding]) -> BTreeSet<AllowEntry> {
 
 /// Brings every installed dataplane in line with the policy. The eBPF
 /// published map is only rewritten from a live Docker view: a stale snapshot
-/// never removes ports. The iptables chains are rewritten whole, atomically.
+/// never removes ports. The fallback's rules are rewritten whole, atomically.
 pub fn apply(
     dataplanes: &mut Dataplanes,
     policy: &Policy,
@@ -98,14 +101,12 @@ pub fn apply(
         }
         applied.allow = maps.sync_allow(&entries)?;
     }
-    if let Some(backend) = dataplanes.iptables {
+    if let Some(fallback) = dataplanes.fallback {
         let wanted = (entries, policy::compile_scope(bindings));
-        // Rewrite when the policy changed, or when our chains went missing.
-        if dataplanes.iptables_applied.as_ref() != Some(&wanted)
-            || !iptables::chains_present(backend)
-        {
-            iptables::apply(backend, &wanted.0, &wanted.1)?;
-            dataplanes.iptables_applied = Some(wanted);
+        // Rewrite when the policy changed, or when our rules went missing.
+        if dataplanes.fallback_applied.as_ref() != Some(&wanted) || !fallback.present() {
+            fallback.apply(&wanted.0, &wanted.1, &dataplanes.ifaces)?;
+            dataplanes.fallback_applied = Some(wanted);
         }
     }
     if source == BindingsSource::Docker {

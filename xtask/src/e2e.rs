@@ -392,8 +392,8 @@ fn dockerd_restart(
         "after a dockerd restart: status in force with both dataplanes",
         code == 0
             && out.contains("eBPF attached")
-            && out.contains("iptables fallback")
-            && out.contains("in force"),
+            && out.contains("fallback iptables")
+            && !out.contains("INCOMPLETE"),
         || out.clone(),
     );
     let rules = crate::util::capture(Command::new("iptables").args(["-S", "DOCKER-USER"]))?;
@@ -405,7 +405,11 @@ fn dockerd_restart(
     );
     // The fallback alone holds the line after a restart, too.
     drop(loaded);
-    let loaded = dw.load_with(&[&a.host_if, &b.host_if], &["--no-ebpf"], None)?;
+    let loaded = dw.load_with(
+        &[&a.host_if, &b.host_if],
+        &["--no-ebpf", "--fallback", "iptables"],
+        None,
+    )?;
     dockerd.restart()?;
     dockerd.cli(&["start", "web1"])?;
     r.check(
@@ -447,8 +451,12 @@ fn fallback_behaviour(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> 
     let a8081 = format!("{}:8081", a.host4);
     let b8081 = format!("{}:8081", b.host4);
     let a5353: std::net::SocketAddr = format!("{}:5353", a.host4).parse()?;
-    for (plane, flag) in [("ebpf", "--no-iptables"), ("iptables", "--no-ebpf")] {
-        let loaded = dw.load_with(&[&a.host_if, &b.host_if], &[flag], None)?;
+    for (plane, flags) in [
+        ("ebpf", &["--no-iptables"][..]),
+        ("iptables", &["--no-ebpf", "--fallback", "iptables"][..]),
+        ("nftables", &["--no-ebpf", "--fallback", "nftables"][..]),
+    ] {
+        let loaded = dw.load_with(&[&a.host_if, &b.host_if], flags, None)?;
         // An answered UDP flow outlives a revoke in both dataplanes (the
         // eBPF side records the container's answer at egress, conntrack
         // does the same for iptables), as the README says.
@@ -567,9 +575,13 @@ fn scale(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Resul
         ));
     }
     std::fs::write(&dw.config, toml).context("writing the 100k-allowance config")?;
-    for (plane, flag) in [("ebpf", "--no-iptables"), ("iptables", "--no-ebpf")] {
+    for (plane, flags) in [
+        ("ebpf", &["--no-iptables"][..]),
+        ("iptables", &["--no-ebpf", "--fallback", "iptables"][..]),
+        ("nftables", &["--no-ebpf", "--fallback", "nftables"][..]),
+    ] {
         let started = Instant::now();
-        let loaded = dw.load_with(&[&a.host_if, &b.host_if], &[flag], None)?;
+        let loaded = dw.load_with(&[&a.host_if, &b.host_if], flags, None)?;
         let total = started.elapsed();
         let line = loaded
             .output()
@@ -614,7 +626,7 @@ fn equivalence(
     let started = Instant::now();
     let m = crate::equivalence::run(dockerd, dw, a, b)?;
     println!(
-        "e2e: equivalence matrix: {} cases x 3 runs (baseline, ebpf-only, iptables-only) in {:.1?}; \
+        "e2e: equivalence matrix: {} cases x 4 runs (baseline, ebpf-only, iptables-only, nftables-only) in {:.1?}; \
          {} blocked by policy; mismatches between dataplanes: {}; mismatches with the policy: {}",
         m.cases,
         started.elapsed(),
@@ -639,12 +651,12 @@ fn equivalence(
         || format!("{} of {}", m.blocked_open_in_baseline, m.blocked_expected),
     );
     r.expect(
-        "equivalence: eBPF and iptables give identical verdicts",
+        "equivalence: eBPF, iptables and nftables give identical verdicts",
         m.mismatches_between == 0,
         || m.mismatches_between.to_string(),
     );
     r.expect(
-        "equivalence: both dataplanes match the policy on every case",
+        "equivalence: every dataplane matches the policy on every case",
         m.mismatches_vs_policy.is_empty(),
         || m.mismatches_vs_policy.len().to_string(),
     );

@@ -3,7 +3,7 @@
 //! IPv6, TCP and UDP, published ports, a port two containers share on the
 //! container side, the userland-proxy path, container endpoints reached
 //! directly, an unpublished host service), run against no dockwall
-//! (baseline), eBPF only and iptables only. Every outcome is also checked
+//! (baseline), eBPF only, iptables only and nftables only. Every outcome is also checked
 //! against what the policy says, computed here independently.
 
 use std::{
@@ -230,7 +230,13 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
         probe_all(&[a, b], &cases)?
     };
     let iptables = {
-        let _loaded = dw.load_with(&[&a.host_if, &b.host_if], &["--no-ebpf"], None)?;
+        let flags = ["--no-ebpf", "--fallback", "iptables"];
+        let _loaded = dw.load_with(&[&a.host_if, &b.host_if], &flags, None)?;
+        probe_all(&[a, b], &cases)?
+    };
+    let nftables = {
+        let flags = ["--no-ebpf", "--fallback", "nftables"];
+        let _loaded = dw.load_with(&[&a.host_if, &b.host_if], &flags, None)?;
         probe_all(&[a, b], &cases)?
     };
 
@@ -256,10 +262,14 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
                 matrix.blocked_open_in_baseline += 1;
             }
         }
-        if ebpf[i] != iptables[i] {
+        if ebpf[i] != iptables[i] || ebpf[i] != nftables[i] {
             matrix.mismatches_between += 1;
         }
-        for (plane, got) in [("ebpf", ebpf[i]), ("iptables", iptables[i])] {
+        for (plane, got) in [
+            ("ebpf", ebpf[i]),
+            ("iptables", iptables[i]),
+            ("nftables", nftables[i]),
+        ] {
             if got != want {
                 matrix.mismatches_vs_policy.push(format!(
                     "{plane}: {} -> {} ({}): got {got:?}, policy says {want:?} (baseline {:?})",

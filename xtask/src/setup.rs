@@ -8,12 +8,14 @@ use anyhow::{Context as _, bail};
 use crate::util::{self, capture, output, sh};
 
 /// Debian packages: a Docker engine for the end-to-end tests and the demo,
-/// iptables (Docker and the fallback need it), ipset (the fallback's sets), busybox-static and gcc for the test image,
+/// iptables (Docker and the fallback need it), ipset (the fallback's sets),
+/// nftables (the other fallback), busybox-static and gcc for the test image,
 /// iproute2 for namespaces and veths.
 const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "iptables",
     "ipset",
+    "nftables",
     "busybox-static",
     "iproute2",
     "gcc",

@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config,
     ebpf::{self, AttachMode, Maps},
-    iptables,
+    fallback, iptables,
     runtime::{self, ManagedIface, State},
     sync::{self, BindingsSource, Dataplanes},
 };
@@ -28,8 +28,9 @@ const ARPHRD_ETHER: &str = "1";
 #[command(
     after_help = "Stays in the foreground following Docker events until SIGINT/SIGTERM; \
 the filter stays in force after it exits. Run it from systemd or a terminal multiplexer.\n\n\
-Both dataplanes are installed by default: the eBPF filter, and the equivalent iptables rules \
-(chain DOCKWALL-FWD from DOCKER-USER, DOCKWALL-IN from INPUT) as a fallback."
+Both dataplanes are installed by default: the eBPF filter, and the equivalent rules as a \
+fallback: iptables (chain DOCKWALL-FWD from DOCKER-USER, DOCKWALL-IN from INPUT) where Docker \
+has DOCKER-USER, else nftables (table inet dockwall); --fallback chooses."
 )]
 pub struct LoadArgs {
     /// External interface to filter (ingress); repeatable
@@ -41,8 +42,11 @@ pub struct LoadArgs {
     /// Do not install the eBPF filter (iptables fallback only)
     #[arg(long)]
     pub no_ebpf: bool,
-    /// Do not install the iptables fallback (eBPF only)
-    #[arg(long)]
+    /// Which fallback dataplane to install beside the eBPF filter
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fallback: fallback::Choice,
+    /// Do not install a fallback (eBPF only)
+    #[arg(long, alias = "no-fallback")]
     pub no_iptables: bool,
     /// Print what would be applied (map contents, iptables-restore input) and change nothing
     #[arg(long)]
@@ -77,13 +81,14 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
                 crate::docker::docker_host()
             );
         }
-        let previous = runtime::state().unwrap_or_default();
-        let backend = (!args.no_iptables).then(iptables::Backend::detect);
+                let previous = runtime::state().unwrap_or_default();
+        let fallback = (!args.no_iptables).then(|| args.fallback.resolve());
         let mut ebpf_obj = None;
-                let mut dataplanes = Dataplanes {
+        let mut dataplanes = Dataplanes {
             maps: None,
-            iptables: backend,
-            iptables_applied: None,
+            fallback,
+            ifaces: args.ifaces.clone(),
+            fallback_applied: None,
         };
         if !args.no_ebpf {
             let mut obj = ebpf::load_pinned()?;
@@ -103,9 +108,8 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
                 ebpf::attach(obj, iface, mode)?;
             }
         }
-        if let Some(backend) = backend {
-            iptables::ensure_jumps(backend, &args.ifaces)?;
-            iptables::remove_jumps(backend, &args.ifaces)?;
+                if let Some(fallback) = fallback {
+            fallback.hook(&args.ifaces)?;
         }
         // Take away what an earlier load installed and this one does not.
         for old in previous.interfaces.iter().filter(|o| args.no_ebpf || !args.ifaces.contains(&o.name)) {
@@ -114,8 +118,8 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         if args.no_ebpf && previous.ebpf {
             ebpf::remove_pins()?;
         }
-        if let Some(old) = previous.iptables.filter(|old| Some(*old) != backend) {
-            iptables::remove(old)?;
+                if let Some(old) = previous.fallback.filter(|old| Some(*old) != fallback) {
+            old.remove()?;
         }
         runtime::save_state(&State {
             interfaces: args
@@ -126,15 +130,15 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
                     mode,
                 })
                 .collect(),
-            ebpf: !args.no_ebpf,
-            iptables: backend,
+                        ebpf: !args.no_ebpf,
+            fallback,
         })?;
         let mut planes = Vec::new();
         if !args.no_ebpf {
             planes.push(format!("ebpf {mode:?}").to_lowercase());
         }
-        if let Some(b) = backend {
-            planes.push(format!("iptables {b:?}").to_lowercase());
+                if let Some(f) = fallback {
+            planes.push(f.name());
         }
                 println!(
             "dockwall: filter in force on {} ({}): {} published port(s), {} allowance(s), applied in {} ms",
@@ -177,9 +181,15 @@ fn dry_run(args: &LoadArgs, policy: &config::Policy) -> anyhow::Result<ExitCode>
             println!("{}/{} {}", e.port, e.proto, e.net);
         }
     }
-    if !args.no_iptables {
+    let scope = crate::policy::compile_scope(&bindings);
+    if !args.no_iptables && args.fallback.resolve() == fallback::Fallback::Nftables {
+        println!("\n# nft -f -");
+        print!(
+            "{}",
+            crate::nftables::compile(&entries, &scope, &args.ifaces)
+        );
+    } else if !args.no_iptables {
         let backend = iptables::Backend::detect();
-        let scope = crate::policy::compile_scope(&bindings);
         for family in iptables::Family::ALL {
             println!("\n# {} --noflush", backend.tool(family, "-restore"));
             print!("{}", iptables::compile(family, &entries, &scope));
@@ -284,8 +294,8 @@ async fn try_resync(
     }
     // Docker re-creates DOCKER-USER when it restarts, and appears after us
     // when it starts later: put our jumps (back) in place.
-    if let Some(backend) = dataplanes.iptables {
-        for repaired in iptables::ensure_jumps(backend, ifaces)? {
+    if let Some(fallback) = dataplanes.fallback {
+        for repaired in fallback.hook(ifaces)? {
             println!("dockwall: iptables jump (re)installed: {repaired}");
         }
     }

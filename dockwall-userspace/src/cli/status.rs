@@ -6,7 +6,7 @@ use clap::Args;
 use dockwall_common::stat;
 use serde::Serialize;
 
-use crate::{ebpf, iptables, policy::Binding, runtime};
+use crate::{ebpf, policy::Binding, runtime};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -43,10 +43,10 @@ struct Counters {
 }
 
 #[derive(Serialize)]
-struct Iptables {
-    backend: iptables::Backend,
+struct Fallback {
+    /// "iptables (nft)", "iptables (legacy)" or "nftables".
+    kind: String,
     in_force: bool,
-    families: Vec<iptables::Installed>,
 }
 
 #[derive(Serialize)]
@@ -55,8 +55,8 @@ struct Status {
     /// Whether the eBPF filter is installed at all (`load --no-ebpf`).
     ebpf: bool,
     interfaces: Vec<Iface>,
-    /// The iptables fallback; null when off (`load --no-iptables`).
-    iptables: Option<Iptables>,
+    /// The fallback dataplane; null when off (`load --no-iptables`).
+    fallback: Option<Fallback>,
     published: Vec<Published>,
     counters: Option<Counters>,
 }
@@ -74,18 +74,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
-    let iptables = state.iptables.map(|backend| {
-        let families = iptables::installed(backend, &names);
-        Iptables {
-            backend,
-            in_force: iptables::in_force(&families, &names),
-            families,
-        }
+    let fallback = state.fallback.map(|f| Fallback {
+        kind: f.name(),
+        in_force: f.in_force(&names),
     });
     let ebpf_ok = !state.ebpf || (pins && interfaces.iter().all(|i| i.attached));
-    let iptables_ok = iptables.as_ref().is_none_or(|i| i.in_force);
+    let fallback_ok = fallback.as_ref().is_none_or(|f| f.in_force);
     let in_force =
-        !interfaces.is_empty() && (state.ebpf || iptables.is_some()) && ebpf_ok && iptables_ok;
+        !interfaces.is_empty() && (state.ebpf || fallback.is_some()) && ebpf_ok && fallback_ok;
     let published = if !interfaces.is_empty() {
         runtime::published()?
     } else {
@@ -109,7 +105,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         in_force,
         ebpf: state.ebpf,
         interfaces,
-        iptables,
+        fallback,
         published: published.iter().map(published_row).collect(),
         counters,
     };
@@ -153,16 +149,16 @@ fn print_text(s: &Status) {
         };
         println!("  interface {} ({:?}): {state}", i.name, i.mode);
     }
-    match &s.iptables {
-        None if !s.interfaces.is_empty() => println!("  iptables fallback: off (--no-iptables)"),
+    match &s.fallback {
+        None if !s.interfaces.is_empty() => println!("  fallback: off (--no-iptables)"),
         None => {}
-        Some(ipt) => {
-            let state = if ipt.in_force {
+        Some(f) => {
+            let state = if f.in_force {
                 "in force"
             } else {
-                "INCOMPLETE (a chain or jump is missing)"
+                "INCOMPLETE (a chain, jump or table is missing)"
             };
-            println!("  iptables fallback ({:?}): {state}", ipt.backend);
+            println!("  fallback {}: {state}", f.kind);
         }
     }
     if !s.published.is_empty() {

@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::ExitCode};
 
-use crate::{ebpf, iptables, runtime};
+use crate::{ebpf, fallback, runtime};
 
 pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     super::require_root("unload")?;
@@ -27,13 +27,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         ebpf::detach(iface)?;
     }
     ebpf::remove_pins()?;
-    // The recorded backend, and the detected one in case the state is gone.
-    let mut backends = vec![iptables::Backend::detect()];
-    backends.extend(state.iptables);
-    backends.dedup();
-    for backend in backends {
-        iptables::remove(backend)?;
-    }
+    // The recorded fallback, and every other in case the state is gone.
+    fallback::remove_all(state.fallback)?;
     runtime::clear()?;
     if was_loaded {
         println!(
