@@ -94,6 +94,11 @@ fn contains(net: &str, ip: IpAddr) -> bool {
 }
 
 pub struct Matrix {
+    /// Replies to container egress per dataplane that did not come back.
+    pub egress_failures: Vec<String>,
+    /// Routed (transit) traffic to another host on a published port number:
+    /// (dataplane, got through) for each run.
+    pub transit: Vec<(&'static str, bool)>,
     pub cases: usize,
     pub blocked_expected: usize,
     /// Of those, how many got through with no dockwall (must be all of them,
@@ -224,23 +229,31 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
         let (code, _, err) = dw.run(&["allow", net, "--port", port])?;
         anyhow::ensure!(code == 0, "dockwall allow {net} --port {port}: {err}");
     }
-    let baseline = probe_all(&[a, b], &cases)?;
-    let ebpf = {
-        let _loaded = dw.load_with(&[&a.host_if, &b.host_if], &["--no-iptables"], None)?;
-        probe_all(&[a, b], &cases)?
+    let mut egress_failures = Vec::new();
+    let mut transit = Vec::new();
+    let mut run_plane = |plane: &'static str, flags: &[&str]| -> anyhow::Result<Vec<Outcome>> {
+        let _loaded = if flags.is_empty() {
+            None
+        } else {
+            Some(dw.load_with(&[&a.host_if, &b.host_if], flags, None)?)
+        };
+        let outcomes = probe_all(&[a, b], &cases)?;
+        egress_failures.extend(
+            container_egress(dockerd, a, b)
+                .into_iter()
+                .map(|e| format!("{plane}: {e}")),
+        );
+        transit.push((plane, transit_gets_through(a, b)?));
+        Ok(outcomes)
     };
-    let iptables = {
-        let flags = ["--no-ebpf", "--fallback", "iptables"];
-        let _loaded = dw.load_with(&[&a.host_if, &b.host_if], &flags, None)?;
-        probe_all(&[a, b], &cases)?
-    };
-    let nftables = {
-        let flags = ["--no-ebpf", "--fallback", "nftables"];
-        let _loaded = dw.load_with(&[&a.host_if, &b.host_if], &flags, None)?;
-        probe_all(&[a, b], &cases)?
-    };
+    let baseline = run_plane("baseline", &[])?;
+    let ebpf = run_plane("ebpf", &["--no-iptables"])?;
+    let iptables = run_plane("iptables", &["--no-ebpf", "--fallback", "iptables"])?;
+    let nftables = run_plane("nftables", &["--no-ebpf", "--fallback", "nftables"])?;
 
     let mut matrix = Matrix {
+        egress_failures,
+        transit,
         cases: cases.len(),
         blocked_expected: 0,
         blocked_open_in_baseline: 0,
@@ -279,6 +292,99 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
         }
     }
     Ok(matrix)
+}
+
+/// Replies to container egress must come back whatever the dataplane: a
+/// container's TCP connection out, and a container's UDP datagram that
+/// masquerading sends from source port 5353, itself a published UDP port.
+fn container_egress(dockerd: &Dockerd, a: &Client, b: &Client) -> Vec<String> {
+    let mut failures = Vec::new();
+    match a.http_server_once(8090, "egress-ok") {
+        Ok(server) => {
+            let request = format!(
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8090",
+                a.addr4
+            );
+            let got = dockerd.cli(&["exec", "web2", "/bin/busybox", "sh", "-c", &request]);
+            let _ = server.join();
+            if !got.as_deref().is_ok_and(|b| b.contains("egress-ok")) {
+                failures.push(format!("container TCP egress: {got:?}"));
+            }
+        }
+        Err(e) => failures.push(format!("TCP server: {e:#}")),
+    }
+    match b.udp_server(5300) {
+        Ok(server) => {
+            let got = dockerd.cli(&[
+                "exec",
+                "dns",
+                "/bin/udpecho",
+                "send",
+                &b.addr4,
+                "5300",
+                "5353",
+                "egress",
+            ]);
+            let seen = server.join().unwrap_or_default();
+            let from_5353 = seen.first().is_some_and(|s| s.port() == 5353);
+            if !(got.as_deref().is_ok_and(|r| r.contains("egress")) && from_5353) {
+                failures.push(format!(
+                    "container UDP egress from 5353: {got:?}, server saw {seen:?}"
+                ));
+            }
+        }
+        Err(e) => failures.push(format!("UDP server: {e:#}")),
+    }
+    failures
+}
+
+/// Whether a connection routed *through* this host, from client a to a
+/// server in client b on port 8081 (a published port number here), gets
+/// through. Client a's main address has no allowance for 8081.
+fn transit_gets_through(a: &Client, b: &Client) -> anyhow::Result<bool> {
+    // Docker's FORWARD policy is DROP: let a <-> b be routed (after Docker's
+    // DOCKER-USER jump, so dockwall's chain still sees it first).
+    let _forward = ForwardRules::add(&a.host_if, &b.host_if)?;
+    let server = b.http_server_once(8081, "transit")?;
+    let target = format!("{}:8081", b.addr4);
+    let got = a.http_get(&target);
+    if got.is_err() {
+        // Wake the server so it stops waiting.
+        let _ = b.exec(|| std::net::TcpStream::connect(("127.0.0.1", 8081)));
+    }
+    let _ = server.join();
+    Ok(got.is_ok_and(|body| body == "transit"))
+}
+
+/// FORWARD accepts between two interfaces, removed on drop.
+struct ForwardRules(Vec<Vec<String>>);
+
+impl ForwardRules {
+    fn add(x: &str, y: &str) -> anyhow::Result<Self> {
+        let rules: Vec<Vec<String>> = [(x, y), (y, x)]
+            .iter()
+            .map(|(i, o)| {
+                ["FORWARD", "-i", i, "-o", o, "-j", "ACCEPT"]
+                    .map(String::from)
+                    .to_vec()
+            })
+            .collect();
+        for rule in &rules {
+            crate::util::run(std::process::Command::new("iptables").arg("-A").args(rule))?;
+        }
+        Ok(ForwardRules(rules))
+    }
+}
+
+impl Drop for ForwardRules {
+    fn drop(&mut self) {
+        for rule in &self.0 {
+            let _ = std::process::Command::new("iptables")
+                .arg("-D")
+                .args(rule)
+                .output();
+        }
+    }
 }
 
 /// Adds source addresses 10.99.X.{v4} and fd99:X::{v6} to a client.
