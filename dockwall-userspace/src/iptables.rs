@@ -77,7 +77,22 @@ impl Backend {
         format!("{base}-{kind}{suffix}")
     }
 
-    /// The backend holding Docker's DOCKER-USER chain, if any has it.
+    /// The backend the system's `iptables` command is (what Docker runs).
+    pub fn system() -> Backend {
+        let legacy = Command::new("iptables")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("legacy"))
+            .unwrap_or(false);
+        if legacy {
+            Backend::Legacy
+        } else {
+            Backend::Nft
+        }
+    }
+
+    /// The backend holding Docker's DOCKER-USER chain, if any has it; the
+    /// system's own first, since stale chains may linger in the other.
     pub fn with_docker_user() -> Option<Backend> {
         let has_docker_user = |b: Backend| {
             Command::new(b.tool(Family::V4, ""))
@@ -87,20 +102,18 @@ impl Backend {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        [Backend::Nft, Backend::Legacy]
-            .into_iter()
-            .find(|b| has_docker_user(*b))
+        let system = Backend::system();
+        let other = if system == Backend::Nft {
+            Backend::Legacy
+        } else {
+            Backend::Nft
+        };
+        [system, other].into_iter().find(|b| has_docker_user(*b))
     }
 
-    /// The backend holding Docker's chains; else the system default.
+    /// The backend holding Docker's chains; else the system's.
     pub fn detect() -> Backend {
-        if let Some(backend) = Backend::with_docker_user() {
-            return backend;
-        }
-        match std::fs::read_link("/etc/alternatives/iptables") {
-            Ok(target) if target.to_string_lossy().contains("legacy") => Backend::Legacy,
-            _ => Backend::Nft,
-        }
+        Backend::with_docker_user().unwrap_or_else(Backend::system)
     }
 }
 

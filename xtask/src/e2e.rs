@@ -364,6 +364,7 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
     fallback_behaviour(r, &dw, &a, &b)?;
     scale(r, &dw, &a, &b)?;
     dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
+    iptables_legacy(r, &mut dockerd, &dw, &a, &b)?;
     r.expect(
         "at the end nothing of dockwall is left: no pins, rules, sets or tables",
         !std::path::Path::new("/sys/fs/bpf/dockwall").exists()
@@ -563,6 +564,56 @@ fn fallback_behaviour(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> 
     Ok(())
 }
 
+/// Docker on iptables-legacy: dockwall follows it (both dataplanes, and the
+/// legacy fallback alone), and unload leaves nothing there.
+fn iptables_legacy(
+    r: &mut Report,
+    dockerd: &mut Dockerd,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
+    dockerd.use_iptables_legacy(true)?;
+    dockerd.cli(&["start", "web1"])?;
+    let a8081 = format!("{}:8081", a.host4);
+    let b8081 = format!("{}:8081", b.host4);
+    for (what, flags) in [
+        ("legacy, both dataplanes", &[][..]),
+        (
+            "legacy fallback alone",
+            &["--no-ebpf", "--fallback", "iptables"][..],
+        ),
+    ] {
+        let loaded = dw.load_with(&[&a.host_if, &b.host_if], flags, None)?;
+        let (code, out, _) = dw.run(&["status"])?;
+        r.expect(
+            &format!("{what}: status in force on iptables (legacy)"),
+            code == 0 && out.contains("fallback iptables (legacy): in force"),
+            || out.clone(),
+        );
+        let rules =
+            crate::util::capture(Command::new("iptables-legacy").args(["-S", "DOCKER-USER"]))?;
+        r.expect(
+            &format!("{what}: jump in Docker's legacy DOCKER-USER"),
+            rules.contains("-j DOCKWALL-FWD"),
+            || rules.clone(),
+        );
+        r.check(
+            &format!("{what}: allowed source reaches web1"),
+            retry(|| http_is(a, &a8081, "web1")),
+        );
+        r.check(&format!("{what}: other source blocked"), blocked(b, &b8081));
+        drop(loaded);
+    }
+    r.expect(
+        "legacy: unload leaves no dockwall rule",
+        !iptables_has_dockwall(),
+        String::new,
+    );
+    dockerd.use_iptables_legacy(false)?;
+    Ok(())
+}
+
 fn ipsets_present() -> bool {
     output(Command::new("ipset").args(["list", "-n"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("dockwall-"))
@@ -575,7 +626,14 @@ fn nft_table_present() -> bool {
 }
 
 fn iptables_has_dockwall() -> bool {
-    ["iptables-save", "ip6tables-save"].iter().any(|tool| {
+    [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ]
+    .iter()
+    .any(|tool| {
         output(&mut Command::new(tool))
             .map(|o| String::from_utf8_lossy(&o.stdout).contains("DOCKWALL"))
             .unwrap_or(false)

@@ -37,6 +37,9 @@ pub struct Dockerd {
     /// Docker leaves its iptables chains and docker0 behind when it stops;
     /// we remove them only if they were not there before we started.
     created_docker_state: bool,
+    /// The `iptables` and `ip6tables` alternatives before we switched them
+    /// (restored on drop).
+    original_alternatives: Option<(String, String)>,
 }
 
 impl Dockerd {
@@ -61,6 +64,7 @@ impl Dockerd {
             child,
             socket,
             created_docker_state: !had_state,
+            original_alternatives: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !dockerd
@@ -113,6 +117,33 @@ impl Dockerd {
         self.stop();
         self.child = spawn_dockerd(&PathBuf::from(LAB_DIR).join("docker"))?;
         self.wait_ready()
+    }
+
+    /// Restarts dockerd with the system's iptables switched to legacy (true)
+    /// or back to what it was (false). Docker's chains are removed from the
+    /// backend it leaves, so no stale DNAT lingers there.
+    pub fn use_iptables_legacy(&mut self, legacy: bool) -> anyhow::Result<()> {
+        self.stop();
+        flush_docker_chains();
+        if legacy {
+            if self.original_alternatives.is_none() {
+                self.original_alternatives =
+                    Some((alternative("iptables")?, alternative("ip6tables")?));
+            }
+            set_alternative("iptables", "/usr/sbin/iptables-legacy")?;
+            set_alternative("ip6tables", "/usr/sbin/ip6tables-legacy")?;
+        } else {
+            self.restore_alternatives();
+        }
+        self.child = spawn_dockerd(&PathBuf::from(LAB_DIR).join("docker"))?;
+        self.wait_ready()
+    }
+
+    fn restore_alternatives(&mut self) {
+        if let Some((v4, v6)) = self.original_alternatives.take() {
+            let _ = set_alternative("iptables", &v4);
+            let _ = set_alternative("ip6tables", &v6);
+        }
     }
 
     fn remove_all(&self) {
@@ -186,17 +217,43 @@ impl Drop for Dockerd {
     fn drop(&mut self) {
         self.remove_all();
         self.stop();
+        if self.original_alternatives.is_some() {
+            // Docker ran on legacy last: clear that, then switch back.
+            flush_docker_chains();
+            self.restore_alternatives();
+        }
         if self.created_docker_state {
-            let _ = sh("for t in filter nat; do
-                  iptables -t $t -S | grep -E '^-A .*(DOCKER|docker0)' | sed 's/^-A/-D/' | while read -r r; do eval iptables -t $t $r; done
-                  for c in DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER; do iptables -t $t -F $c 2>/dev/null; iptables -t $t -X $c 2>/dev/null; done
-                done; ip link del docker0 2>/dev/null; true")
-            .output();
+            flush_docker_chains();
         }
         let _ = fs::remove_dir_all(PathBuf::from(LAB_DIR).join("docker"));
         // Last guard out (the others are dropped first) removes the lab dir.
         let _ = fs::remove_dir(LAB_DIR);
     }
+}
+
+/// Removes Docker's chains and rules from the system's iptables, and docker0,
+/// and undoes Docker's `FORWARD` policy DROP there: both backends hook
+/// netfilter, so a DROP policy left in the one Docker no longer uses would
+/// drop everything routed.
+fn flush_docker_chains() {
+    let _ = sh("iptables -P FORWARD ACCEPT; for t in filter nat; do
+          iptables -t $t -S | grep -E '^-A .*(DOCKER|docker0|br-[0-9a-f]{12})' | sed 's/^-A/-D/' | while read -r r; do eval iptables -t $t $r; done
+          for c in DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER; do iptables -t $t -F $c 2>/dev/null; iptables -t $t -X $c 2>/dev/null; done
+        done; ip link del docker0 2>/dev/null; true")
+    .output();
+}
+
+/// The current value of an alternative (`update-alternatives --query`).
+fn alternative(name: &str) -> anyhow::Result<String> {
+    let out = capture(Command::new("update-alternatives").args(["--query", name]))?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("Value: "))
+        .map(str::to_string)
+        .with_context(|| format!("no value for the {name} alternative"))
+}
+
+fn set_alternative(name: &str, path: &str) -> anyhow::Result<()> {
+    capture(Command::new("update-alternatives").args(["--set", name, path])).map(|_| ())
 }
 
 fn spawn_dockerd(dir: &std::path::Path) -> anyhow::Result<Child> {
