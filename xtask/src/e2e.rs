@@ -357,6 +357,7 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
     );
     drop(loaded);
 
+    foreign_rules_survive(r, &dw, &a, &b)?;
     netlink_path(r, &dw, &b, &b8081)?;
     docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
     bad_input(r, &dw, &b.host_if)?;
@@ -763,6 +764,53 @@ fn equivalence(
         "equivalence: every dataplane matches the policy on every case",
         m.mismatches_vs_policy.is_empty(),
         || m.mismatches_vs_policy.len().to_string(),
+    );
+    Ok(())
+}
+
+/// An admin's own rules in DOCKER-USER and INPUT, and their own ipset,
+/// are never touched by load, resyncs or unload.
+fn foreign_rules_survive(
+    r: &mut Report,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
+    let foreign = [
+        ["DOCKER-USER", "-s", "198.18.0.1/32", "-j", "RETURN"],
+        ["INPUT", "-s", "198.18.0.2/32", "-j", "ACCEPT"],
+    ];
+    for rule in &foreign {
+        crate::util::run(Command::new("iptables").arg("-I").args(rule))?;
+    }
+    crate::util::run(Command::new("ipset").args(["create", "admin-own", "hash:net"]))?;
+    let present = || {
+        foreign.iter().all(|rule| {
+            output(Command::new("iptables").arg("-C").args(rule)).is_ok_and(|o| o.status.success())
+        }) && output(Command::new("ipset").args(["list", "-n"])).is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == "admin-own")
+        })
+    };
+    let loaded = dw.load(&[&a.host_if, &b.host_if])?;
+    std::thread::sleep(Duration::from_millis(2500)); // at least one periodic resync
+    let while_loaded = present();
+    drop(loaded); // stops the daemon and unloads
+    let after_unload = present();
+    for rule in &foreign {
+        let _ = output(Command::new("iptables").arg("-D").args(rule));
+    }
+    let _ = output(Command::new("ipset").args(["destroy", "admin-own"]));
+    r.expect(
+        "an admin's own DOCKER-USER/INPUT rules and ipset survive load and resyncs",
+        while_loaded,
+        String::new,
+    );
+    r.expect(
+        "an admin's own DOCKER-USER/INPUT rules and ipset survive unload",
+        after_unload,
+        String::new,
     );
     Ok(())
 }
