@@ -37,46 +37,62 @@ struct FileFormat {
     allow: Vec<Record>,
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpanned {
+    #[serde(default)]
+    allow: Vec<toml::Spanned<Record>>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record {
     source: Source,
     #[serde(skip_serializing_if = "Option::is_none")]
-    port: Option<String>,
+    port: Option<PortProto>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    container: Option<String>,
+    container: Option<ContainerSpec>,
+    /// Free text for the admin: who, why, until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
 }
 
 impl Record {
-    fn into_allowance(self) -> Result<Allowance, String> {
+    fn into_allowance(self) -> Result<(Allowance, Option<String>), String> {
         let target = match (self.port, self.container) {
-            (Some(port), None) => Target::Port(port.parse::<PortProto>()?),
-            (None, Some(container)) => Target::Container(container.parse::<ContainerSpec>()?),
+            (Some(port), None) => Target::Port(port),
+            (None, Some(container)) => Target::Container(container),
             _ => return Err("each [[allow]] needs exactly one of 'port' or 'container'".into()),
         };
-        Ok(Allowance {
-            source: self.source,
-            target,
-        })
+        Ok((
+            Allowance {
+                source: self.source,
+                target,
+            },
+            self.comment,
+        ))
     }
 
-    fn from_allowance(a: &Allowance) -> Self {
+    fn from_allowance(a: &Allowance, comment: Option<&String>) -> Self {
         let (port, container) = match &a.target {
-            Target::Port(p) => (Some(p.to_string()), None),
-            Target::Container(c) => (None, Some(c.to_string())),
+            Target::Port(p) => (Some(*p), None),
+            Target::Container(c) => (None, Some(c.clone())),
         };
         Record {
             source: a.source,
             port,
             container,
+            comment: comment.cloned(),
         }
     }
 }
 
-/// The saved allowances, in the order they were added.
+/// The saved allowances, in the order they were added, with the admin's
+/// comments (kept across edits, never interpreted).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub allowances: Vec<Allowance>,
+    pub comments: std::collections::BTreeMap<Allowance, String>,
 }
 
 impl Policy {
@@ -93,6 +109,7 @@ impl Policy {
     pub fn remove(&mut self, allowance: &Allowance) -> bool {
         let before = self.allowances.len();
         self.allowances.retain(|a| a != allowance);
+        self.comments.remove(allowance);
         self.allowances.len() != before
     }
 }
@@ -102,36 +119,102 @@ pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
 }
 
-/// Reads the policy; a missing file is an empty policy.
+/// Reads and validates the policy; a missing file is an empty policy. A
+/// file that fails is refused whole, naming `FILE:LINE:COLUMN: reason`.
 pub fn load(path: &Path) -> anyhow::Result<Policy> {
+    check_ownership(path)?;
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Policy::default()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
 }
 
-fn parse(text: &str) -> Result<Policy, String> {
-    let file: FileFormat = toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))?;
-    let allowances = file
-        .allow
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.into_allowance()
-                .map_err(|e| format!("allowance #{}: {e}", i + 1))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Policy { allowances })
+/// `LINE:COLUMN` (1-based) of a byte offset.
+fn line_col(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    format!("{line}:{col}")
 }
 
-fn render(policy: &Policy) -> anyhow::Result<String> {
+/// Parses the file format; errors are `LINE:COLUMN: reason`.
+pub fn parse(text: &str) -> Result<Policy, String> {
+    let file: FileSpanned = toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map_or("1:1".to_string(), |s| line_col(text, s.start));
+        format!("{at}: {}", e.message().replace('\n', " "))
+    })?;
+    let mut policy = Policy::default();
+    // A set, not `Policy::add`: linear for 100k allowances, not quadratic.
+    let mut seen = std::collections::HashSet::new();
+    for spanned in file.allow {
+        // The position only on error: computing it scans the text.
+        let start = spanned.span().start;
+        let (allowance, comment) = spanned
+            .into_inner()
+            .into_allowance()
+            .map_err(|e| format!("{}: {e}", line_col(text, start)))?;
+        if let Some(comment) = comment {
+            policy.comments.insert(allowance.clone(), comment);
+        }
+        if seen.insert(allowance.clone()) {
+            policy.allowances.push(allowance);
+        }
+    }
+    Ok(policy)
+}
+
+/// Refuses a policy file (or its directory) that someone other than root
+/// could change: whoever can write it decides who reaches the containers.
+fn check_ownership(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(()); // reading as a user (list): nothing to protect here
+    }
+    for p in [
+        Some(path),
+        path.parent().filter(|p| !p.as_os_str().is_empty()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let Ok(meta) = fs::metadata(p) else { continue };
+        if meta.uid() != 0 {
+            bail!(
+                "{} is owned by uid {}, not root; anyone who can change it decides who gets in (run `chown root:root {}`)",
+                p.display(),
+                meta.uid(),
+                p.display()
+            );
+        }
+        // A sticky directory (like /tmp) lets others add files but not
+        // replace or remove root's; the file itself is checked too.
+        let sticky_dir = meta.is_dir() && meta.mode() & 0o1000 != 0;
+        if meta.mode() & 0o002 != 0 && !sticky_dir {
+            bail!(
+                "{} is writable by others (mode {:o}); anyone could change who gets in (run `chmod o-w {}`)",
+                p.display(),
+                meta.mode() & 0o7777,
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn render(policy: &Policy) -> anyhow::Result<String> {
     let file = FileFormat {
         allow: policy
             .allowances
             .iter()
-            .map(Record::from_allowance)
+            .map(|a| Record::from_allowance(a, policy.comments.get(a)))
             .collect(),
     };
     let body = toml::to_string(&file).context("serializing the policy")?;
@@ -231,7 +314,12 @@ mod tests {
         let err = parse("[[allow]]\nsource = \"10.0.0.1/8\"\nport = \"80\"\n").unwrap_err();
         assert!(err.contains("10.0.0.0/8"), "{err}");
         let err = parse("[[allow]]\nsource = \"any\"\n").unwrap_err();
-        assert!(err.contains("allowance #1"), "{err}");
+        assert!(
+            err.starts_with("1:1: each [[allow]] needs exactly one"),
+            "{err}"
+        );
+        let err = parse("[[allow]]\nsource = \"any\"\nport = \"80\"\n\n[[allow]]\nsource = \"any\"\nport = \"80/sctp\"\n").unwrap_err();
+        assert!(err.starts_with("7:8: ") && err.contains("sctp"), "{err}");
         let err = parse("[[allow]]\nsource = \"any\"\nport = \"99999\"\n").unwrap_err();
         assert!(err.contains("99999"), "{err}");
         assert!(parse("[[allow]]\nsource = \"any\"\nport = \"80\"\nextra = 1\n").is_err());

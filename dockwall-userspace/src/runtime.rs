@@ -19,6 +19,9 @@ use crate::{ebpf::AttachMode, policy::Binding};
 pub const DEFAULT_RUN_DIR: &str = "/run/dockwall";
 const STATE_FILE: &str = "state.json";
 const PUBLISHED_FILE: &str = "published.json";
+/// The policy in force: what was last applied to the dataplanes. The saved
+/// file may hold hand edits not applied yet (`dockwall reload` applies them).
+const APPLIED_FILE: &str = "applied.toml";
 const DAEMON_LOCK: &str = "load.lock";
 
 pub fn run_dir() -> PathBuf {
@@ -84,9 +87,31 @@ pub fn save_published(bindings: &[Binding]) -> anyhow::Result<()> {
     write(PUBLISHED_FILE, &bindings)
 }
 
+/// The policy in force, if dockwall applied one since boot.
+pub fn applied_policy() -> anyhow::Result<Option<crate::config::Policy>> {
+    let path = run_dir().join(APPLIED_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => crate::config::parse(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}:{e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub fn save_applied(policy: &crate::config::Policy) -> anyhow::Result<()> {
+    let dir = run_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(APPLIED_FILE);
+    let tmp = dir.join(format!(".{APPLIED_FILE}.{}", std::process::id()));
+    fs::write(&tmp, crate::config::render(policy)?)
+        .and_then(|()| fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Removes the runtime files (unload).
 pub fn clear() -> anyhow::Result<()> {
-    for name in [STATE_FILE, PUBLISHED_FILE] {
+    for name in [STATE_FILE, PUBLISHED_FILE, APPLIED_FILE] {
         let path = run_dir().join(name);
         match fs::remove_file(&path) {
             Ok(()) => {}

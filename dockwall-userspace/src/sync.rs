@@ -47,6 +47,8 @@ pub struct Dataplanes {
     /// What the fallback was last set to, so an unchanged policy is not
     /// rewritten on every resync (100k set members every 2 s otherwise).
     pub fallback_applied: Option<(BTreeSet<AllowEntry>, policy::Scope)>,
+    /// The policy last recorded as in force (same reason).
+    pub policy_applied: Option<Policy>,
 }
 
 impl Dataplanes {
@@ -66,6 +68,7 @@ impl Dataplanes {
             fallback: state.fallback,
             ifaces: state.interfaces.iter().map(|i| i.name.clone()).collect(),
             fallback_applied: None,
+            policy_applied: None,
         }))
     }
 }
@@ -111,6 +114,10 @@ pub fn apply(
     }
     if source == BindingsSource::Docker {
         runtime::save_published(bindings)?;
+    }
+    if dataplanes.policy_applied.as_ref() != Some(policy) {
+        runtime::save_applied(policy)?;
+        dataplanes.policy_applied = Some(policy.clone());
     }
     Ok(applied)
 }

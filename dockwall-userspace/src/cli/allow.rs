@@ -26,6 +26,9 @@ pub struct AllowArgs {
     /// Every port a container publishes, or the one publishing CONTAINER_PORT; repeatable
     #[arg(long = "container", value_name = "NAME[:CPORT[/PROTO]]")]
     pub containers: Vec<ContainerArg>,
+    /// A note saved with the allowance (who, why), shown by `list`
+    #[arg(long)]
+    pub comment: Option<String>,
 }
 
 macro_rules! arg_newtype {
@@ -119,6 +122,11 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         };
         if did {
             changed.push(allowance);
+        }
+        if action == Action::Allow
+            && let Some(comment) = &args.comment
+        {
+            policy.comments.insert(allowance.clone(), comment.clone());
         }
     }
     config::save(config_path, &policy, &lock)?;

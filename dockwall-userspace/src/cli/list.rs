@@ -20,6 +20,8 @@ struct Row {
     target: String,
     /// Published port/proto pairs the allowance covers now.
     resolves_to: Vec<String>,
+    /// The comment saved with it, if any.
+    comment: Option<String>,
     /// New connections let in by the kernel entries of this allowance
     /// (an entry shared by two allowances counts for both); null when not loaded.
     hits: Option<u64>,
@@ -34,12 +36,19 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let compiled = policy::compile_allowances(&policy.allowances, &bindings);
+    // Each allowance's kernel entries, inverted once (linear, not n x m).
+    let mut entries_of = vec![Vec::new(); policy.allowances.len()];
+    for (entry, owners) in policy::compile_allowances(&policy.allowances, &bindings) {
+        for owner in owners {
+            entries_of[owner].push(entry);
+        }
+    }
     let rows: Vec<Row> = policy
         .allowances
         .iter()
         .enumerate()
         .map(|(index, a)| Row {
+            comment: policy.comments.get(a).cloned(),
             source: a.source.to_string(),
             target: a.target.to_string(),
             // Only ports something publishes now: an allowance for a port
@@ -54,10 +63,9 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
                 .map(|p| p.to_string())
                 .collect(),
             hits: hits.as_ref().map(|hits| {
-                compiled
+                entries_of[index]
                     .iter()
-                    .filter(|(_, owners)| owners.contains(&index))
-                    .map(|(entry, _)| hits.get(entry).copied().unwrap_or(0))
+                    .map(|entry| hits.get(entry).copied().unwrap_or(0))
                     .sum()
             }),
         })
@@ -74,7 +82,7 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<22} {:<28} {:<24} {:>8}",
+        "{:<22} {:<28} {:<24} {:>8}  COMMENT",
         "SOURCE", "TARGET", "PUBLISHED NOW", "HITS"
     );
     for row in rows {
@@ -85,8 +93,12 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
         };
         let hits = row.hits.map_or("-".to_string(), |h| h.to_string());
         println!(
-            "{:<22} {:<28} {:<24} {:>8}",
-            row.source, row.target, now, hits
+            "{:<22} {:<28} {:<24} {:>8}  {}",
+            row.source,
+            row.target,
+            now,
+            hits,
+            row.comment.as_deref().unwrap_or("")
         );
     }
     Ok(ExitCode::SUCCESS)

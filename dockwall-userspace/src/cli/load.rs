@@ -88,7 +88,8 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             maps: None,
             fallback,
             ifaces: args.ifaces.clone(),
-            fallback_applied: None,
+                        fallback_applied: None,
+            policy_applied: None,
         };
         if !args.no_ebpf {
             let mut obj = ebpf::load_pinned()?;
@@ -237,6 +238,7 @@ async fn follow(
 ) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(RESYNC_INTERVAL);
     let mut events = None;
     loop {
@@ -254,7 +256,8 @@ async fn follow(
         };
         tokio::select! {
             _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+                        _ = sigterm.recv() => break,
+            _ = sighup.recv() => reload(config_path, dataplanes).await,
             _ = tick.tick() => resync(config_path, dataplanes, ifaces).await,
             item = event => match item {
                 Some(Ok(_)) => {
@@ -276,6 +279,26 @@ async fn resync(config_path: &Path, dataplanes: &mut Dataplanes, ifaces: &[Strin
     }
 }
 
+/// SIGHUP: apply the saved file as it is now; a file that fails is refused
+/// whole and the policy in force stays.
+async fn reload(config_path: &Path, dataplanes: &mut Dataplanes) {
+    let result = async {
+        let (bindings, source, _) = sync::bindings().await;
+        let _lock = config::lock(config_path)?;
+        let policy = config::load(config_path)?;
+        sync::apply(dataplanes, &policy, &bindings, source)?;
+        anyhow::Ok(policy.allowances.len())
+    }
+    .await;
+    match result {
+        Ok(n) => println!(
+            "dockwall: reloaded {}: {n} allowance(s) in force",
+            config_path.display()
+        ),
+        Err(e) => eprintln!("dockwall: reload refused, the policy in force is unchanged: {e:#}"),
+    }
+}
+
 async fn try_resync(
     config_path: &Path,
     dataplanes: &mut Dataplanes,
@@ -283,7 +306,11 @@ async fn try_resync(
 ) -> anyhow::Result<()> {
     let (bindings, source, _) = sync::bindings().await;
     let _lock = config::lock(config_path)?;
-    let policy = config::load(config_path)?;
+    // The policy in force, not the file: a hand edit waits for `reload`.
+    let policy = match runtime::applied_policy()? {
+        Some(policy) => policy,
+        None => config::load(config_path)?,
+    };
     let applied = sync::apply(dataplanes, &policy, &bindings, source)?;
     let (p, a) = (applied.published, applied.allow);
     if p.added + p.removed + a.added + a.removed > 0 {

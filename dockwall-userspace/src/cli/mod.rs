@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod allow;
 mod list;
 mod load;
+mod reload;
 mod status;
 mod unload;
 
@@ -21,7 +22,8 @@ Examples:
   sudo dockwall allow 203.0.113.7 --port 8081          one address to published port 8081/tcp
   sudo dockwall allow 198.51.100.0/24 --port 5353/udp  a network to a UDP port
   sudo dockwall allow any --container web              everyone to every port `web` publishes
-  sudo dockwall revoke 203.0.113.7 --port 8081
+    sudo dockwall revoke 203.0.113.7 --port 8081
+  sudo dockwall reload                                 apply a hand edit of the saved file
   dockwall list
   dockwall status --json
   sudo dockwall unload                                 detach; saved allowances stay
@@ -53,6 +55,8 @@ pub enum Command {
     Allow(AllowArgs),
     /// Remove an allowance given with the same arguments as `allow`
     Revoke(AllowArgs),
+    /// Apply the saved file after a hand edit (refused whole if it fails; SIGHUP to `load` does the same)
+    Reload,
     /// Show the saved allowances, what each resolves to now, and hit counters
     List(ListArgs),
     /// Show whether the filter is in force (exit 0 only then), interfaces, ports, counters
@@ -67,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => load::run(&config, args),
         Command::Allow(args) => allow::run(&config, args, allow::Action::Allow),
         Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke),
+        Command::Reload => reload::run(&config),
         Command::List(args) => list::run(&config, args),
         Command::Status(args) => status::run(args),
         Command::Unload => unload::run(&config),
