@@ -155,6 +155,12 @@ fn attach_tcx(
     direction: &str,
 ) -> anyhow::Result<()> {
     let pin = link_pin(iface, direction);
+    // A pinned link that no longer attaches anything (detached by hand, or
+    // its interface was re-created) is dropped and attached afresh.
+    if direction == "ingress" && pin.exists() && !attached(iface, AttachMode::Tcx) {
+        let _ = std::fs::remove_file(&pin);
+        let _ = std::fs::remove_file(link_pin(iface, "egress"));
+    }
     match PinnedLink::from_pin(&pin) {
         Ok(old) => {
             let link = SchedClassifierLink::try_from(FdLink::from(old))
@@ -291,6 +297,42 @@ pub fn remove_pins() -> anyhow::Result<()> {
 
 pub fn pins_present() -> bool {
     ALL_MAPS.iter().all(|m| map_pin(m).exists())
+}
+
+/// A second handle on every pinned map, kept by the daemon so it can pin a
+/// map again if someone removes its pin (the maps themselves live on while
+/// the program uses them).
+pub struct PinKeeper(Vec<(&'static str, MapData)>);
+
+impl PinKeeper {
+    /// Opens every map from its pin; call right after [`load_pinned`].
+    pub fn open() -> anyhow::Result<Self> {
+        ALL_MAPS
+            .iter()
+            .map(|name| {
+                let path = map_pin(name);
+                MapData::from_pin(&path)
+                    .map(|data| (*name, data))
+                    .with_context(|| format!("opening {} (BPF_OBJ_GET)", path.display()))
+            })
+            .collect::<anyhow::Result<_>>()
+            .map(PinKeeper)
+    }
+
+    /// Pins again every map whose pin is gone; returns their names.
+    pub fn repin(&self) -> anyhow::Result<Vec<&'static str>> {
+        std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
+        let mut repinned = Vec::new();
+        for (name, data) in &self.0 {
+            let path = map_pin(name);
+            if !path.exists() {
+                data.pin(&path)
+                    .with_context(|| format!("re-pinning {} (BPF_OBJ_PIN)", path.display()))?;
+                repinned.push(*name);
+            }
+        }
+        Ok(repinned)
+    }
 }
 
 /// The maps userspace writes and reads.

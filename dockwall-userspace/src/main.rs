@@ -16,10 +16,16 @@ fn main() -> ExitCode {
             ) {
                 e.exit();
             }
-            // One line naming the value and the reason; usage is in --help.
+            // One line naming the value and the reason (clap's first
+            // paragraph, joined); usage is in --help.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("dockwall: {}", first.trim_start_matches("error: ").trim());
+            let first: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = first.join(" ");
+            eprintln!("dockwall: {}", line.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };

@@ -45,6 +45,29 @@ pub struct State {
     /// The fallback dataplane that is installed, if any.
     #[serde(default)]
     pub fallback: Option<crate::fallback::Fallback>,
+    /// Drift the daemon found and repaired, newest last ("<unix time> what").
+    #[serde(default)]
+    pub repairs: Vec<String>,
+}
+
+/// How many repairs `status` keeps showing.
+const REPAIRS_KEPT: usize = 20;
+
+/// Records repaired drift for `status`.
+pub fn record_repairs(what: &[String]) -> anyhow::Result<()> {
+    if what.is_empty() {
+        return Ok(());
+    }
+    let mut state = state()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    state
+        .repairs
+        .extend(what.iter().map(|w| format!("{now} {w}")));
+    let excess = state.repairs.len().saturating_sub(REPAIRS_KEPT);
+    state.repairs.drain(..excess);
+    save_state(&state)
 }
 
 fn read<T: DeserializeOwned + Default>(name: &str) -> anyhow::Result<T> {

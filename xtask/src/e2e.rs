@@ -16,13 +16,13 @@ use crate::{
 
 /// Results of named checks.
 #[derive(Default)]
-struct Report {
+pub(crate) struct Report {
     passed: usize,
     failed: Vec<String>,
 }
 
 impl Report {
-    fn check(&mut self, name: &str, result: anyhow::Result<()>) {
+    pub(crate) fn check(&mut self, name: &str, result: anyhow::Result<()>) {
         match result {
             Ok(()) => {
                 self.passed += 1;
@@ -35,7 +35,7 @@ impl Report {
         }
     }
 
-    fn expect(&mut self, name: &str, ok: bool, detail: impl FnOnce() -> String) {
+    pub(crate) fn expect(&mut self, name: &str, ok: bool, detail: impl FnOnce() -> String) {
         let result = if ok {
             Ok(())
         } else {
@@ -361,6 +361,7 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
     netlink_path(r, &dw, &b, &b8081)?;
     docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
     bad_input(r, &dw, &b.host_if)?;
+    crate::durability::run(r, &dockerd, &dw, &a, &b)?;
     equivalence(r, &dockerd, &dw, &a, &b)?;
     fallback_behaviour(r, &dw, &a, &b)?;
     scale(r, &dw, &a, &b)?;
@@ -993,7 +994,7 @@ fn bad_input(r: &mut Report, dw: &Dockwall, iface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn http_is(c: &Client, addr: &str, want: &str) -> anyhow::Result<()> {
+pub(crate) fn http_is(c: &Client, addr: &str, want: &str) -> anyhow::Result<()> {
     let body = c.http_get(addr)?;
     if body != want {
         bail!("{addr} answered {body:?}, expected {want:?}");
@@ -1001,14 +1002,14 @@ fn http_is(c: &Client, addr: &str, want: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connects(c: &Client, addr: &str) -> anyhow::Result<()> {
+pub(crate) fn connects(c: &Client, addr: &str) -> anyhow::Result<()> {
     if !c.tcp_connects(addr)? {
         bail!("{} could not connect to {addr}", c.ns);
     }
     Ok(())
 }
 
-fn blocked(c: &Client, addr: &str) -> anyhow::Result<()> {
+pub(crate) fn blocked(c: &Client, addr: &str) -> anyhow::Result<()> {
     if c.tcp_connects(addr)? {
         bail!("{} connected to {addr}", c.ns);
     }
@@ -1030,7 +1031,7 @@ fn udp_blocked(c: &Client, addr: &str) -> anyhow::Result<()> {
     }
 }
 
-fn retry(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+pub(crate) fn retry(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match f() {

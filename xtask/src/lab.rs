@@ -528,6 +528,15 @@ impl Dockwall {
         cmd
     }
 
+    /// Runs a dockwall command that must succeed.
+    pub fn ok(&self, args: &[&str]) -> anyhow::Result<()> {
+        let (code, out, err) = self.run(args)?;
+        if code != 0 {
+            bail!("dockwall {}: exit {code}: {out}{err}", args.join(" "));
+        }
+        Ok(())
+    }
+
     /// Runs a dockwall command: (exit code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
         let out = output(&mut self.cmd(args))?;
@@ -562,19 +571,26 @@ impl Dockwall {
         }
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .context("spawning dockwall load")?;
         let stdout = child.stdout.take().context("dockwall load stdout")?;
+        let stderr = child.stderr.take().context("dockwall load stderr")?;
         let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        let sink = Arc::clone(&lines);
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(mut l) = sink.lock() {
-                    l.push(line);
+        // Both streams into one log the tests can read.
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let sink = Arc::clone(&lines);
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Ok(mut l) = sink.lock() {
+                        l.push(line);
+                    }
                 }
-            }
-        });
+            });
+        }
         let loaded = Loaded {
             child,
             lines,
@@ -620,6 +636,20 @@ impl Loaded {
 
     pub fn output(&self) -> Vec<String> {
         self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    /// SIGKILL, like a crash: nothing of the daemon's own cleanup runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM and wait: the daemon exits, the filter stays.

@@ -4,6 +4,7 @@
 //! `test` and `demo` run first (each step is skipped when already done).
 
 mod demo;
+mod durability;
 mod e2e;
 mod equivalence;
 mod lab;

@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "ipset",
     "nftables",
+    "bpftool",
     "busybox-static",
     "iproute2",
     "gcc",

@@ -133,6 +133,7 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
                 .collect(),
                         ebpf: !args.no_ebpf,
             fallback,
+            repairs: Vec::new(),
         })?;
         let mut planes = Vec::new();
         if !args.no_ebpf {
@@ -149,7 +150,15 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             policy.allowances.len(),
             apply_time.as_millis()
         );
-        follow(config_path, &mut dataplanes, &args.ifaces).await
+        let mut kernel = match ebpf_obj.as_mut() {
+            Some(obj) => Some(Kernel {
+                obj,
+                pins: ebpf::PinKeeper::open()?,
+                mode,
+            }),
+            None => None,
+        };
+        follow(config_path, &mut dataplanes, &args.ifaces, kernel.as_mut()).await
     })
 }
 
@@ -235,6 +244,7 @@ async fn follow(
     config_path: &Path,
     dataplanes: &mut Dataplanes,
     ifaces: &[String],
+    mut kernel: Option<&mut Kernel<'_>>,
 ) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -246,7 +256,7 @@ async fn follow(
             && let Ok(docker) = crate::docker::connect().await
         {
             events = Some(Box::pin(crate::docker::events(&docker)));
-            resync(config_path, dataplanes, ifaces).await;
+            resync(config_path, dataplanes, ifaces, kernel.as_deref_mut()).await;
         }
         let event = async {
             match events.as_mut() {
@@ -258,11 +268,11 @@ async fn follow(
             _ = sigint.recv() => break,
                         _ = sigterm.recv() => break,
             _ = sighup.recv() => reload(config_path, dataplanes).await,
-            _ = tick.tick() => resync(config_path, dataplanes, ifaces).await,
+            _ = tick.tick() => resync(config_path, dataplanes, ifaces, kernel.as_deref_mut()).await,
             item = event => match item {
                 Some(Ok(_)) => {
                     tokio::time::sleep(EVENT_DEBOUNCE).await;
-                    resync(config_path, dataplanes, ifaces).await;
+                    resync(config_path, dataplanes, ifaces, kernel.as_deref_mut()).await;
                 }
                 // Docker went away: keep the rules as they are, reconnect.
                 Some(Err(_)) | None => events = None,
@@ -273,8 +283,13 @@ async fn follow(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn resync(config_path: &Path, dataplanes: &mut Dataplanes, ifaces: &[String]) {
-    if let Err(e) = try_resync(config_path, dataplanes, ifaces).await {
+async fn resync(
+    config_path: &Path,
+    dataplanes: &mut Dataplanes,
+    ifaces: &[String],
+    kernel: Option<&mut Kernel<'_>>,
+) {
+    if let Err(e) = try_resync(config_path, dataplanes, ifaces, kernel).await {
         eprintln!("dockwall: resync failed, keeping the rules in force: {e:#}");
     }
 }
@@ -303,6 +318,7 @@ async fn try_resync(
     config_path: &Path,
     dataplanes: &mut Dataplanes,
     ifaces: &[String],
+    kernel: Option<&mut Kernel<'_>>,
 ) -> anyhow::Result<()> {
     let (bindings, source, _) = sync::bindings().await;
     let _lock = config::lock(config_path)?;
@@ -311,7 +327,27 @@ async fn try_resync(
         Some(policy) => policy,
         None => config::load(config_path)?,
     };
+    let fallback_missing = dataplanes.fallback.is_some_and(|f| !f.present());
     let applied = sync::apply(dataplanes, &policy, &bindings, source)?;
+    let mut repaired = Vec::new();
+    if let Some(f) = dataplanes.fallback.filter(|_| fallback_missing) {
+        repaired.push(format!("{} rules were missing: restored", f.name()));
+    }
+    if let Some(kernel) = kernel {
+        for name in kernel.pins.repin()? {
+            repaired.push(format!("pin of map {name} was removed: pinned again"));
+        }
+        for iface in ifaces {
+            // An interface that is gone cannot be repaired until it returns.
+            let exists = Path::new("/sys/class/net").join(iface).exists();
+            if exists && !ebpf::attached(iface, kernel.mode) {
+                ebpf::attach(kernel.obj, iface, kernel.mode)?;
+                repaired.push(format!(
+                    "eBPF filter was not attached to {iface}: attached again"
+                ));
+            }
+        }
+    }
     let (p, a) = (applied.published, applied.allow);
     if p.added + p.removed + a.added + a.removed > 0 {
         println!(
@@ -322,9 +358,19 @@ async fn try_resync(
     // Docker re-creates DOCKER-USER when it restarts, and appears after us
     // when it starts later: put our jumps (back) in place.
     if let Some(fallback) = dataplanes.fallback {
-        for repaired in fallback.hook(ifaces)? {
-            println!("dockwall: iptables jump (re)installed: {repaired}");
+        for jump in fallback.hook(ifaces)? {
+            repaired.push(format!("iptables jump was missing: {jump}"));
         }
     }
-    Ok(())
+    for what in &repaired {
+        println!("dockwall: repaired drift: {what}");
+    }
+    runtime::record_repairs(&repaired)
+}
+
+/// What the daemon needs to repair the eBPF side.
+struct Kernel<'a> {
+    obj: &'a mut aya::Ebpf,
+    pins: ebpf::PinKeeper,
+    mode: AttachMode,
 }

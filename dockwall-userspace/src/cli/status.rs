@@ -59,6 +59,8 @@ struct Status {
     fallback: Option<Fallback>,
     published: Vec<Published>,
     counters: Option<Counters>,
+    /// Drift the daemon found and repaired ("<unix time> what"), newest last.
+    repairs: Vec<String>,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -106,6 +108,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         ebpf: state.ebpf,
         interfaces,
         fallback,
+        repairs: state.repairs.clone(),
         published: published.iter().map(published_row).collect(),
         counters,
     };
@@ -168,6 +171,12 @@ fn print_text(s: &Status) {
                 "  {:<20} {}:{} -> {}/{}",
                 p.container, p.host_ip, p.host_port, p.container_port, p.proto
             );
+        }
+    }
+    if !s.repairs.is_empty() {
+        println!("drift repaired by the daemon (unix time, what):");
+        for r in &s.repairs {
+            println!("  {r}");
         }
     }
     if let Some(c) = &s.counters {
