@@ -395,6 +395,11 @@ fn bad_inputs_while_loaded(r: &mut Report, dw: &Dockwall, a: &Client) -> anyhow:
             vec!["--config", "/run", "list"],
             "/run",
         ),
+        (
+            "reload of a missing config",
+            vec!["--config", "/run/dockwall-lab/none.toml", "reload"],
+            "none.toml",
+        ),
     ];
     let docker_cases: Vec<(&str, &str, &str)> = vec![
         (

@@ -63,6 +63,12 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     }
     config::check_readable(config_path)?;
     let policy = config::load(config_path)?;
+    if !config_path.exists() {
+        eprintln!(
+            "dockwall: no saved allowances at {} (no such file): every new connection to a published port will be dropped until you `dockwall allow`",
+            config_path.display()
+        );
+    }
     if args.dry_run {
         return dry_run(&args, &policy);
     }

@@ -12,6 +12,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     super::require_root("reload")?;
     config::check_readable(config_path)?;
     let rt = super::runtime()?;
+    // A missing file would read as "no allowances" and lock everyone out:
+    // that must be said with an empty file, not by accident.
+    if !config_path.exists() {
+        anyhow::bail!(
+            "{} does not exist; refused, the policy in force is unchanged (to remove every allowance, write an empty file)",
+            config_path.display()
+        );
+    }
     let lock = config::lock(config_path)?;
     let policy = config::load(config_path).context("refused; the policy in force is unchanged")?;
     match sync::Dataplanes::installed()? {
