@@ -3,6 +3,9 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("CARGO_FEATURE_EMBED_EBPF").is_none() {
+        return Ok(());
+    }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
     let ebpf_dir = std::path::Path::new(&manifest_dir)
         .parent()

@@ -39,8 +39,15 @@ const NETLINK_HANDLE: u32 = 0xd0c;
 const NETLINK_PRIORITY: u16 = 1;
 
 /// The compiled eBPF object, embedded at build time.
+#[cfg(feature = "embed-ebpf")]
 pub fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dockwall"))
+}
+
+/// Built without the object (the fuzz targets): nothing to load.
+#[cfg(not(feature = "embed-ebpf"))]
+pub fn object() -> &'static [u8] {
+    &[]
 }
 
 /// How the classifiers are attached.

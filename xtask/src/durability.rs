@@ -192,6 +192,14 @@ fn hand_edits(
         code != 0 && err.contains("writable by others"),
         || err.clone(),
     );
+    std::os::unix::fs::chown(&dw.config, Some(65534), None)?;
+    let (code, _, err) = dw.run(&["reload"])?;
+    std::os::unix::fs::chown(&dw.config, Some(0), None)?;
+    r.expect(
+        "a config not owned by root is refused",
+        code != 0 && err.contains("owned by uid 65534"),
+        || err.clone(),
+    );
     Ok(())
 }
 

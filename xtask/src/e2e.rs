@@ -49,6 +49,7 @@ pub fn run_all() -> anyhow::Result<()> {
     let mut report = Report::default();
     lint(&mut report);
     let (cargo_passed, cargo_failed) = cargo_tests(&mut report)?;
+    fuzz(&mut report);
     match end_to_end(&mut report) {
         Ok(()) => {}
         Err(e) => report.check("end-to-end setup", Err(e)),
@@ -63,6 +64,33 @@ pub fn run_all() -> anyhow::Result<()> {
         bail!("{failed} test(s) failed");
     }
     Ok(())
+}
+
+/// Seconds each fuzz target runs in the suite (longer by hand:
+/// `cd dockwall-userspace && cargo +nightly fuzz run TARGET`).
+const FUZZ_SECONDS: u32 = 20;
+
+/// The userspace parsers under libFuzzer with AddressSanitizer.
+fn fuzz(report: &mut Report) {
+    for target in ["policy_values", "config_file", "allow_key"] {
+        let result = util::run(
+            Command::new("cargo")
+                .current_dir(util::root().join("dockwall-userspace"))
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    target,
+                    "--",
+                    "-rss_limit_mb=4096",
+                ])
+                .arg(format!("-max_total_time={FUZZ_SECONDS}")),
+        );
+        report.check(
+            &format!("fuzz {target} for {FUZZ_SECONDS} s: no crash, no failed assertion"),
+            result,
+        );
+    }
 }
 
 fn lint(report: &mut Report) {

@@ -30,7 +30,17 @@ pub fn run() -> anyhow::Result<()> {
     apt()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()
+}
+
+/// cargo-fuzz runs the fuzz targets of the userspace parsers.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("setup: cargo install cargo-fuzz");
+    util::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn apt() -> anyhow::Result<()> {
