@@ -9,6 +9,8 @@
 /// Program names, as the kernel and the ELF object know them (max 15 bytes).
 pub const PROG_INGRESS: &str = "dw_ingress";
 pub const PROG_EGRESS: &str = "dw_egress";
+/// Does nothing; never attached. The benchmark's cost floor.
+pub const PROG_NOOP: &str = "dw_noop";
 
 /// Map names (max 15 bytes: the kernel truncates object names to 16 with NUL).
 pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
@@ -151,7 +153,10 @@ mod tests {
 
     #[test]
     fn names_fit_the_kernel() {
-        for name in ALL_MAPS.iter().chain([PROG_INGRESS, PROG_EGRESS].iter()) {
+        for name in ALL_MAPS
+            .iter()
+            .chain([PROG_INGRESS, PROG_EGRESS, PROG_NOOP].iter())
+        {
             assert!(
                 name.len() <= 15,
                 "{name} is longer than BPF_OBJ_NAME_LEN - 1"

@@ -50,6 +50,7 @@ pub fn run_all() -> anyhow::Result<()> {
     lint(&mut report);
     let (cargo_passed, cargo_failed) = cargo_tests(&mut report)?;
     fuzz(&mut report);
+    bench_quick(&mut report);
     match end_to_end(&mut report) {
         Ok(()) => {}
         Err(e) => report.check("end-to-end setup", Err(e)),
@@ -91,6 +92,24 @@ fn fuzz(report: &mut Report) {
             result,
         );
     }
+}
+
+/// The benchmark's quick mode, so it cannot rot: it runs, checks every
+/// verdict it measures, and writes its three outputs.
+fn bench_quick(report: &mut Report) {
+    let result = util::bench(true).and_then(|out| {
+        let json = std::fs::read_to_string(out.join("results.json"))?;
+        let rows: serde_json::Value = serde_json::from_str(&json)?;
+        let n = rows["rows"].as_array().map_or(0, |r| r.len());
+        if n < 12 || !out.join("classifier.svg").exists() || !out.join("results.md").exists() {
+            bail!("{n} rows in {}", out.display());
+        }
+        Ok(())
+    });
+    report.check(
+        "benchmark quick mode runs and writes JSON, markdown and SVG",
+        result,
+    );
 }
 
 fn lint(report: &mut Report) {

@@ -32,6 +32,12 @@ enum Task {
     Test,
     /// Setup, build, then a self-contained demo: local dockerd, a container, an outside client
     Demo,
+    /// Setup, then the classifier benchmark (BPF_PROG_TEST_RUN): results in bench/
+    Bench {
+        /// Small counts and few repeats (what CI runs), results in target/bench-quick
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
         Task::Demo => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),
+        Task::Bench { quick } => setup::run().and_then(|()| util::bench(quick).map(|_| ())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -55,6 +55,32 @@ pub fn sh(script: &str) -> Command {
     cmd
 }
 
+/// Runs the classifier benchmark; returns the folder with its results.
+pub fn bench(quick: bool) -> anyhow::Result<PathBuf> {
+    let out = if quick {
+        root().join("target/bench-quick")
+    } else {
+        root().join("bench")
+    };
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .args([
+            "bench",
+            "--package",
+            "dockwall-userspace",
+            "--bench",
+            "classifier",
+            "--",
+        ])
+        .arg("--out")
+        .arg(&out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)?;
+    Ok(out)
+}
+
 pub fn build_release() -> anyhow::Result<()> {
     run(Command::new("cargo").current_dir(root()).args([
         "build",

@@ -1,0 +1,414 @@
+//! Per-packet cost of the dockwall classifier, measured in the kernel with
+//! BPF_PROG_TEST_RUN against a no-op tc program loaded in the same run.
+//!
+//! Cases: an allowed new connection, a dropped one, and a packet not in
+//! scope; IPv4 and IPv6; allowance maps of 10 .. 100k (1M in the full run)
+//! entries, either all /32 (/128) or a mix of prefix lengths. Each figure is
+//! the median of several runs of `repeat` executions (the kernel reports the
+//! mean per execution). Every verdict is checked, so the benchmark cannot
+//! silently measure the wrong path.
+//!
+//!   cargo bench -p dockwall-userspace --bench classifier -- [--quick] --out DIR
+//!
+//! writes DIR/results.json, DIR/results.md and DIR/classifier.svg.
+
+use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use dockwall_common::{PROG_INGRESS, PROG_NOOP};
+use dockwall_userspace::{
+    ebpf::{self, Maps},
+    policy::{self, AllowEntry, Binding, Proto},
+};
+use ipnet::IpNet;
+
+const PASS: u32 = u32::MAX;
+const DROP: u32 = 2;
+
+struct Config {
+    quick: bool,
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    Hosts,
+    Cidrs,
+}
+
+impl Mix {
+    fn name(self, v6: bool) -> &'static str {
+        match (self, v6) {
+            (Mix::Hosts, false) => "/32",
+            (Mix::Hosts, true) => "/128",
+            (Mix::Cidrs, _) => "CIDR mix",
+        }
+    }
+}
+
+struct Row {
+    family: &'static str,
+    mix: &'static str,
+    allowances: usize,
+    memlock_bytes: u64,
+    noop_ns: f64,
+    allowed_ns: f64,
+    dropped_ns: f64,
+    out_of_scope_ns: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("bench"));
+    let config = Config { quick, out };
+    let (repeat, runs, counts): (u32, usize, Vec<usize>) = if config.quick {
+        (20_000, 3, vec![10, 1_000, 100_000])
+    } else {
+        (
+            1_000_000,
+            5,
+            vec![10, 100, 1_000, 10_000, 100_000, 1_000_000],
+        )
+    };
+    let mut rows = Vec::new();
+    for v6 in [false, true] {
+        for mix in [Mix::Hosts, Mix::Cidrs] {
+            for &n in &counts {
+                let row = measure(v6, mix, n, repeat, runs).with_context(|| {
+                    format!("{} {} {n}", if v6 { "IPv6" } else { "IPv4" }, mix.name(v6))
+                })?;
+                eprintln!(
+                    "{:<5} {:<9} {:>8} allowances: noop {:>5.1} ns, allowed {:>5.1}, dropped {:>5.1}, out of scope {:>5.1} ns; map {} KiB",
+                    row.family,
+                    row.mix,
+                    row.allowances,
+                    row.noop_ns,
+                    row.allowed_ns,
+                    row.dropped_ns,
+                    row.out_of_scope_ns,
+                    row.memlock_bytes / 1024
+                );
+                rows.push(row);
+            }
+        }
+    }
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("creating {}", config.out.display()))?;
+    let mode = if config.quick { "quick" } else { "full" };
+    write(
+        &config.out.join("results.json"),
+        &json(&rows, repeat, runs, mode),
+    )?;
+    write(
+        &config.out.join("results.md"),
+        &markdown(&rows, repeat, runs, mode),
+    )?;
+    write(&config.out.join("classifier.svg"), &svg(&rows))?;
+    println!(
+        "wrote {}/results.json, results.md, classifier.svg",
+        config.out.display()
+    );
+    Ok(())
+}
+
+fn write(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The allowance entries of one configuration: `n` entries that never cover
+/// the dropped source, plus the one that lets the allowed source in.
+fn entries(v6: bool, mix: Mix, n: usize) -> BTreeSet<AllowEntry> {
+    let prefixes: &[u8] = match (mix, v6) {
+        (Mix::Hosts, false) => &[32],
+        (Mix::Hosts, true) => &[128],
+        (Mix::Cidrs, false) => &[16, 20, 24, 28, 32],
+        (Mix::Cidrs, true) => &[48, 56, 64, 96, 128],
+    };
+    let mut set = BTreeSet::new();
+    let mut i: u64 = 0;
+    while set.len() < n {
+        let len = prefixes[(i % prefixes.len() as u64) as usize];
+        // v4: 32.0.0.0/4 and up, spaced 256 apart; v6: 2001:db8:1000::/36.
+        let addr: IpAddr = if v6 {
+            // Networks i << 64 apart: distinct /32../128 prefixes, none
+            // covering the dropped source 2001:db8:ffff::1.
+            IpAddr::from(std::net::Ipv6Addr::from(
+                (0x2001_0db8_1000_0000u128 << 64) + (u128::from(i) << 64),
+            ))
+        } else {
+            IpAddr::from(std::net::Ipv4Addr::from(
+                0x2000_0000u32.wrapping_add((i as u32) << 8),
+            ))
+        };
+        let net = IpNet::new(addr, len)
+            .map(|n| n.trunc())
+            .expect("valid prefix");
+        set.insert(AllowEntry {
+            port: 8081,
+            proto: Proto::Tcp,
+            net,
+        });
+        i += 1;
+    }
+    let allowed = if v6 {
+        "2001:db8:aaaa::1/128"
+    } else {
+        "192.0.2.1/32"
+    };
+    set.insert(AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: allowed.parse().expect("net"),
+    });
+    set
+}
+
+fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Result<Row> {
+    let mut obj = ebpf::load_unpinned()?;
+    ebpf::program(&mut obj, PROG_NOOP)?
+        .load()
+        .context("loading dw_noop")?;
+    let mut maps = Maps::from_ebpf(&mut obj)?;
+    let host: IpAddr = if v6 {
+        "::".parse()?
+    } else {
+        "0.0.0.0".parse()?
+    };
+    maps.sync_published(&policy::compile_published(&[Binding::new(
+        "web",
+        "id",
+        host,
+        8081,
+        8080,
+        Proto::Tcp,
+    )]))?;
+    maps.sync_allow(&entries(v6, mix, n))?;
+    let memlock_bytes = allow_map_memlock()?;
+    let (allowed, dropped, host_addr) = if v6 {
+        ("2001:db8:aaaa::1", "2001:db8:ffff::1", "2001:db8::80")
+    } else {
+        ("192.0.2.1", "198.51.100.1", "203.0.113.80")
+    };
+    let allowed_pkt = syn(allowed, host_addr, 8081);
+    let dropped_pkt = syn(dropped, host_addr, 8081);
+    let out_of_scope_pkt = syn(dropped, host_addr, 22);
+    let mut median = |prog: &str, frame: &[u8], want: u32| -> anyhow::Result<f64> {
+        let p = ebpf::program(&mut obj, prog)?;
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..Default::default()
+            })?;
+            if r.return_value != want {
+                bail!(
+                    "{prog}: verdict {} where {want} was expected",
+                    r.return_value
+                );
+            }
+            samples.push(r.duration.as_nanos() as f64);
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[samples.len() / 2])
+    };
+    Ok(Row {
+        family: if v6 { "IPv6" } else { "IPv4" },
+        mix: mix.name(v6),
+        allowances: n,
+        memlock_bytes,
+        noop_ns: median(PROG_NOOP, &allowed_pkt, PASS)?,
+        allowed_ns: median(PROG_INGRESS, &allowed_pkt, PASS)?,
+        dropped_ns: median(PROG_INGRESS, &dropped_pkt, DROP)?,
+        out_of_scope_ns: median(PROG_INGRESS, &out_of_scope_pkt, PASS)?,
+    })
+}
+
+/// `memlock` of this process's allowance trie (an LPM trie with dockwall's
+/// max_entries), from /proc/self/fdinfo: aya does not expose it.
+fn allow_map_memlock() -> anyhow::Result<u64> {
+    for entry in std::fs::read_dir("/proc/self/fdinfo").context("reading /proc/self/fdinfo")? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let lpm = field("map_type:").as_deref() == Some("11");
+        let ours = field("max_entries:") == Some(dockwall_common::ALLOW_MAX_ENTRIES.to_string());
+        if lpm && ours {
+            return field("memlock:")
+                .and_then(|v| v.parse().ok())
+                .context("memlock in fdinfo");
+        }
+    }
+    bail!("allowance map not found in /proc/self/fdinfo")
+}
+
+fn syn(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    match (src.parse::<IpAddr>(), dst.parse::<IpAddr>()) {
+        (Ok(IpAddr::V4(s)), Ok(IpAddr::V4(d))) => {
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            frame.extend_from_slice(&ip);
+        }
+        (Ok(IpAddr::V6(s)), Ok(IpAddr::V6(d))) => {
+            frame.extend_from_slice(&0x86DDu16.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            frame.extend_from_slice(&ip);
+        }
+        _ => panic!("mixed families"),
+    }
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+fn json(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "    {{\"family\": \"{}\", \"mix\": \"{}\", \"allowances\": {}, \"map_memlock_bytes\": {}, \"noop_ns\": {:.1}, \"allowed_ns\": {:.1}, \"dropped_ns\": {:.1}, \"out_of_scope_ns\": {:.1}}}",
+                r.family, r.mix, r.allowances, r.memlock_bytes, r.noop_ns, r.allowed_ns, r.dropped_ns, r.out_of_scope_ns
+            )
+        })
+        .collect();
+    format!(
+        "{{\n  \"benchmark\": \"classifier (BPF_PROG_TEST_RUN)\",\n  \"mode\": \"{mode}\",\n  \"repeat\": {repeat},\n  \"runs_median_of\": {runs},\n  \"machine\": \"{}\",\n  \"rows\": [\n{}\n  ]\n}}\n",
+        machine(),
+        items.join(",\n")
+    )
+}
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("Linux {}, {cores} cores, {cpu}", kernel.trim())
+}
+
+fn markdown(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
+    let mut md = format!(
+        "Classifier cost per packet (BPF_PROG_TEST_RUN, {mode} run: median of {runs} runs x {repeat} executions; {}).\n\
+         \"+\" columns are dockwall minus the no-op tc program measured in the same run.\n\n\
+         | family | allowances | entries | no-op ns | allowed ns (+) | dropped ns (+) | out of scope ns (+) | map memory (KiB) |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        machine()
+    );
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {} |",
+            r.family,
+            r.mix,
+            r.allowances,
+            r.noop_ns,
+            r.allowed_ns,
+            r.allowed_ns - r.noop_ns,
+            r.dropped_ns,
+            r.dropped_ns - r.noop_ns,
+            r.out_of_scope_ns,
+            r.out_of_scope_ns - r.noop_ns,
+            r.memlock_bytes / 1024
+        );
+    }
+    md
+}
+
+/// Added cost of the allowed path over the no-op program vs allowance
+/// count (log scale), one line per family and mix.
+fn svg(rows: &[Row]) -> String {
+    let (w, h, left, bottom, top, right) = (720.0, 420.0, 70.0, 50.0, 30.0, 170.0);
+    let max_n = rows.iter().map(|r| r.allowances).max().unwrap_or(10) as f64;
+    let max_ns = rows
+        .iter()
+        .map(|r| (r.allowed_ns - r.noop_ns).max(r.dropped_ns - r.noop_ns))
+        .fold(10.0, f64::max)
+        * 1.15;
+    let x = |n: usize| {
+        left + ((n as f64).log10() - 1.0) / (max_n.log10() - 1.0).max(1.0) * (w - left - right)
+    };
+    let y = |ns: f64| h - bottom - ns.max(0.0) / max_ns * (h - bottom - top);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"14\">dockwall classifier: ns added over a no-op tc program (allowed new connection)</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    let mut n = 10usize;
+    while n as f64 <= max_n {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
+            x(n),
+            h - bottom + 18.0
+        );
+        n *= 10;
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">allowances in the map</text>",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    for i in 0..=4 {
+        let ns = max_ns * f64::from(i) / 4.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{ns:.0} ns</text>",
+            left - 6.0,
+            y(ns) + 4.0
+        );
+    }
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+    let mut series: Vec<(&str, &str)> = rows.iter().map(|r| (r.family, r.mix)).collect();
+    series.dedup();
+    for (i, (family, mix)) in series.iter().enumerate() {
+        let points: Vec<String> = rows
+            .iter()
+            .filter(|r| r.family == *family && r.mix == *mix)
+            .map(|r| format!("{:.1},{:.1}", x(r.allowances), y(r.allowed_ns - r.noop_ns)))
+            .collect();
+        let color = colors[i % colors.len()];
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            points.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{family} {mix}</text>",
+            w - right + 10.0,
+            top + 20.0 + 18.0 * i as f64
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
