@@ -21,7 +21,6 @@
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    io::Write as _,
     net::IpAddr,
     process::{Command, Stdio},
 };
@@ -279,29 +278,7 @@ fn ipset_restore(input: &str) -> anyhow::Result<()> {
     if input.is_empty() {
         return Ok(());
     }
-    let mut child = Command::new("ipset")
-        .arg("restore")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running ipset (apt-get install ipset)")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())
-        .context("writing to ipset restore")?;
-    let out = child
-        .wait_with_output()
-        .context("waiting for ipset restore")?;
-    if !out.status.success() {
-        bail!(
-            "ipset restore failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::command::pipe("ipset", &["restore"], input, "ipset")
 }
 
 /// dockwall's sets that exist now.
@@ -357,29 +334,7 @@ pub fn apply(
 }
 
 fn restore(tool: &str, input: &str) -> anyhow::Result<()> {
-    let mut child = Command::new(tool)
-        .arg("--noflush")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {tool} (apt-get install iptables)"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())
-        .with_context(|| format!("writing to {tool}"))?;
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("waiting for {tool}"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} --noflush failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::command::pipe(tool, &["--noflush"], input, "iptables")
 }
 
 fn run(tool: &str, args: &[&str]) -> anyhow::Result<bool> {

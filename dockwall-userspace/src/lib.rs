@@ -3,6 +3,7 @@
 //! The binary's modules are public so the kernel tests (tests/) can load the
 //! same embedded object and compile keys with the same code.
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod docker;
 pub mod ebpf;

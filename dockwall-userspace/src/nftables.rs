@@ -23,12 +23,9 @@
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    io::Write as _,
     net::IpAddr,
     process::{Command, Stdio},
 };
-
-use anyhow::{Context as _, bail};
 
 use crate::policy::{AllowEntry, Proto, Scope, group_allowed};
 
@@ -162,27 +159,7 @@ pub fn apply(
 }
 
 fn nft_script(script: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft (apt-get install nftables)")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(script.as_bytes())
-        .context("writing to nft -f")?;
-    let out = child.wait_with_output().context("waiting for nft -f")?;
-    if !out.status.success() {
-        bail!(
-            "nft -f failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::command::pipe("nft", &["-f", "-"], script, "nftables")
 }
 
 /// Whether dockwall's table is in place.

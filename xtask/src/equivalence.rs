@@ -120,31 +120,16 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
     for (index, client) in [a, b].iter().enumerate() {
         let host: IpAddr = client.host4.parse()?;
         let last = if index == 0 { 100 } else { 21 };
-        let targets = [
-            (
-                SocketAddr::new(host, 8081),
-                L4::Tcp,
-                Some((8081, L4::Tcp)),
+        let mut targets = host_targets(
+            host,
+            [
                 "published 8081 -> web1:8080",
-            ),
-            (
-                SocketAddr::new(host, 8082),
-                L4::Tcp,
-                Some((8082, L4::Tcp)),
                 "published 8082 -> web2:8080",
-            ),
-            (
-                SocketAddr::new(host, 5353),
-                L4::Udp,
-                Some((5353, L4::Udp)),
                 "published 5353/udp -> dns:53",
-            ),
-            (
-                SocketAddr::new(host, 2222),
-                L4::Tcp,
-                None,
                 "host service, unpublished",
-            ),
+            ],
+        );
+        targets.extend([
             (
                 SocketAddr::new(web1.parse()?, 8080),
                 L4::Tcp,
@@ -163,7 +148,7 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
                 Some((5353, L4::Udp)),
                 "dns endpoint, direct",
             ),
-        ];
+        ]);
         let prefix = client
             .addr4
             .rsplit_once('.')
@@ -171,7 +156,7 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
             .unwrap_or_default();
         for n in 2..=last {
             let src: IpAddr = format!("{prefix}.{n}").parse()?;
-            for (dst, l4, policy, what) in targets {
+            for &(dst, l4, policy, what) in &targets {
                 cases.push(Case {
                     client: index,
                     src,
@@ -184,35 +169,18 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
         }
     }
     let host6: IpAddr = a.host6.parse()?;
-    let targets6 = [
-        (
-            SocketAddr::new(host6, 8081),
-            L4::Tcp,
-            Some((8081, L4::Tcp)),
+    let targets6 = host_targets(
+        host6,
+        [
             "v6 8081 via userland proxy",
-        ),
-        (
-            SocketAddr::new(host6, 8082),
-            L4::Tcp,
-            Some((8082, L4::Tcp)),
             "v6 8082 via userland proxy",
-        ),
-        (
-            SocketAddr::new(host6, 5353),
-            L4::Udp,
-            Some((5353, L4::Udp)),
             "v6 5353/udp via userland proxy",
-        ),
-        (
-            SocketAddr::new(host6, 2222),
-            L4::Tcp,
-            None,
             "v6 host service, unpublished",
-        ),
-    ];
+        ],
+    );
     for n in 2..=0x3fu16 {
         let src: IpAddr = format!("fd99:1::{n:x}").parse()?;
-        for (dst, l4, policy, what) in targets6 {
+        for &(dst, l4, policy, what) in &targets6 {
             cases.push(Case {
                 client: 0,
                 src,
@@ -385,6 +353,35 @@ impl Drop for ForwardRules {
                 .output();
         }
     }
+}
+
+/// The host-side targets, labelled: both published TCP ports (two
+/// containers that share container port 8080), the UDP port, and an
+/// unpublished service.
+type Target = (SocketAddr, L4, Option<(u16, L4)>, &'static str);
+
+fn host_targets(host: IpAddr, labels: [&'static str; 4]) -> Vec<Target> {
+    vec![
+        (
+            SocketAddr::new(host, 8081),
+            L4::Tcp,
+            Some((8081, L4::Tcp)),
+            labels[0],
+        ),
+        (
+            SocketAddr::new(host, 8082),
+            L4::Tcp,
+            Some((8082, L4::Tcp)),
+            labels[1],
+        ),
+        (
+            SocketAddr::new(host, 5353),
+            L4::Udp,
+            Some((5353, L4::Udp)),
+            labels[2],
+        ),
+        (SocketAddr::new(host, 2222), L4::Tcp, None, labels[3]),
+    ]
 }
 
 /// Adds source addresses 10.99.X.{v4} and fd99:X::{v6} to a client.
