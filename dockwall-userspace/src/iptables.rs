@@ -489,15 +489,7 @@ pub fn remove(backend: Backend) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Binding, compile_scope};
-
-    fn entry(port: u16, proto: Proto, net: &str) -> AllowEntry {
-        AllowEntry {
-            port,
-            proto,
-            net: net.parse().unwrap(),
-        }
-    }
+    use crate::policy::{Binding, compile_scope, test_entry as entry};
 
     fn scope() -> Scope {
         let web = |ip: &str| {

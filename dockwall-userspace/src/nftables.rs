@@ -183,15 +183,7 @@ pub fn remove() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Binding, compile_scope};
-
-    fn entry(port: u16, proto: Proto, net: &str) -> AllowEntry {
-        AllowEntry {
-            port,
-            proto,
-            net: net.parse().unwrap(),
-        }
-    }
+    use crate::policy::{Binding, compile_scope, test_entry as entry};
 
     #[test]
     fn one_table_endpoints_before_host_ports() {

@@ -577,6 +577,16 @@ pub fn compile_published(bindings: &[Binding]) -> BTreeMap<PublishedKey, Publish
     map
 }
 
+/// For unit tests of the dataplanes: an allowance entry from text.
+#[cfg(test)]
+pub(crate) fn test_entry(port: u16, proto: Proto, net: &str) -> AllowEntry {
+    AllowEntry {
+        port,
+        proto,
+        net: net.parse().expect("test CIDR"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

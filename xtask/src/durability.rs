@@ -5,10 +5,6 @@
 use std::{
     collections::BTreeSet,
     process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -16,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    e2e::{Report, blocked, http_is, retry},
+    e2e::{Report, blocked, http_is, retry, under_traffic},
     lab::{Client, Dockerd, Dockwall, Loaded},
     util::{capture, output},
 };
@@ -600,48 +596,16 @@ fn crash_and_reload(
     b: &Client,
     mut loaded: Loaded,
 ) -> anyhow::Result<Loaded> {
-    let stop = Arc::new(AtomicBool::new(false));
     let ifaces = [a.host_if.as_str(), b.host_if.as_str()];
-    let (ok, failed, tries, leaked, reloaded) = thread::scope(|s| -> anyhow::Result<_> {
-        let allowed = s.spawn(|| {
-            let (mut ok, mut failed) = (0, 0);
-            while !stop.load(Ordering::Relaxed) {
-                match http_is(a, &a8081(a), "web1") {
-                    Ok(()) => ok += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-            (ok, failed)
-        });
-        let blockers: Vec<_> = (0..4)
-            .map(|_| {
-                s.spawn(|| {
-                    let (mut tries, mut leaked) = (0, 0);
-                    while !stop.load(Ordering::Relaxed) {
-                        tries += 1;
-                        if b.tcp_connects_within(&b8081(b), Duration::from_millis(300))
-                            .unwrap_or(true)
-                        {
-                            leaked += 1;
-                        }
-                    }
-                    (tries, leaked)
-                })
-            })
-            .collect();
+    let (t, reloaded) = under_traffic(a, &a8081(a), b, &b8081(b), || {
         thread::sleep(Duration::from_millis(500));
         loaded.kill9();
         thread::sleep(Duration::from_secs(1));
         let reloaded = dw.load(&ifaces);
         thread::sleep(Duration::from_secs(1));
-        stop.store(true, Ordering::Relaxed);
-        let (ok, failed) = allowed.join().unwrap_or((0, 1));
-        let (tries, leaked) = blockers
-            .into_iter()
-            .map(|t| t.join().unwrap_or((0, 1)))
-            .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
-        Ok((ok, failed, tries, leaked, reloaded))
-    })?;
+        reloaded
+    });
+    let (ok, failed, tries, leaked) = (t.ok, t.failed, t.tries, t.leaked);
     println!(
         "e2e: note kill -9 then load again: {ok} allowed ok, {failed} failed; {tries} blocked attempts, {leaked} got through"
     );

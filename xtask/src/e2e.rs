@@ -274,43 +274,11 @@ fn end_to_end(r: &mut Report) -> anyhow::Result<()> {
 
     // Replies are never dropped: a container's outbound TCP, and outbound
     // UDP masqueraded onto source port 5353, itself a published UDP port.
-    let server = a.http_server_once(8090, "hello-from-outside")?;
-    // busybox wget crashes in a FROM-scratch image; nc does the same job.
-    let request = format!(
-        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8090",
-        a.addr4
-    );
-    let wget = dockerd.cli(&["exec", "web1", "/bin/busybox", "sh", "-c", &request]);
-    let _ = server.join();
-    r.check(
-        "container egress (TCP) keeps working",
-        match wget {
-            Ok(body) if body.contains("hello-from-outside") => Ok(()),
-            other => Err(anyhow::anyhow!("{other:?}")),
-        },
-    );
-    let udp_server = b.udp_server(5300)?;
-    let reply = dockerd.cli(&[
-        "exec",
-        "dns",
-        "/bin/udpecho",
-        "send",
-        &b.addr4,
-        "5300",
-        "5353",
-        "ping",
-    ]);
-    let seen = udp_server.join().unwrap_or_default();
+    let (tcp, udp) = crate::equivalence::container_egress(&dockerd, &a, &b);
+    r.check("container egress (TCP) keeps working", tcp);
     r.check(
         "reply to a container's UDP on a published port number passes",
-        match (&reply, seen.first()) {
-            (Ok(body), Some(from)) if body.contains("ping") && from.port() == 5353 => Ok(()),
-            (Ok(_), Some(from)) => Err(anyhow::anyhow!(
-                "masquerade picked source port {} (test needs 5353)",
-                from.port()
-            )),
-            other => Err(anyhow::anyhow!("{other:?}")),
-        },
+        udp,
     );
 
     // docker restart with a new address: the policy still holds.
@@ -554,47 +522,14 @@ fn fallback_behaviour(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> 
         dw.run(&["allow", &a.addr4, "--port", "5353/udp"])?;
 
         // 100 policy updates under continuous traffic.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (ok_a, bad_a, bad_b, n_b) = std::thread::scope(|s| {
-            let allowed = s.spawn(|| {
-                let (mut ok, mut bad) = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match http_is(a, &a8081, "web1") {
-                        Ok(()) => ok += 1,
-                        Err(_) => bad += 1,
-                    }
-                }
-                (ok, bad)
-            });
-            let blocked: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        let (mut leaked, mut tries) = (0, 0);
-                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            tries += 1;
-                            if b.tcp_connects_within(&b8081, Duration::from_millis(300))
-                                .unwrap_or(true)
-                            {
-                                leaked += 1;
-                            }
-                        }
-                        (leaked, tries)
-                    })
-                })
-                .collect();
+        let (t, ()) = under_traffic(a, &a8081, b, &b8081, || {
             for i in 0..50 {
                 let src = format!("192.0.2.{}", i + 1);
                 let _ = dw.run(&["allow", &src, "--port", "8081"]);
                 let _ = dw.run(&["revoke", &src, "--port", "8081"]);
             }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let (ok, bad) = allowed.join().unwrap_or((0, 1));
-            let (leaked, tries) = blocked
-                .into_iter()
-                .map(|t| t.join().unwrap_or((1, 0)))
-                .fold((0, 0), |(l, t), (l2, t2)| (l + l2, t + t2));
-            (ok, bad, leaked, tries)
         });
+        let (ok_a, bad_a, bad_b, n_b) = (t.ok, t.failed, t.leaked, t.tries);
         println!(
             "e2e: note {plane}: 100 updates under traffic: {ok_a} allowed connections ok, {bad_a} failed; {n_b} blocked attempts, {bad_b} got through"
         );
@@ -1039,6 +974,74 @@ fn bad_input(r: &mut Report, dw: &Dockwall, iface: &str) -> anyhow::Result<()> {
         String::new,
     );
     Ok(())
+}
+
+/// What happened to continuous traffic while something changed.
+pub(crate) struct Traffic {
+    /// Allowed fetches that worked / failed.
+    pub ok: usize,
+    pub failed: usize,
+    /// Blocked connection attempts / ones that got through.
+    pub tries: usize,
+    pub leaked: usize,
+}
+
+/// Runs `during` while `a` keeps fetching `allowed` (must always work) and
+/// four threads of `b` keep trying `blocked_addr` (must never connect).
+pub(crate) fn under_traffic<T>(
+    a: &Client,
+    allowed: &str,
+    b: &Client,
+    blocked_addr: &str,
+    during: impl FnOnce() -> T,
+) -> (Traffic, T) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let fetcher = s.spawn(|| {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                match http_is(a, allowed, "web1") {
+                    Ok(()) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+        let blockers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut tries, mut leaked) = (0, 0);
+                    while !stop.load(Ordering::Relaxed) {
+                        tries += 1;
+                        if b.tcp_connects_within(blocked_addr, Duration::from_millis(300))
+                            .unwrap_or(true)
+                        {
+                            leaked += 1;
+                        }
+                    }
+                    (tries, leaked)
+                })
+            })
+            .collect();
+        let result = during();
+        stop.store(true, Ordering::Relaxed);
+        // A thread that panicked counts as a failure on its side.
+        let (ok, failed) = fetcher.join().unwrap_or((0, 1));
+        let (tries, leaked) = blockers
+            .into_iter()
+            .map(|t| t.join().unwrap_or((0, 1)))
+            .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
+        (
+            Traffic {
+                ok,
+                failed,
+                tries,
+                leaked,
+            },
+            result,
+        )
+    })
 }
 
 pub(crate) fn http_is(c: &Client, addr: &str, want: &str) -> anyhow::Result<()> {

@@ -206,10 +206,12 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
             Some(dw.load_with(&[&a.host_if, &b.host_if], flags, None)?)
         };
         let outcomes = probe_all(&[a, b], &cases)?;
+        let (tcp, udp) = container_egress(dockerd, a, b);
         egress_failures.extend(
-            container_egress(dockerd, a, b)
+            [tcp, udp]
                 .into_iter()
-                .map(|e| format!("{plane}: {e}")),
+                .filter_map(Result::err)
+                .map(|e| format!("{plane}: {e:#}")),
         );
         transit.push((plane, transit_gets_through(a, b)?));
         Ok(outcomes)
@@ -265,45 +267,47 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
 /// Replies to container egress must come back whatever the dataplane: a
 /// container's TCP connection out, and a container's UDP datagram that
 /// masquerading sends from source port 5353, itself a published UDP port.
-fn container_egress(dockerd: &Dockerd, a: &Client, b: &Client) -> Vec<String> {
-    let mut failures = Vec::new();
-    match a.http_server_once(8090, "egress-ok") {
-        Ok(server) => {
-            let request = format!(
-                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8090",
-                a.addr4
-            );
-            let got = dockerd.cli(&["exec", "web2", "/bin/busybox", "sh", "-c", &request]);
-            let _ = server.join();
-            if !got.as_deref().is_ok_and(|b| b.contains("egress-ok")) {
-                failures.push(format!("container TCP egress: {got:?}"));
-            }
+pub(crate) fn container_egress(
+    dockerd: &Dockerd,
+    a: &Client,
+    b: &Client,
+) -> (anyhow::Result<()>, anyhow::Result<()>) {
+    let tcp = (|| {
+        let server = a.http_server_once(8090, "egress-ok")?;
+        let request = format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8090",
+            a.addr4
+        );
+        let got = dockerd.cli(&["exec", "web2", "/bin/busybox", "sh", "-c", &request]);
+        let _ = server.join();
+        match got {
+            Ok(body) if body.contains("egress-ok") => Ok(()),
+            other => anyhow::bail!("container TCP egress: {other:?}"),
         }
-        Err(e) => failures.push(format!("TCP server: {e:#}")),
-    }
-    match b.udp_server(5300) {
-        Ok(server) => {
-            let got = dockerd.cli(&[
-                "exec",
-                "dns",
-                "/bin/udpecho",
-                "send",
-                &b.addr4,
-                "5300",
-                "5353",
-                "egress",
-            ]);
-            let seen = server.join().unwrap_or_default();
-            let from_5353 = seen.first().is_some_and(|s| s.port() == 5353);
-            if !(got.as_deref().is_ok_and(|r| r.contains("egress")) && from_5353) {
-                failures.push(format!(
-                    "container UDP egress from 5353: {got:?}, server saw {seen:?}"
-                ));
-            }
+    })();
+    let udp = (|| {
+        let server = b.udp_server(5300)?;
+        let got = dockerd.cli(&[
+            "exec",
+            "dns",
+            "/bin/udpecho",
+            "send",
+            &b.addr4,
+            "5300",
+            "5353",
+            "egress",
+        ]);
+        let seen = server.join().unwrap_or_default();
+        match (got, seen.first()) {
+            (Ok(reply), Some(from)) if reply.contains("egress") && from.port() == 5353 => Ok(()),
+            (Ok(_), Some(from)) => anyhow::bail!(
+                "masquerade picked source port {} (the check needs 5353)",
+                from.port()
+            ),
+            other => anyhow::bail!("container UDP egress from 5353: {other:?}"),
         }
-        Err(e) => failures.push(format!("UDP server: {e:#}")),
-    }
-    failures
+    })();
+    (tcp, udp)
 }
 
 /// Whether a connection routed *through* this host, from client a to a
@@ -470,19 +474,7 @@ fn probe_tcp(src: IpAddr, dst: SocketAddr) -> Outcome {
     if sock.bind(&SockAddr::from(SocketAddr::new(src, 0))).is_err() {
         return Outcome::Error;
     }
-    match sock.connect_timeout(&SockAddr::from(dst), PROBE_TIMEOUT) {
-        Ok(()) => Outcome::Connected,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-            ) =>
-        {
-            Outcome::TimedOut
-        }
-        Err(_) => Outcome::Error,
-    }
+    outcome(sock.connect_timeout(&SockAddr::from(dst), PROBE_TIMEOUT))
 }
 
 fn probe_udp(src: IpAddr, dst: SocketAddr) -> Outcome {
@@ -496,15 +488,17 @@ fn probe_udp(src: IpAddr, dst: SocketAddr) -> Outcome {
         return Outcome::Error;
     }
     let mut buf = [0u8; 64];
-    match sock.recv(&mut buf) {
-        Ok(_) => Outcome::Connected,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-            ) =>
-        {
+    outcome(sock.recv(&mut buf).map(|_| ()))
+}
+
+/// What a connection attempt's result says: connected, refused (RST or ICMP
+/// unreachable), timed out (dropped somewhere), or some other error.
+fn outcome(result: std::io::Result<()>) -> Outcome {
+    use std::io::ErrorKind;
+    match result {
+        Ok(()) => Outcome::Connected,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Outcome::Refused,
+        Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
             Outcome::TimedOut
         }
         Err(_) => Outcome::Error,

@@ -66,17 +66,7 @@ impl Dockerd {
             created_docker_state: !had_state,
             original_alternatives: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !dockerd
-            .docker(&["info", "--format", "{{.ServerVersion}}"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            if Instant::now() > deadline {
-                bail!("dockerd did not come up in 30 s; see {LAB_DIR}/docker/dockerd.log");
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        dockerd.wait_ready()?;
         // The data root is ours alone: clear what a crashed run left behind.
         dockerd.remove_all();
         Ok(dockerd)
