@@ -17,13 +17,39 @@ pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
 pub const MAP_ALLOW: &str = "DW_ALLOW";
 pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
 pub const MAP_STATS: &str = "DW_STATS";
+/// One [`Config`]: audit mode and the drop-log rate, set by `load`.
+pub const MAP_CONFIG: &str = "DW_CONFIG";
+/// Drops (or would-be drops in audit mode) per published port: [`PortKey`] -> u64.
+pub const MAP_PORT_DROPS: &str = "DW_PORT_DROPS";
+/// Ring buffer of [`DropEvent`]s for the daemon's drop log. Not pinned: it
+/// belongs to the program that writes it and the daemon that reads it.
+pub const MAP_EVENTS: &str = "DW_EVENTS";
+/// The drop log's rate limiter, one [`LogLimit`]. Not pinned.
+pub const MAP_LOG_LIMIT: &str = "DW_LOG_LIMIT";
 
-/// Every map, for pinning and unpinning in one place.
-pub const ALL_MAPS: [&str; 4] = [MAP_PUBLISHED, MAP_ALLOW, MAP_UDP_FLOWS, MAP_STATS];
+/// Every pinned map, for pinning and unpinning in one place. The state that
+/// must outlive a daemon restart: policy, flows, counters, configuration.
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_PUBLISHED,
+    MAP_ALLOW,
+    MAP_UDP_FLOWS,
+    MAP_STATS,
+    MAP_CONFIG,
+    MAP_PORT_DROPS,
+];
 
 pub const PUBLISHED_MAX_ENTRIES: u32 = 65_536;
 pub const ALLOW_MAX_ENTRIES: u32 = 1 << 20;
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
+/// One counter per (published port, protocol) at most.
+pub const PORT_DROPS_MAX_ENTRIES: u32 = 2 * 65_536;
+/// Drop-log ring buffer size: 4096 events of 48 bytes (plus headers) queue
+/// while the daemon is busy; more are lost and counted.
+pub const EVENTS_BYTE_SIZE: u32 = 256 * 1024;
+/// Default drop-log events per second for the whole host (`--log-rate`).
+pub const DEFAULT_LOG_RATE: u32 = 20;
+/// The rate limiter's window.
+pub const LOG_WINDOW_NS: u64 = 1_000_000_000;
 
 /// An outbound UDP flow counts as open this long after its last packet; the
 /// same as conntrack's `nf_conntrack_udp_timeout_stream` default.
@@ -89,6 +115,64 @@ pub struct AllowKey {
 pub struct AllowValue {
     /// New connections this allowance let through (atomic add in the kernel).
     pub hits: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) from which the
+    /// entry no longer matches; 0 = never. The kernel checks it on every
+    /// match, so an allowance lapses on time with no daemon running. Boot
+    /// time, not monotonic: it keeps counting while the host is suspended.
+    pub expires_ns: u64,
+}
+
+/// `Config::flags`: count and log would-be drops, drop nothing (`load --audit`).
+pub const CONFIG_AUDIT: u32 = 1;
+
+/// Settings of the loaded filter, the only entry of `MAP_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    /// Drop-log events per second for the whole host; 0 logs none.
+    pub log_rate: u32,
+}
+
+/// Key of `MAP_PORT_DROPS`: a published port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// Published (host) port, host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `DropEvent::flags`: the connection was let through (audit mode).
+pub const EVENT_AUDIT: u8 = 1;
+
+/// One dropped (or, in audit mode, would-be dropped) new connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub ifindex: u32,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// The published port whose allowances decided.
+    pub policy_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The drop log's limiter: at most `Config::log_rate` events per window,
+/// shared by all CPUs (an atomic counter; a racing reset lets a few extra
+/// through, never a flood).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogLimit {
+    pub window_start_ns: u64,
+    pub sent: u64,
 }
 
 /// An outbound UDP flow as seen at egress (after masquerading): the local
@@ -121,8 +205,19 @@ pub mod stat {
     pub const FRAGMENT: u32 = 5;
     /// Malformed or unparseable IP packet: dropped (see README).
     pub const MALFORMED: u32 = 6;
+    /// Audit mode: a new connection `DROPPED` would count, let through.
+    pub const AUDITED: u32 = 7;
+    /// Not a verdict: of the dropped (or audited) ones, those whose best
+    /// matching allowance had expired.
+    pub const EXPIRED: u32 = 8;
+    /// Not a verdict: drop-log events the rate limit suppressed.
+    pub const LOG_SUPPRESSED: u32 = 9;
+    /// Not a verdict: drop-log events lost because the ring buffer was full.
+    pub const LOG_LOST: u32 = 10;
+    /// Indexes below this are verdicts: every packet counts in exactly one.
+    pub const VERDICTS: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
 }
 
 #[cfg(feature = "user")]
@@ -134,6 +229,9 @@ mod pod {
     unsafe impl aya::Pod for super::AllowKey {}
     unsafe impl aya::Pod for super::AllowValue {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::LogLimit {}
 }
 
 #[cfg(test)]
@@ -147,7 +245,11 @@ mod tests {
         assert_eq!(size_of::<PublishedKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<PublishedValue>(), 8);
         assert_eq!(size_of::<AllowKey>(), 2 + 1 + 1 + 16);
-        assert_eq!(size_of::<AllowValue>(), 8);
+        assert_eq!(size_of::<AllowValue>(), 16);
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<PortKey>(), 4);
+        assert_eq!(size_of::<DropEvent>(), 16 + 16 + 4 + 2 * 3 + 3 + 3);
+        assert_eq!(size_of::<LogLimit>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
     }
 
@@ -155,6 +257,7 @@ mod tests {
     fn names_fit_the_kernel() {
         for name in ALL_MAPS
             .iter()
+            .chain([MAP_EVENTS, MAP_LOG_LIMIT].iter())
             .chain([PROG_INGRESS, PROG_EGRESS, PROG_NOOP].iter())
         {
             assert!(

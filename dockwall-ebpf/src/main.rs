@@ -11,8 +11,10 @@
 //! 3. Not a new connection: pass. TCP: anything but a bare SYN. UDP: a reply
 //!    to a flow `dw_egress` saw leave this host (host or masqueraded container).
 //! 4. Longest-prefix match of (published port, protocol, source) in the
-//!    allowances: hit passes, miss drops. For a container endpoint the
-//!    published port is the one that publishes it.
+//!    allowances: an unexpired hit passes, anything else is denied. For a
+//!    container endpoint the published port is the one that publishes it.
+//! 5. Denied: count it per published port, log it (rate-limited, to a ring
+//!    buffer the daemon prints), then drop; in audit mode, pass instead.
 //!
 //! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
 //! after dockwall still run; under the legacy clsact path it lets the next
@@ -29,16 +31,17 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use dockwall_common::{
-    ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, AllowKey, AllowValue, FAMILY_V4, FAMILY_V6, FlowKey,
-    PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PublishedKey, PublishedValue, UDP_FLOW_REFRESH_NS,
-    UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES, stat,
+    ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, AllowKey, AllowValue, CONFIG_AUDIT, Config, DropEvent,
+    EVENT_AUDIT, EVENTS_BYTE_SIZE, FAMILY_V4, FAMILY_V6, FlowKey, LOG_WINDOW_NS, LogLimit,
+    PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PortKey, PublishedKey,
+    PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES, stat,
 };
 
 // Map names must equal dockwall_common::MAP_* (the loader looks them up by name).
@@ -54,6 +57,18 @@ static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(UDP_FL
 
 #[map(name = "DW_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[map(name = "DW_CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "DW_PORT_DROPS")]
+static PORT_DROPS: HashMap<PortKey, u64> = HashMap::with_max_entries(PORT_DROPS_MAX_ENTRIES, 0);
+
+#[map(name = "DW_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTE_SIZE, 0);
+
+#[map(name = "DW_LOG_LIMIT")]
+static LOG_LIMIT: Array<LogLimit> = Array::with_max_entries(1, 0);
 
 const PASS: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT as i32;
@@ -152,10 +167,93 @@ fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
     } else if is_udp_reply(&pkt) {
         return (stat::REPLY, PASS);
     }
-    if allowance_hit(&pkt, policy_port) {
-        (stat::ALLOWED, PASS)
+    match allowance(&pkt, policy_port) {
+        Match::Hit => (stat::ALLOWED, PASS),
+        Match::Expired => {
+            count(stat::EXPIRED);
+            deny(ctx, &pkt, policy_port)
+        }
+        Match::Miss => deny(ctx, &pkt, policy_port),
+    }
+}
+
+/// A new connection no allowance lets in: counted per published port and
+/// logged, then dropped, or passed in audit mode.
+#[inline(always)]
+fn deny(ctx: &TcContext, pkt: &Packet, policy_port: u16) -> (u32, i32) {
+    // An empty config (never set) is enforcing with no log.
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    let audit = config.flags & CONFIG_AUDIT != 0;
+    count_port_drop(pkt.proto, policy_port);
+    if config.log_rate > 0 {
+        log_drop(ctx, pkt, policy_port, audit, config.log_rate);
+    }
+    if audit {
+        (stat::AUDITED, PASS)
     } else {
         (stat::DROPPED, DROP)
+    }
+}
+
+#[inline(always)]
+fn count_port_drop(proto: u8, port: u16) {
+    let key = PortKey {
+        port,
+        proto,
+        _pad: 0,
+    };
+    match PORT_DROPS.get_ptr_mut(&key) {
+        // SAFETY: points into the map value; shared between CPUs.
+        Some(drops) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(drops, 1) },
+        None => {
+            // First drop on this port. Losing a race to another CPU's insert
+            // costs one count; a full map costs the per-port count only.
+            let _ = PORT_DROPS.insert(&key, &1, u64::from(BPF_NOEXIST));
+            0
+        }
+    };
+}
+
+/// Sends the drop to the daemon unless this window's budget is spent; a
+/// flood costs one atomic add per packet, not a ring buffer write.
+#[inline(always)]
+fn log_drop(ctx: &TcContext, pkt: &Packet, policy_port: u16, audit: bool, rate: u32) {
+    let Some(limit) = LOG_LIMIT.get_ptr_mut(0) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the single array slot, valid for the program's run. Read, then
+    // add atomically: a fetch-add would need BPF cpu v3 (Linux 5.12). CPUs
+    // racing on the read or on the window reset let at most a few more
+    // events through in a window, never a flood.
+    let sent = unsafe {
+        if now.wrapping_sub((*limit).window_start_ns) >= LOG_WINDOW_NS {
+            (*limit).window_start_ns = now;
+            (*limit).sent = 0;
+        }
+        let sent = (*limit).sent;
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*limit).sent, 1);
+        sent
+    };
+    if sent >= u64::from(rate) {
+        count(stat::LOG_SUPPRESSED);
+        return;
+    }
+    let event = DropEvent {
+        src: pkt.src,
+        dst: pkt.dst,
+        // SAFETY: the context is a valid __sk_buff for this program.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        sport: pkt.sport,
+        dport: pkt.dport,
+        policy_port,
+        proto: pkt.proto,
+        family: pkt.family,
+        flags: if audit { EVENT_AUDIT } else { 0 },
+        _pad: [0; 3],
+    };
+    if EVENTS.output::<DropEvent>(&event, 0).is_err() {
+        count(stat::LOG_LOST);
     }
 }
 
@@ -185,8 +283,17 @@ fn published_port(pkt: &Packet) -> Option<u16> {
     unsafe { PUBLISHED.get(&key) }.map(|value| value.policy_port)
 }
 
+enum Match {
+    Hit,
+    /// The longest matching entry has lapsed. Its `expires_ns` is the latest
+    /// expiry of every allowance covering it (userspace computes that), so
+    /// no shorter prefix could still let the source in.
+    Expired,
+    Miss,
+}
+
 #[inline(always)]
-fn allowance_hit(pkt: &Packet, policy_port: u16) -> bool {
+fn allowance(pkt: &Packet, policy_port: u16) -> Match {
     let addr_bits: u32 = if pkt.family == FAMILY_V4 { 32 } else { 128 };
     let key = Key::new(
         ALLOW_KEY_FIXED_BITS + addr_bits,
@@ -197,16 +304,17 @@ fn allowance_hit(pkt: &Packet, policy_port: u16) -> bool {
             addr: pkt.src,
         },
     );
-    match ALLOW.get(&key) {
-        Some(value) => {
-            let hits = (&value.hits as *const u64).cast_mut();
-            // SAFETY: points into the map value, which lives as long as the
-            // entry; the counter is shared between CPUs, hence the atomic add.
-            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
-            true
-        }
-        None => false,
+    let Some(value) = ALLOW.get(&key) else {
+        return Match::Miss;
+    };
+    if value.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= value.expires_ns {
+        return Match::Expired;
     }
+    let hits = (&value.hits as *const u64).cast_mut();
+    // SAFETY: points into the map value, which lives as long as the entry;
+    // the counter is shared between CPUs, hence the atomic add.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+    Match::Hit
 }
 
 #[inline(always)]

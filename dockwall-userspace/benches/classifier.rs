@@ -189,7 +189,8 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
         8080,
         Proto::Tcp,
     )]))?;
-    maps.sync_allow(&entries(v6, mix, n))?;
+    let permanent = entries(v6, mix, n).into_iter().map(|e| (e, 0)).collect();
+    maps.sync_allow(&permanent)?;
     let memlock_bytes = allow_map_memlock()?;
     let (allowed, dropped, host_addr) = if v6 {
         ("2001:db8:aaaa::1", "2001:db8:ffff::1", "2001:db8::80")

@@ -8,6 +8,11 @@
 //! [[allow]]
 //! source = "any"
 //! container = "web:8080/tcp"
+//!
+//! [[allow]]
+//! source = "198.51.100.7"
+//! port = "22022"
+//! expires = "2026-11-29T18:00:00Z"
 //! ```
 //!
 //! Writers hold an exclusive `flock` on a lock file beside it for the whole
@@ -16,6 +21,7 @@
 //! and a crash never leaves half a file.
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::Write as _,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
@@ -55,10 +61,33 @@ struct Record {
     /// Free text for the admin: who, why, until when.
     #[serde(skip_serializing_if = "Option::is_none")]
     comment: Option<String>,
+    /// RFC 3339 UTC time from which the allowance no longer lets anyone in
+    /// (`allow --for`); absent = never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<Expiry>,
+}
+
+/// An expiry as RFC 3339 text in the file, unix seconds in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Expiry(u64);
+
+impl Serialize for Expiry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::clock::rfc3339(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::clock::parse_rfc3339(&text)
+            .map(Expiry)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Record {
-    fn into_allowance(self) -> Result<(Allowance, Option<String>), String> {
+    fn into_allowance(self) -> Result<(Allowance, Option<String>, Option<u64>), String> {
         let target = match (self.port, self.container) {
             (Some(port), None) => Target::Port(port),
             (None, Some(container)) => Target::Container(container),
@@ -70,10 +99,11 @@ impl Record {
                 target,
             },
             self.comment,
+            self.expires.map(|e| e.0),
         ))
     }
 
-    fn from_allowance(a: &Allowance, comment: Option<&String>) -> Self {
+    fn from_allowance(a: &Allowance, comment: Option<&String>, expires: Option<u64>) -> Self {
         let (port, container) = match &a.target {
             Target::Port(p) => (Some(*p), None),
             Target::Container(c) => (None, Some(c.clone())),
@@ -83,6 +113,7 @@ impl Record {
             port,
             container,
             comment: comment.cloned(),
+            expires: expires.map(Expiry),
         }
     }
 }
@@ -92,7 +123,9 @@ impl Record {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub allowances: Vec<Allowance>,
-    pub comments: std::collections::BTreeMap<Allowance, String>,
+    pub comments: BTreeMap<Allowance, String>,
+    /// Unix seconds from which an allowance lets no one in; absent = never.
+    pub expires: BTreeMap<Allowance, u64>,
 }
 
 impl Policy {
@@ -110,7 +143,37 @@ impl Policy {
         let before = self.allowances.len();
         self.allowances.retain(|a| a != allowance);
         self.comments.remove(allowance);
+        self.expires.remove(allowance);
         self.allowances.len() != before
+    }
+
+    /// Whether an allowance has lapsed at `now` (unix seconds).
+    pub fn expired(&self, allowance: &Allowance, now: u64) -> bool {
+        self.expires.get(allowance).is_some_and(|&at| at <= now)
+    }
+
+    /// The policy without the allowances that lapsed by `now`: what every
+    /// dataplane enforces.
+    pub fn in_force(&self, now: u64) -> Policy {
+        let mut out = self.clone();
+        out.allowances.retain(|a| !self.expired(a, now));
+        out.comments.retain(|a, _| !self.expired(a, now));
+        out.expires.retain(|_, at| *at > now);
+        out
+    }
+
+    /// Removes the allowances that lapsed by `now`; returns them.
+    pub fn prune_expired(&mut self, now: u64) -> Vec<Allowance> {
+        let gone: Vec<Allowance> = self
+            .allowances
+            .iter()
+            .filter(|a| self.expired(a, now))
+            .cloned()
+            .collect();
+        for a in &gone {
+            self.remove(a);
+        }
+        gone
     }
 }
 
@@ -156,12 +219,15 @@ pub fn parse(text: &str) -> Result<Policy, String> {
     for spanned in file.allow {
         // The position only on error: computing it scans the text.
         let start = spanned.span().start;
-        let (allowance, comment) = spanned
+        let (allowance, comment, expires) = spanned
             .into_inner()
             .into_allowance()
             .map_err(|e| format!("{}: {e}", line_col(text, start)))?;
         if let Some(comment) = comment {
             policy.comments.insert(allowance.clone(), comment);
+        }
+        if let Some(at) = expires {
+            policy.expires.insert(allowance.clone(), at);
         }
         if seen.insert(allowance.clone()) {
             policy.allowances.push(allowance);
@@ -214,7 +280,9 @@ pub fn render(policy: &Policy) -> anyhow::Result<String> {
         allow: policy
             .allowances
             .iter()
-            .map(|a| Record::from_allowance(a, policy.comments.get(a)))
+            .map(|a| {
+                Record::from_allowance(a, policy.comments.get(a), policy.expires.get(a).copied())
+            })
             .collect(),
     };
     let body = toml::to_string(&file).context("serializing the policy")?;
@@ -305,8 +373,39 @@ mod tests {
             target: Target::Container("web:53/udp".parse().unwrap()),
         }));
         assert!(!policy.add(policy.allowances[0].clone()));
+        policy
+            .expires
+            .insert(policy.allowances[1].clone(), 1_795_000_000);
         let text = render(&policy).unwrap();
+        assert!(text.contains("expires = \"2026-11-18T11:06:40Z"), "{text}");
         assert_eq!(parse(&text).unwrap(), policy);
+    }
+
+    #[test]
+    fn expired_allowances_leave_the_policy_in_force() {
+        let mut policy = Policy::default();
+        let keep = Allowance {
+            source: Source::Any,
+            target: Target::Port("80".parse().unwrap()),
+        };
+        let lapse = Allowance {
+            source: "192.0.2.1".parse().unwrap(),
+            target: Target::Port("22".parse().unwrap()),
+        };
+        policy.add(keep.clone());
+        policy.add(lapse.clone());
+        policy.expires.insert(lapse.clone(), 1000);
+        assert_eq!(policy.in_force(999).allowances.len(), 2);
+        assert_eq!(policy.in_force(1000).allowances, vec![keep.clone()]);
+        assert!(policy.in_force(1000).expires.is_empty());
+        assert_eq!(policy.prune_expired(1000), vec![lapse]);
+        assert_eq!(policy.allowances, vec![keep]);
+        let err = parse("[[allow]]\nsource = \"any\"\nport = \"80\"\nexpires = \"tomorrow\"\n")
+            .unwrap_err();
+        assert!(
+            err.starts_with("4:11: ") && err.contains("tomorrow"),
+            "{err}"
+        );
     }
 
     #[test]

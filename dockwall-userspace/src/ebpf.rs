@@ -2,15 +2,16 @@
 //! interfaces, pinning, and keeping its maps equal to the policy.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -20,12 +21,13 @@ use aya::{
     util::KernelVersion,
 };
 use dockwall_common::{
-    ALL_MAPS, AllowKey, AllowValue, MAP_ALLOW, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS,
-    PublishedKey, PublishedValue, stat,
+    ALL_MAPS, ALLOW_KEY_FIXED_BITS, AllowKey, AllowValue, Config, MAP_ALLOW, MAP_CONFIG,
+    MAP_PORT_DROPS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PortKey, PublishedKey,
+    PublishedValue, stat,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::policy::AllowEntry;
+use crate::policy::{AllowEntry, Proto};
 
 /// Where dockwall pins its maps and links (bpffs).
 pub const PIN_DIR: &str = "/sys/fs/bpf/dockwall";
@@ -347,6 +349,14 @@ pub struct Maps {
     published: HashMap<MapData, PublishedKey, PublishedValue>,
     allow: LpmTrie<MapData, AllowKey, AllowValue>,
     stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    port_drops: HashMap<MapData, PortKey, u64>,
+}
+
+/// Expiries are recomputed from the wall clock on every sync; a difference
+/// under a second is that rounding, not a change.
+fn same_expiry(a: u64, b: u64) -> bool {
+    (a == 0) == (b == 0) && a.abs_diff(b) < 1_000_000_000
 }
 
 /// What a sync changed.
@@ -363,7 +373,13 @@ impl Maps {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
-        Self::from_maps(take(MAP_PUBLISHED)?, take(MAP_ALLOW)?, take(MAP_STATS)?)
+        Self::from_maps([
+            take(MAP_PUBLISHED)?,
+            take(MAP_ALLOW)?,
+            take(MAP_STATS)?,
+            take(MAP_CONFIG)?,
+            take(MAP_PORT_DROPS)?,
+        ])
     }
 
     /// Opens the maps a running `load` pinned.
@@ -378,14 +394,22 @@ impl Maps {
             })?;
             Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
         };
-        Self::from_maps(open(MAP_PUBLISHED)?, open(MAP_ALLOW)?, open(MAP_STATS)?)
+        Self::from_maps([
+            open(MAP_PUBLISHED)?,
+            open(MAP_ALLOW)?,
+            open(MAP_STATS)?,
+            open(MAP_CONFIG)?,
+            open(MAP_PORT_DROPS)?,
+        ])
     }
 
-    fn from_maps(published: Map, allow: Map, stats: Map) -> anyhow::Result<Self> {
+    fn from_maps([published, allow, stats, config, port_drops]: [Map; 5]) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
             allow: allow.try_into().context(MAP_ALLOW)?,
             stats: stats.try_into().context(MAP_STATS)?,
+            config: config.try_into().context(MAP_CONFIG)?,
+            port_drops: port_drops.try_into().context(MAP_PORT_DROPS)?,
         })
     }
 
@@ -417,20 +441,29 @@ impl Maps {
         Ok(changes)
     }
 
-    /// Makes the allowance trie hold exactly `desired`. New entries go in
-    /// before stale ones leave, and kept entries are not rewritten (their hit
-    /// counters survive).
-    pub fn sync_allow(&mut self, desired: &BTreeSet<AllowEntry>) -> anyhow::Result<Changes> {
-        let current: BTreeSet<AllowEntry> = self.allow_hits()?.into_keys().collect();
+    /// Makes the allowance trie hold exactly `desired` (entry -> kernel
+    /// `expires_ns`, 0 = never). New entries go in before stale ones leave;
+    /// kept entries are rewritten only when their expiry moved, with their
+    /// hit counters carried over.
+    pub fn sync_allow(&mut self, desired: &BTreeMap<AllowEntry, u64>) -> anyhow::Result<Changes> {
+        let current = self.allow_values()?;
         let mut changes = Changes::default();
-        for entry in desired.difference(&current) {
+        for (entry, &expires_ns) in desired {
+            let old = current.get(entry);
+            if old.is_some_and(|v| same_expiry(v.expires_ns, expires_ns)) {
+                continue;
+            }
+            let value = AllowValue {
+                hits: old.map_or(0, |v| v.hits),
+                expires_ns,
+            };
             let (len, data) = entry.key();
             self.allow
-                .insert(&Key::new(len, data), AllowValue::default(), 0)
+                .insert(&Key::new(len, data), value, 0)
                 .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
             changes.added += 1;
         }
-        for entry in current.difference(desired) {
+        for entry in current.keys().filter(|e| !desired.contains_key(e)) {
             let (len, data) = entry.key();
             self.allow.remove(&Key::new(len, data)).with_context(|| {
                 format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
@@ -442,14 +475,78 @@ impl Maps {
 
     /// Every allowance entry in the kernel with its hit counter.
     pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
+        Ok(self
+            .allow_values()?
+            .into_iter()
+            .map(|(e, v)| (e, v.hits))
+            .collect())
+    }
+
+    /// Every allowance entry in the kernel with its value.
+    pub fn allow_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
         let mut out = BTreeMap::new();
         for item in self.allow.iter() {
             let (key, value) = item.context("reading DW_ALLOW (bpf_map_get_next_key)")?;
             if let Some(entry) = AllowEntry::from_key(key.prefix_len(), &key.data()) {
-                out.insert(entry, value.hits);
+                out.insert(entry, value);
             }
         }
         Ok(out)
+    }
+
+    /// The kernel's own longest-prefix match for a source on a published
+    /// port: the value of the entry that decides, if any.
+    pub fn lookup_allow(
+        &self,
+        port: u16,
+        proto: Proto,
+        source: IpAddr,
+    ) -> anyhow::Result<Option<AllowValue>> {
+        let (family, addr) = crate::policy::addr_bytes(source);
+        let bits = if source.is_ipv4() { 32 } else { 128 };
+        let key = Key::new(
+            ALLOW_KEY_FIXED_BITS + bits,
+            AllowKey {
+                port,
+                proto: proto.number(),
+                family,
+                addr,
+            },
+        );
+        match self.allow.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
+        }
+    }
+
+    /// The published-port entries the kernel holds.
+    pub fn published(&self) -> anyhow::Result<BTreeMap<PublishedKey, PublishedValue>> {
+        self.published
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading DW_PUBLISHED (bpf_map_get_next_key)")
+    }
+
+    /// The settings the loaded program runs with.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        self.config
+            .get(&0, 0)
+            .context("reading DW_CONFIG (bpf_map_lookup_elem)")
+    }
+
+    pub fn set_config(&mut self, config: Config) -> anyhow::Result<()> {
+        self.config
+            .set(0, config, 0)
+            .context("writing DW_CONFIG (bpf_map_update_elem)")
+    }
+
+    /// Drops (or would-be drops) per published port.
+    pub fn port_drops(&self) -> anyhow::Result<BTreeMap<PortKey, u64>> {
+        self.port_drops
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading DW_PORT_DROPS (bpf_map_get_next_key)")
     }
 
     /// The verdict counters, summed over CPUs.

@@ -53,16 +53,18 @@ impl Fallback {
         }
     }
 
-    /// Installs or atomically replaces the rules.
+    /// Installs or atomically replaces the rules; in audit mode they count
+    /// would-be drops and let them through.
     pub fn apply(
         self,
         entries: &BTreeSet<AllowEntry>,
         scope: &Scope,
         ifaces: &[String],
+        audit: bool,
     ) -> anyhow::Result<()> {
         match self {
-            Fallback::Iptables(b) => iptables::apply(b, entries, scope),
-            Fallback::Nftables => nftables::apply(entries, scope, ifaces),
+            Fallback::Iptables(b) => iptables::apply(b, entries, scope, audit),
+            Fallback::Nftables => nftables::apply(entries, scope, ifaces, audit),
         }
     }
 

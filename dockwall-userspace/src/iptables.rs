@@ -34,6 +34,9 @@ pub const CHAIN_FWD: &str = "DOCKWALL-FWD";
 pub const CHAIN_IN: &str = "DOCKWALL-IN";
 pub const DOCKER_USER: &str = "DOCKER-USER";
 pub const INPUT: &str = "INPUT";
+/// Comments on dockwall's rules: what kind of rule each is.
+pub const COMMENT_ALLOW: &str = "dockwall-allow";
+pub const COMMENT_DENY: &str = "dockwall-deny";
 
 /// Which iptables Docker uses; dockwall uses the same one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,8 +137,21 @@ fn new_conn(p: Proto, dport: Option<u16>) -> String {
 }
 
 /// The `iptables-restore --noflush` input for one family: both chains,
-/// declared (so flushed) and refilled in one transaction.
-pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) -> String {
+/// declared (so flushed) and refilled in one transaction. In audit mode the
+/// drop rules return instead: their packet counters count would-be drops.
+pub fn compile(
+    family: Family,
+    entries: &BTreeSet<AllowEntry>,
+    scope: &Scope,
+    audit: bool,
+) -> String {
+    // Marked so `dockwall explain` (and an admin reading `iptables -S`)
+    // can tell an allowance's RETURN from an audit-mode deny's RETURN.
+    let allow = format!("-m comment --comment {COMMENT_ALLOW} -j RETURN");
+    let deny = format!(
+        "-m comment --comment {COMMENT_DENY} -j {}",
+        if audit { "RETURN" } else { "DROP" }
+    );
     let mut fwd = String::new();
     let mut inp = String::new();
     let returning = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN";
@@ -154,7 +170,7 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
         };
         let _ = writeln!(
             fwd,
-            "-A {CHAIN_FWD} -p {p} -m conntrack --ctstate DNAT --ctorigdstport {port}{src} -j RETURN"
+            "-A {CHAIN_FWD} -p {p} -m conntrack --ctstate DNAT --ctorigdstport {port}{src} {allow}"
         );
         for (ep, _) in endpoints
             .iter()
@@ -162,7 +178,7 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
         {
             let _ = writeln!(
                 fwd,
-                "-A {CHAIN_FWD} -d {}/{} -p {p} -m {p} --dport {} -m conntrack ! --ctstate DNAT{src} -j RETURN",
+                "-A {CHAIN_FWD} -d {}/{} -p {p} -m {p} --dport {} -m conntrack ! --ctstate DNAT{src} {allow}",
                 ep.ip,
                 family.host_len(),
                 ep.port
@@ -170,7 +186,7 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
         }
         let _ = writeln!(
             inp,
-            "-A {CHAIN_IN} -p {p} -m {p} --dport {port}{src} -j RETURN"
+            "-A {CHAIN_IN} -p {p} -m {p} --dport {port}{src} {allow}"
         );
     }
     for hp in scope
@@ -188,20 +204,20 @@ pub fn compile(family: Family, entries: &BTreeSet<AllowEntry>, scope: &Scope) ->
             .unwrap_or_default();
         let _ = writeln!(
             fwd,
-            "-A {CHAIN_FWD} {} -m conntrack --ctstate DNAT --ctorigdstport {}{orig_dst} -j DROP",
+            "-A {CHAIN_FWD} {} -m conntrack --ctstate DNAT --ctorigdstport {}{orig_dst} {deny}",
             new_conn(hp.proto, None),
             hp.port
         );
         let _ = writeln!(
             inp,
-            "-A {CHAIN_IN} {dst}{} -j DROP",
+            "-A {CHAIN_IN} {dst}{} {deny}",
             new_conn(hp.proto, Some(hp.port))
         );
     }
     for (ep, _) in &endpoints {
         let _ = writeln!(
             fwd,
-            "-A {CHAIN_FWD} -d {}/{} {} -m conntrack ! --ctstate DNAT -j DROP",
+            "-A {CHAIN_FWD} -d {}/{} {} -m conntrack ! --ctstate DNAT {deny}",
             ep.ip,
             family.host_len(),
             new_conn(ep.proto, Some(ep.port))
@@ -311,6 +327,7 @@ pub fn apply(
     backend: Backend,
     entries: &BTreeSet<AllowEntry>,
     scope: &Scope,
+    audit: bool,
 ) -> anyhow::Result<()> {
     // Sets first (rules may name new ones), then both chains in one
     // transaction per family, then sets no rule names any more.
@@ -328,7 +345,7 @@ pub fn apply(
     }
     for family in Family::ALL {
         let tool = backend.tool(family, "-restore");
-        restore(&tool, &compile(family, entries, scope))?;
+        restore(&tool, &compile(family, entries, scope, audit))?;
     }
     destroy_sets_except(&keep)
 }
@@ -518,7 +535,7 @@ mod tests {
             entry(5353, Proto::Udp, "198.51.100.7/32"),
             entry(8081, Proto::Tcp, "2001:db8::/32"),
         ]);
-        let text = compile(Family::V4, &entries, &scope());
+        let text = compile(Family::V4, &entries, &scope(), false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "*filter");
         assert_eq!(
@@ -527,19 +544,19 @@ mod tests {
         );
         // One rule per published port, its sources in a set.
         assert!(text.contains(
-            "-A DOCKWALL-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -m set --match-set dockwall-4-tcp-8081 src -j RETURN"
+            "-A DOCKWALL-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -m set --match-set dockwall-4-tcp-8081 src -m comment --comment dockwall-allow -j RETURN"
         ));
         // Direct access to the container endpoint, judged by 8081's allowances.
         assert!(text.contains(
-            "-A DOCKWALL-FWD -d 172.17.0.2/32 -p tcp -m tcp --dport 8080 -m conntrack ! --ctstate DNAT -m set --match-set dockwall-4-tcp-8081 src -j RETURN"
+            "-A DOCKWALL-FWD -d 172.17.0.2/32 -p tcp -m tcp --dport 8080 -m conntrack ! --ctstate DNAT -m set --match-set dockwall-4-tcp-8081 src -m comment --comment dockwall-allow -j RETURN"
         ));
         assert!(text.contains(
-            "-A DOCKWALL-FWD -p tcp -m tcp --tcp-flags SYN,ACK SYN -m conntrack --ctstate DNAT --ctorigdstport 8081 -j DROP"
+            "-A DOCKWALL-FWD -p tcp -m tcp --tcp-flags SYN,ACK SYN -m conntrack --ctstate DNAT --ctorigdstport 8081 -m comment --comment dockwall-deny -j DROP"
         ));
         assert!(text.contains(
-            "-A DOCKWALL-FWD -p udp -m udp -m conntrack --ctstate DNAT --ctorigdstport 5353 --ctorigdst 10.0.0.5 -j DROP"
+            "-A DOCKWALL-FWD -p udp -m udp -m conntrack --ctstate DNAT --ctorigdstport 5353 --ctorigdst 10.0.0.5 -m comment --comment dockwall-deny -j DROP"
         ));
-        assert!(text.contains("-A DOCKWALL-IN -d 10.0.0.5/32 -p udp -m udp --dport 5353 -j DROP"));
+        assert!(text.contains("-A DOCKWALL-IN -d 10.0.0.5/32 -p udp -m udp --dport 5353 -m comment --comment dockwall-deny -j DROP"));
         assert!(
             !text.contains("dockwall-6-"),
             "IPv6 sets stay out of the IPv4 rules"
@@ -569,9 +586,9 @@ mod tests {
             entry(8081, Proto::Tcp, "0.0.0.0/0"),
             entry(8081, Proto::Tcp, "192.0.2.0/24"),
         ]);
-        let text = compile(Family::V4, &entries, &scope());
+        let text = compile(Family::V4, &entries, &scope(), false);
         assert!(text.contains(
-            "-A DOCKWALL-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -j RETURN"
+            "-A DOCKWALL-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8081 -m comment --comment dockwall-allow -j RETURN"
         ));
         assert!(!text.contains("--match-set"));
         assert_eq!(compile_sets(Family::V4, &entries), "");
@@ -580,13 +597,13 @@ mod tests {
     #[test]
     fn v6_rules_cover_the_userland_proxy_path() {
         let entries = BTreeSet::from([entry(8081, Proto::Tcp, "2001:db8::/32")]);
-        let text = compile(Family::V6, &entries, &scope());
+        let text = compile(Family::V6, &entries, &scope(), false);
         assert!(text.contains(
-            "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 -m set --match-set dockwall-6-tcp-8081 src -j RETURN"
+            "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 -m set --match-set dockwall-6-tcp-8081 src -m comment --comment dockwall-allow -j RETURN"
         ));
         assert!(
             text.contains(
-                "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 --tcp-flags SYN,ACK SYN -j DROP"
+                "-A DOCKWALL-IN -p tcp -m tcp --dport 8081 --tcp-flags SYN,ACK SYN -m comment --comment dockwall-deny -j DROP"
             )
         );
         assert!(!text.contains("172.17"));
@@ -595,7 +612,7 @@ mod tests {
 
     #[test]
     fn empty_policy_is_still_a_valid_transaction() {
-        let text = compile(Family::V4, &BTreeSet::new(), &Scope::default());
+        let text = compile(Family::V4, &BTreeSet::new(), &Scope::default(), false);
         assert_eq!(text.lines().count(), 6);
     }
 }

@@ -3,13 +3,18 @@
 //! The binary's modules are public so the kernel tests (tests/) can load the
 //! same embedded object and compile keys with the same code.
 pub mod cli;
+pub mod clock;
 pub mod command;
 pub mod config;
 pub mod docker;
+pub mod droplog;
 pub mod ebpf;
+pub mod explain;
 pub mod fallback;
 pub mod iptables;
+pub mod metrics;
 pub mod nftables;
+pub mod notify;
 pub mod policy;
 pub mod runtime;
 pub mod sync;

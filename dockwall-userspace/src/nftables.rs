@@ -27,7 +27,10 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crate::policy::{AllowEntry, Proto, Scope, group_allowed};
+use crate::{
+    iptables::{COMMENT_ALLOW, COMMENT_DENY},
+    policy::{AllowEntry, Proto, Scope, group_allowed},
+};
 
 /// `table inet dockwall`.
 pub const TABLE: &str = "dockwall";
@@ -67,8 +70,22 @@ fn new_conn(p: Proto, dport: u16) -> String {
     }
 }
 
-/// The `nft -f` script that replaces the whole table atomically.
-pub fn compile(entries: &BTreeSet<AllowEntry>, scope: &Scope, ifaces: &[String]) -> String {
+/// The `nft -f` script that replaces the whole table atomically. In audit
+/// mode the drop rules count and return instead.
+pub fn compile(
+    entries: &BTreeSet<AllowEntry>,
+    scope: &Scope,
+    ifaces: &[String],
+    audit: bool,
+) -> String {
+    // Marked so `dockwall explain` (and an admin reading `nft list`) can
+    // tell an allowance's return from an audit-mode deny's return.
+    let deny = if audit {
+        format!("counter return comment \"{COMMENT_DENY}\"")
+    } else {
+        format!("drop comment \"{COMMENT_DENY}\"")
+    };
+    let allow = format!("return comment \"{COMMENT_ALLOW}\"");
     let mut sets = String::new();
     let mut rules = String::new();
     let quoted: Vec<String> = ifaces.iter().map(|i| format!("\"{i}\"")).collect();
@@ -104,13 +121,13 @@ pub fn compile(entries: &BTreeSet<AllowEntry>, scope: &Scope, ifaces: &[String])
             if let Some(src) = allowed(*policy_port, ep.proto) {
                 let _ = writeln!(
                     rules,
-                    "\t\t{addr} daddr {} {p} dport {}{src} return",
+                    "\t\t{addr} daddr {} {p} dport {}{src} {allow}",
                     ep.ip, ep.port
                 );
             }
             let _ = writeln!(
                 rules,
-                "\t\t{addr} daddr {} {} drop",
+                "\t\t{addr} daddr {} {} {deny}",
                 ep.ip,
                 new_conn(ep.proto, ep.port)
             );
@@ -128,7 +145,7 @@ pub fn compile(entries: &BTreeSet<AllowEntry>, scope: &Scope, ifaces: &[String])
                 let p = proto_name(proto);
                 let _ = writeln!(
                     rules,
-                    "\t\tmeta nfproto {nfproto} {p} dport {port}{src} return"
+                    "\t\tmeta nfproto {nfproto} {p} dport {port}{src} {allow}"
                 );
             }
         }
@@ -139,7 +156,7 @@ pub fn compile(entries: &BTreeSet<AllowEntry>, scope: &Scope, ifaces: &[String])
                 .unwrap_or_default();
             let _ = writeln!(
                 rules,
-                "\t\tmeta nfproto {nfproto}{dst} {} drop",
+                "\t\tmeta nfproto {nfproto}{dst} {} {deny}",
                 new_conn(hp.proto, hp.port)
             );
         }
@@ -154,8 +171,9 @@ pub fn apply(
     entries: &BTreeSet<AllowEntry>,
     scope: &Scope,
     ifaces: &[String],
+    audit: bool,
 ) -> anyhow::Result<()> {
-    nft_script(&compile(entries, scope, ifaces))
+    nft_script(&compile(entries, scope, ifaces, audit))
 }
 
 fn nft_script(script: &str) -> anyhow::Result<()> {
@@ -212,27 +230,31 @@ mod tests {
             entry(8081, Proto::Tcp, "2001:db8::/32"),
             entry(5353, Proto::Udp, "0.0.0.0/0"),
         ]);
-        let text = compile(&entries, &scope, &["eth0".to_string()]);
+        let text = compile(&entries, &scope, &["eth0".to_string()], false);
         assert!(text.starts_with("table inet dockwall\ndelete table inet dockwall\n"));
-        assert!(text.contains("iifname != { \"eth0\" } return"));
+        assert!(text.contains("iifname != { \"eth0\" } return\n"));
         assert!(text.contains("set allow4_tcp_8081 {"));
         assert!(text.contains("elements = { 192.0.2.0/24 }"));
         assert!(
-            text.contains("ip daddr 172.17.0.2 tcp dport 8080 ip saddr @allow4_tcp_8081 return")
+            text.contains("ip daddr 172.17.0.2 tcp dport 8080 ip saddr @allow4_tcp_8081 return comment \"dockwall-allow\"")
         );
         assert!(
-            text.contains("ip daddr 172.17.0.2 tcp dport 8080 tcp flags & (syn | ack) == syn drop")
+            text.contains("ip daddr 172.17.0.2 tcp dport 8080 tcp flags & (syn | ack) == syn drop comment \"dockwall-deny\"")
         );
-        assert!(text.contains("meta nfproto ipv4 tcp dport 8081 ip saddr @allow4_tcp_8081 return"));
+        assert!(text.contains("meta nfproto ipv4 tcp dport 8081 ip saddr @allow4_tcp_8081 return comment \"dockwall-allow\""));
         assert!(
-            text.contains("meta nfproto ipv4 tcp dport 8081 tcp flags & (syn | ack) == syn drop")
+            text.contains("meta nfproto ipv4 tcp dport 8081 tcp flags & (syn | ack) == syn drop comment \"dockwall-deny\"")
         );
         assert!(
-            text.contains("meta nfproto ipv6 tcp dport 8081 ip6 saddr @allow6_tcp_8081 return")
+            text.contains("meta nfproto ipv6 tcp dport 8081 ip6 saddr @allow6_tcp_8081 return comment \"dockwall-allow\"")
         );
         // `any` needs no set; a specific bind names its address.
-        assert!(text.contains("meta nfproto ipv4 udp dport 5353 return"));
-        assert!(text.contains("meta nfproto ipv4 ip daddr 10.0.0.5 udp dport 5353 drop"));
+        assert!(
+            text.contains("meta nfproto ipv4 udp dport 5353 return comment \"dockwall-allow\"")
+        );
+        assert!(text.contains(
+            "meta nfproto ipv4 ip daddr 10.0.0.5 udp dport 5353 drop comment \"dockwall-deny\""
+        ));
         let endpoint = text.find("ip daddr 172.17.0.2").unwrap();
         let host = text.find("meta nfproto ipv4 tcp dport 8081").unwrap();
         assert!(endpoint < host, "endpoints are judged before host ports");

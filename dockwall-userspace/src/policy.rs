@@ -444,6 +444,48 @@ pub fn compile_allowances(
     entries
 }
 
+/// When each allowance entry stops letting anyone in (unix seconds; `None`
+/// = never), for the kernel's `expires_ns`.
+///
+/// The kernel only sees the longest matching entry, so an entry's expiry is
+/// the latest of every allowance that needs it or a shorter prefix covering
+/// it (same port and protocol): a lapsed /32 inside a permanent /24 must
+/// not shut out what the /24 still lets in.
+pub fn entry_expiries(
+    entries: &BTreeMap<AllowEntry, Vec<usize>>,
+    expiry: impl Fn(usize) -> Option<u64>,
+) -> BTreeMap<AllowEntry, Option<u64>> {
+    let later = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a.max(b));
+    let own: BTreeMap<AllowEntry, Option<u64>> = entries
+        .iter()
+        .map(|(entry, owners)| {
+            let at = owners.iter().map(|&o| expiry(o)).reduce(later).flatten();
+            (*entry, at)
+        })
+        .collect();
+    own.iter()
+        .map(|(entry, &at)| {
+            let mut effective = at;
+            // Only expiring entries need the walk up (at most 128 lookups).
+            let mut len = entry.net.prefix_len();
+            while effective.is_some() && len > 0 {
+                len -= 1;
+                let Ok(wider) = IpNet::new(entry.net.addr(), len) else {
+                    break;
+                };
+                let wider = AllowEntry {
+                    net: wider.trunc(),
+                    ..*entry
+                };
+                if let Some(&w) = own.get(&wider) {
+                    effective = later(effective, w);
+                }
+            }
+            (*entry, effective)
+        })
+        .collect()
+}
+
 /// The allowed sources of one (published port, protocol) in one family:
 /// everyone (a /0), or a list of networks. Both fallbacks keep the list in a
 /// set of their own (ipset, nftables set) and match it with one rule.
@@ -770,5 +812,44 @@ mod tests {
                 .any(|k| k.family == FAMILY_V6 && k.addr == [0; 16] && k.port == 8081)
         );
         assert!(keys.iter().any(|k| k.addr[..4] == [10, 0, 0, 5]));
+    }
+
+    #[test]
+    fn an_entry_expires_only_when_every_covering_allowance_has() {
+        let e = |net: &str, port: u16| AllowEntry {
+            port,
+            proto: Proto::Tcp,
+            net: net.parse().unwrap(),
+        };
+        let entries = BTreeMap::from([
+            (e("192.0.2.7/32", 80), vec![0]),
+            (e("192.0.2.0/24", 80), vec![1]),
+            (e("192.0.2.8/32", 80), vec![2, 3]),
+            (e("198.51.100.7/32", 80), vec![4]),
+            (e("198.51.100.0/24", 80), vec![5]),
+            (e("198.51.100.0/24", 443), vec![6]),
+        ]);
+        // 0: expires 100, inside 1 (never); 2+3: 50 and 70; 4: 30 inside 5: 60.
+        let at = [
+            Some(100),
+            None,
+            Some(50),
+            Some(70),
+            Some(30),
+            Some(60),
+            None,
+        ];
+        let got = entry_expiries(&entries, |i| at[i]);
+        assert_eq!(got[&e("192.0.2.7/32", 80)], None);
+        assert_eq!(got[&e("192.0.2.0/24", 80)], None);
+        assert_eq!(got[&e("192.0.2.8/32", 80)], None);
+        assert_eq!(got[&e("198.51.100.7/32", 80)], Some(60));
+        assert_eq!(got[&e("198.51.100.0/24", 80)], Some(60));
+        assert_eq!(got[&e("198.51.100.0/24", 443)], None);
+        let lone = BTreeMap::from([(e("203.0.113.0/24", 80), vec![0, 1])]);
+        assert_eq!(
+            entry_expiries(&lone, |i| [Some(5), Some(9)][i])[&e("203.0.113.0/24", 80)],
+            Some(9)
+        );
     }
 }

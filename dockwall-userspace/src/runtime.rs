@@ -48,6 +48,12 @@ pub struct State {
     /// Drift the daemon found and repaired, newest last ("<unix time> what").
     #[serde(default)]
     pub repairs: Vec<String>,
+    /// `load --audit`: nothing is dropped, would-be drops are counted.
+    #[serde(default)]
+    pub audit: bool,
+    /// Where `load --metrics` serves Prometheus metrics, if it does.
+    #[serde(default)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How many repairs `status` keeps showing.

@@ -2,9 +2,10 @@
 //! ports -> compiled scope and entries -> every installed dataplane.
 //! `load`, its event loop, `allow` and `revoke` all go through [`apply`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
+    clock,
     config::Policy,
     docker,
     ebpf::{Changes, Maps},
@@ -46,9 +47,11 @@ pub struct Dataplanes {
     pub ifaces: Vec<String>,
     /// What the fallback was last set to, so an unchanged policy is not
     /// rewritten on every resync (100k set members every 2 s otherwise).
-    pub fallback_applied: Option<(BTreeSet<AllowEntry>, policy::Scope)>,
+    pub fallback_applied: Option<(BTreeSet<AllowEntry>, policy::Scope, bool)>,
     /// The policy last recorded as in force (same reason).
     pub policy_applied: Option<Policy>,
+    /// `load --audit`: the fallback counts would-be drops instead of dropping.
+    pub audit: bool,
 }
 
 impl Dataplanes {
@@ -69,6 +72,7 @@ impl Dataplanes {
             ifaces: state.interfaces.iter().map(|i| i.name.clone()).collect(),
             fallback_applied: None,
             policy_applied: None,
+            audit: state.audit,
         }))
     }
 }
@@ -80,35 +84,55 @@ pub struct Applied {
     pub allow: Changes,
 }
 
-/// The allowance entries the policy compiles to for these bindings.
+/// The allowance entries the policy compiles to for these bindings (the
+/// policy as it is in force: expired allowances already left out).
 pub fn entries(policy: &Policy, bindings: &[Binding]) -> BTreeSet<AllowEntry> {
     policy::compile_allowances(&policy.allowances, bindings)
         .into_keys()
         .collect()
 }
 
+/// The entries with the unix time each stops matching (`None`: never).
+pub fn entries_with_expiry(
+    policy: &Policy,
+    bindings: &[Binding],
+) -> BTreeMap<AllowEntry, Option<u64>> {
+    let compiled = policy::compile_allowances(&policy.allowances, bindings);
+    policy::entry_expiries(&compiled, |i| {
+        policy.expires.get(&policy.allowances[i]).copied()
+    })
+}
+
 /// Brings every installed dataplane in line with the policy. The eBPF
 /// published map is only rewritten from a live Docker view: a stale snapshot
 /// never removes ports. The fallback's rules are rewritten whole, atomically.
+/// Allowances that have expired are left out everywhere; the kernel also
+/// gets each remaining expiry, so it lapses on time without us.
 pub fn apply(
     dataplanes: &mut Dataplanes,
     policy: &Policy,
     bindings: &[Binding],
     source: BindingsSource,
 ) -> anyhow::Result<Applied> {
-    let entries = entries(policy, bindings);
+    let live = policy.in_force(clock::now_unix());
+    let with_expiry = entries_with_expiry(&live, bindings);
+    let entries: BTreeSet<AllowEntry> = with_expiry.keys().copied().collect();
     let mut applied = Applied::default();
     if let Some(maps) = dataplanes.maps.as_mut() {
         if source == BindingsSource::Docker {
             applied.published = maps.sync_published(&policy::compile_published(bindings))?;
         }
-        applied.allow = maps.sync_allow(&entries)?;
+        let kernel: BTreeMap<AllowEntry, u64> = with_expiry
+            .iter()
+            .map(|(e, at)| (*e, at.map_or(0, clock::boot_ns_at)))
+            .collect();
+        applied.allow = maps.sync_allow(&kernel)?;
     }
     if let Some(fallback) = dataplanes.fallback {
-        let wanted = (entries, policy::compile_scope(bindings));
+        let wanted = (entries, policy::compile_scope(bindings), dataplanes.audit);
         // Rewrite when the policy changed, or when our rules went missing.
         if dataplanes.fallback_applied.as_ref() != Some(&wanted) || !fallback.present() {
-            fallback.apply(&wanted.0, &wanted.1, &dataplanes.ifaces)?;
+            fallback.apply(&wanted.0, &wanted.1, &dataplanes.ifaces, wanted.2)?;
             dataplanes.fallback_applied = Some(wanted);
         }
     }

@@ -10,9 +10,13 @@ use std::{
 
 use aya::{
     Ebpf,
+    maps::{MapData, RingBuf},
     programs::{TestRun as _, TestRunOptions},
 };
-use dockwall_common::{PROG_EGRESS, PROG_INGRESS, stat};
+use dockwall_common::{
+    CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, MAP_EVENTS, PROG_EGRESS, PROG_INGRESS, PROTO_TCP,
+    PROTO_UDP, PortKey, stat,
+};
 use dockwall_userspace::{
     ebpf::{self, Maps},
     policy::{self, AllowEntry, Allowance, Binding, Proto, Target},
@@ -66,7 +70,7 @@ impl Harness {
         let entries: BTreeSet<AllowEntry> = policy::compile_allowances(&allowances, &bindings)
             .into_keys()
             .collect();
-        maps.sync_allow(&entries).unwrap();
+        maps.sync_allow(&permanent(&entries)).unwrap();
         Harness { ebpf, maps }
     }
 
@@ -105,6 +109,11 @@ impl Harness {
     fn stats(&self) -> [u64; stat::COUNT as usize] {
         self.maps.stats().unwrap()
     }
+}
+
+/// Entries that never expire, as the kernel map takes them.
+fn permanent(entries: &BTreeSet<AllowEntry>) -> BTreeMap<AllowEntry, u64> {
+    entries.iter().map(|e| (*e, 0)).collect()
 }
 
 fn binding(name: &str, ip: &str, host_port: u16, cport: u16, proto: Proto) -> Binding {
@@ -616,9 +625,11 @@ fn allowance_changes_take_effect_on_the_next_packet() {
         proto: Proto::Tcp,
         net: "192.0.2.10/32".parse().unwrap(),
     };
-    h.maps.sync_allow(&BTreeSet::from([entry])).unwrap();
+    h.maps
+        .sync_allow(&permanent(&BTreeSet::from([entry])))
+        .unwrap();
     assert_eq!(h.ingress(&frame), PASS);
-    h.maps.sync_allow(&BTreeSet::new()).unwrap();
+    h.maps.sync_allow(&BTreeMap::new()).unwrap();
     assert_eq!(h.ingress(&frame), DROP);
     // Unpublishing the port takes it out of scope.
     h.maps.sync_published(&BTreeMap::new()).unwrap();
@@ -1100,7 +1111,7 @@ fn random_mutations_always_get_a_verdict_and_are_counted_once() {
         "{refused} of 4000 refused by the kernel: too few frames reached the program"
     );
     assert_eq!(
-        s.iter().sum::<u64>() + refused,
+        s[..stat::VERDICTS as usize].iter().sum::<u64>() + refused,
         4000,
         "every run counted once: {s:?}"
     );
@@ -1112,4 +1123,177 @@ fn ip_addr_helpers_agree_with_the_kernel_layout() {
     assert_eq!(family, dockwall_common::FAMILY_V4);
     assert_eq!(&bytes[..4], &[192, 0, 2, 1]);
     assert!(bytes[4..].iter().all(|b| *b == 0));
+}
+
+// ---- audit mode, drop log, per-port drops, expiring allowances ---------------
+
+/// Runs `frame` `repeat` times in one BPF_PROG_TEST_RUN call.
+fn run_repeat(h: &mut Harness, frame: &[u8], repeat: u32) -> u32 {
+    let prog = ebpf::program(&mut h.ebpf, PROG_INGRESS).unwrap();
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
+    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+}
+
+fn drain_events(ring: &mut RingBuf<MapData>) -> Vec<DropEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), std::mem::size_of::<DropEvent>());
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DropEvent>()) });
+    }
+    out
+}
+
+fn events_ring(h: &mut Harness) -> RingBuf<MapData> {
+    RingBuf::try_from(h.ebpf.take_map(MAP_EVENTS).unwrap()).unwrap()
+}
+
+#[test]
+fn audit_mode_passes_would_be_drops_and_counts_them() {
+    let mut h = Harness::standard();
+    let mut ring = events_ring(&mut h);
+    h.maps
+        .set_config(Config {
+            flags: CONFIG_AUDIT,
+            log_rate: 100,
+        })
+        .unwrap();
+    let denied = syn4("192.0.3.10", HOST4, 8081);
+    let allowed = syn4("192.0.2.10", HOST4, 8081);
+    assert_eq!(h.ingress(&denied), PASS, "audit mode drops nothing");
+    assert_eq!(h.ingress(&allowed), PASS);
+    assert_eq!(h.ingress(&syn6("2001:db8:2::1", HOST6, 8081)), PASS);
+    // Malformed packets are still dropped (the IP stack would discard them).
+    let mut bad = denied.clone();
+    bad[14] = 0x43; // IHL 3
+    assert_eq!(h.ingress(&bad), DROP);
+    let s = h.stats();
+    assert_eq!(s[stat::AUDITED as usize], 2);
+    assert_eq!(s[stat::DROPPED as usize], 0);
+    assert_eq!(s[stat::ALLOWED as usize], 1);
+    let events = drain_events(&mut ring);
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| e.flags & EVENT_AUDIT != 0));
+    assert_eq!(events[0].src[..4], [192, 0, 3, 10]);
+    assert_eq!((events[0].dport, events[0].policy_port), (8081, 8081));
+    assert_eq!(events[1].family, dockwall_common::FAMILY_V6);
+    // Back to enforcing: the same packet is dropped and logged as a drop.
+    h.maps
+        .set_config(Config {
+            flags: 0,
+            log_rate: 100,
+        })
+        .unwrap();
+    assert_eq!(h.ingress(&denied), DROP);
+    let events = drain_events(&mut ring);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].flags & EVENT_AUDIT, 0);
+}
+
+#[test]
+fn drops_are_counted_per_published_port_including_direct_container_access() {
+    let mut h = Harness::standard();
+    assert_eq!(
+        run_repeat(&mut h, &syn4("192.0.3.10", HOST4, 8081), 7),
+        DROP
+    );
+    assert_eq!(h.ingress(&udp4("192.0.3.10", HOST4, 999, 5353)), DROP);
+    // Straight to web's address and container port: charged to 8081/tcp.
+    assert_eq!(h.ingress(&syn4("192.0.3.10", "172.17.0.2", 8080)), DROP);
+    assert_eq!(h.ingress(&syn4("192.0.2.10", HOST4, 8081)), PASS);
+    let drops = h.maps.port_drops().unwrap();
+    let get = |port, proto| {
+        drops
+            .get(&PortKey {
+                port,
+                proto,
+                _pad: 0,
+            })
+            .copied()
+    };
+    assert_eq!(get(8081, PROTO_TCP), Some(8));
+    assert_eq!(get(5353, PROTO_UDP), Some(1));
+    assert_eq!(drops.len(), 2, "{drops:?}");
+}
+
+#[test]
+fn drop_log_is_rate_limited_in_the_kernel_under_a_flood() {
+    let mut h = Harness::standard();
+    let mut ring = events_ring(&mut h);
+    let rate = 10;
+    h.maps
+        .set_config(Config {
+            flags: 0,
+            log_rate: rate,
+        })
+        .unwrap();
+    let flood = 100_000;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        run_repeat(&mut h, &syn4("192.0.3.10", HOST4, 8081), flood),
+        DROP
+    );
+    let windows = started.elapsed().as_secs() + 1;
+    let events = drain_events(&mut ring).len() as u64;
+    let s = h.stats();
+    assert_eq!(s[stat::DROPPED as usize], u64::from(flood));
+    assert!(
+        events >= u64::from(rate) && events <= windows * u64::from(rate),
+        "{events} events from a flood of {flood} in {windows} window(s) at {rate}/s"
+    );
+    assert_eq!(
+        events + s[stat::LOG_SUPPRESSED as usize] + s[stat::LOG_LOST as usize],
+        u64::from(flood),
+        "every drop is logged, suppressed or lost: {s:?}"
+    );
+    // Logging off: drops are still counted, nothing is sent.
+    h.maps
+        .set_config(Config {
+            flags: 0,
+            log_rate: 0,
+        })
+        .unwrap();
+    assert_eq!(h.ingress(&syn4("192.0.3.11", HOST4, 8081)), DROP);
+    assert!(drain_events(&mut ring).is_empty());
+}
+
+#[test]
+fn an_expiring_allowance_stops_matching_in_the_kernel_on_time() {
+    let mut h = Harness::new(&[]);
+    let host = AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: "192.0.2.10/32".parse().unwrap(),
+    };
+    let lapsed = AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: "192.0.2.20/32".parse().unwrap(),
+    };
+    let boot = dockwall_userspace::clock::boot_ns();
+    h.maps
+        .sync_allow(&BTreeMap::from([
+            (host, boot + 1_500_000_000),
+            (lapsed, boot - 1),
+        ]))
+        .unwrap();
+    let frame = syn4("192.0.2.10", HOST4, 8081);
+    assert_eq!(h.ingress(&frame), PASS, "before its expiry");
+    assert_eq!(h.ingress(&syn4("192.0.2.20", HOST4, 8081)), DROP);
+    assert_eq!(h.stats()[stat::EXPIRED as usize], 1);
+    // Nothing in userspace runs from here on: the kernel's clock decides.
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    assert_eq!(h.ingress(&frame), DROP, "after its expiry");
+    let s = h.stats();
+    assert_eq!(s[stat::EXPIRED as usize], 2);
+    assert_eq!(s[stat::ALLOWED as usize], 1);
+    // Re-syncing with a later expiry keeps the hit counter.
+    h.maps
+        .sync_allow(&BTreeMap::from([(host, boot + 60_000_000_000)]))
+        .unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+    assert_eq!(h.maps.allow_hits().unwrap()[&host], 2);
 }

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | test | demo`.
+//! Developer tasks: `cargo xtask setup | build | test | demo | bench | install`.
 //!
 //! Everything a fresh machine needs is installed by `setup`, which `build`,
 //! `test` and `demo` run first (each step is skipped when already done).
@@ -7,6 +7,7 @@ mod demo;
 mod durability;
 mod e2e;
 mod equivalence;
+mod install;
 mod lab;
 mod setup;
 mod util;
@@ -38,6 +39,12 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Setup, build, then install the binary, systemd unit, man pages and completions
+    Install {
+        /// Install below this directory instead of / (staging, packaging)
+        #[arg(long, default_value = "/")]
+        root: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +59,9 @@ fn main() -> ExitCode {
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),
         Task::Bench { quick } => setup::run().and_then(|()| util::bench(quick).map(|_| ())),
+        Task::Install { root } => setup::run()
+            .and_then(|()| util::build_release())
+            .and_then(|()| install::run(&root)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

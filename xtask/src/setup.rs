@@ -10,7 +10,9 @@ use crate::util::{self, capture, output, sh};
 /// Debian packages: a Docker engine for the end-to-end tests and the demo,
 /// iptables (Docker and the fallback need it), ipset (the fallback's sets),
 /// nftables (the other fallback), busybox-static and gcc for the test image,
-/// iproute2 for namespaces and veths.
+/// iproute2 for namespaces and veths; systemd (systemd-analyze verify for
+/// the unit), man-db and groff-base (rendering the man pages), curl
+/// (scraping the metrics endpoint) for the operations tests.
 const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "iptables",
@@ -21,6 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "gcc",
     "libc6-dev",
+    "systemd",
+    "man-db",
+    "groff-base",
+    "curl",
 ];
 /// Where the nightly's libLLVM is exposed to bpf-linker's build. It keeps an
 /// rpath to this folder, so it must stay put.

@@ -14,7 +14,10 @@ use crate::{
 #[derive(Debug, Args)]
 #[command(
     after_help = "PORT is the published port (8081 in `-p 8081:8080`); tcp unless /udp is given.\n\
-CONTAINER is NAME or NAME:CONTAINER_PORT[/proto] (8080 in `-p 8081:8080`)."
+CONTAINER is NAME or NAME:CONTAINER_PORT[/proto] (8080 in `-p 8081:8080`).\n\
+With --for the allowance lapses on time: the kernel stops matching it even if the daemon is not \
+running, and the daemon removes it from the saved file and the fallback rules. Allowing it \
+again without --for makes it permanent."
 )]
 pub struct AllowArgs {
     /// Source address, CIDR (203.0.113.0/24, 2001:db8::/48) or `any`
@@ -29,6 +32,9 @@ pub struct AllowArgs {
     /// A note saved with the allowance (who, why), shown by `list`
     #[arg(long)]
     pub comment: Option<String>,
+    /// Lapse after DURATION (90s, 30m, 2h, 7d), checked by the kernel even with no daemon running
+    #[arg(long = "for", value_name = "DURATION", value_parser = crate::clock::parse_duration)]
+    pub lifetime: Option<std::time::Duration>,
 }
 
 macro_rules! arg_newtype {
@@ -82,6 +88,11 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
             "`dockwall {verb} {source}` needs at least one --port PORT[/proto] or --container NAME"
         );
     }
+    if action == Action::Revoke && args.lifetime.is_some() {
+        bail!(
+            "--for only goes with `dockwall allow`; `dockwall revoke` removes an allowance at once"
+        );
+    }
     super::require_root(verb)?;
     config::check_readable(config_path)?;
     let rt = super::runtime()?;
@@ -114,7 +125,9 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         bail!("no saved allowance '{missing}' to revoke (see `dockwall list`)");
     }
 
+    let now = crate::clock::now_unix();
     let mut changed = Vec::new();
+    let mut renewed = Vec::new();
     for allowance in &wanted {
         let did = match action {
             Action::Allow => policy.add(allowance.clone()),
@@ -127,6 +140,17 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
             && let Some(comment) = &args.comment
         {
             policy.comments.insert(allowance.clone(), comment.clone());
+        }
+        if action == Action::Allow {
+            let before = policy.expires.get(allowance).copied();
+            let after = args.lifetime.map(|d| now + d.as_secs());
+            match after {
+                Some(at) => policy.expires.insert(allowance.clone(), at),
+                None => policy.expires.remove(allowance),
+            };
+            if before != after && !changed.contains(&allowance) {
+                renewed.push(allowance);
+            }
         }
     }
     config::save(config_path, &policy, &lock)?;
@@ -148,8 +172,18 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
     for allowance in &wanted {
         let note = if changed.contains(&allowance) {
             ""
+        } else if renewed.contains(&allowance) {
+            " (already saved; new expiry)"
         } else {
             " (already saved)"
+        };
+        let until = match policy.expires.get(allowance) {
+            Some(&at) if action == Action::Allow => format!(
+                " until {} ({})",
+                crate::clock::rfc3339(at),
+                crate::clock::remaining(at, now)
+            ),
+            _ => String::new(),
         };
         let resolved: Vec<String> = policy::resolve_target(&allowance.target, &bindings)
             .iter()
@@ -164,7 +198,7 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         } else {
             String::new()
         };
-        println!("{past} {allowance}{ports}{note}");
+        println!("{past} {allowance}{ports}{until}{note}");
     }
     if in_force {
         println!("in force now");

@@ -25,6 +25,12 @@ struct Row {
     /// New connections let in by the kernel entries of this allowance
     /// (an entry shared by two allowances counts for both); null when not loaded.
     hits: Option<u64>,
+    /// RFC 3339 UTC time it lapses; null: never.
+    expires_at: Option<String>,
+    /// Seconds left (0 once lapsed); null: never expires.
+    expires_in_secs: Option<u64>,
+    /// Lapsed: no longer in force (the daemon removes it at its next sync).
+    expired: bool,
 }
 
 pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
@@ -43,12 +49,16 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
             entries_of[owner].push(entry);
         }
     }
+    let now = crate::clock::now_unix();
     let rows: Vec<Row> = policy
         .allowances
         .iter()
         .enumerate()
         .map(|(index, a)| Row {
             comment: policy.comments.get(a).cloned(),
+            expires_at: policy.expires.get(a).map(|&at| crate::clock::rfc3339(at)),
+            expires_in_secs: policy.expires.get(a).map(|&at| at.saturating_sub(now)),
+            expired: policy.expired(a, now),
             source: a.source.to_string(),
             target: a.target.to_string(),
             // Only ports something publishes now: an allowance for a port
@@ -82,22 +92,28 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<22} {:<28} {:<24} {:>8}  COMMENT",
-        "SOURCE", "TARGET", "PUBLISHED NOW", "HITS"
+        "{:<22} {:<28} {:<24} {:>8}  {:<16} COMMENT",
+        "SOURCE", "TARGET", "PUBLISHED NOW", "HITS", "EXPIRES"
     );
     for row in rows {
-        let now = if row.resolves_to.is_empty() {
+        let published = if row.resolves_to.is_empty() {
             "-".to_string()
         } else {
             row.resolves_to.join(",")
         };
         let hits = row.hits.map_or("-".to_string(), |h| h.to_string());
+        let expires = match (row.expired, row.expires_in_secs) {
+            (true, _) => "EXPIRED".to_string(),
+            (false, Some(left)) => format!("in {}", crate::clock::remaining(left, 0)),
+            (false, None) => "never".to_string(),
+        };
         println!(
-            "{:<22} {:<28} {:<24} {:>8}  {}",
+            "{:<22} {:<28} {:<24} {:>8}  {:<16} {}",
             row.source,
             row.target,
-            now,
+            published,
             hits,
+            expires,
             row.comment.as_deref().unwrap_or("")
         );
     }

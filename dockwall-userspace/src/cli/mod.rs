@@ -5,6 +5,8 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod allow;
+mod explain;
+mod generate;
 mod list;
 mod load;
 mod reload;
@@ -22,10 +24,14 @@ Examples:
   sudo dockwall allow 203.0.113.7 --port 8081          one address to published port 8081/tcp
   sudo dockwall allow 198.51.100.0/24 --port 5353/udp  a network to a UDP port
   sudo dockwall allow any --container web              everyone to every port `web` publishes
-    sudo dockwall revoke 203.0.113.7 --port 8081
+  sudo dockwall allow 198.51.100.9 --port 22022 --for 2h  lapses on time, even with no daemon
+  sudo dockwall revoke 203.0.113.7 --port 8081
   sudo dockwall reload                                 apply a hand edit of the saved file
   dockwall list
   dockwall status --json
+  dockwall explain 203.0.113.9 8081                   who decides, where it lands, dataplanes agree?
+  sudo dockwall load --iface eth0 --audit              try a policy: count and log, drop nothing
+  sudo dockwall load --iface eth0 --metrics 127.0.0.1:9464
   sudo dockwall unload                                 detach; saved allowances stay
 
 PORT is the published port, the one clients connect to: 8081 in `docker run -p 8081:8080`.";
@@ -61,8 +67,14 @@ pub enum Command {
     List(ListArgs),
     /// Show whether the filter is in force (exit 0 only then), interfaces, ports, counters
     Status(StatusArgs),
+    /// Say what would happen to a new connection from SOURCE to a published PORT, and why
+    Explain(explain::ExplainArgs),
     /// Detach the filter and remove everything dockwall installed (allowances stay saved)
     Unload,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout
+    Completions(generate::CompletionsArgs),
+    /// Write the man pages (dockwall.8 and one per subcommand) into a directory
+    Man(generate::ManArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -75,6 +87,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => list::run(&config, args),
         Command::Status(args) => status::run(args),
         Command::Unload => unload::run(&config),
+        Command::Explain(args) => explain::run(&config, args),
+        Command::Completions(args) => generate::completions(args),
+        Command::Man(args) => generate::man(args),
     }
 }
 

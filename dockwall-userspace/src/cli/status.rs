@@ -1,14 +1,21 @@
-//! `dockwall status`: is the filter in force? Exit 0 only when it is.
+//! `dockwall status`: is the filter in force? Exit 0 only when it is and
+//! enforcing; 3 when it is loaded in audit mode (counting, not dropping).
 
 use std::process::ExitCode;
 
 use clap::Args;
-use dockwall_common::stat;
+use dockwall_common::{CONFIG_AUDIT, stat};
 use serde::Serialize;
 
 use crate::{ebpf, policy::Binding, runtime};
 
+/// `status` exit code: loaded and hooked in, but in audit mode.
+pub const EXIT_AUDIT: u8 = 3;
+
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 in force and enforcing; 3 loaded in audit mode (nothing dropped); 1 not loaded or incomplete."
+)]
 pub struct StatusArgs {
     /// Machine-readable output
     #[arg(long)]
@@ -40,6 +47,12 @@ struct Counters {
     reply: u64,
     fragment: u64,
     malformed: u64,
+    /// Audit mode: new connections that would have been dropped, let through.
+    audited: u64,
+    /// Of dropped + audited: those whose best matching allowance had expired.
+    expired: u64,
+    /// Drop-log events the kernel's rate limit held back.
+    log_suppressed: u64,
 }
 
 #[derive(Serialize)]
@@ -51,7 +64,12 @@ struct Fallback {
 
 #[derive(Serialize)]
 struct Status {
+    /// Loaded and hooked in on every interface (also true in audit mode).
     in_force: bool,
+    /// `load --audit`: nothing is dropped. `in_force && !audit` = enforcing.
+    audit: bool,
+    /// Where the daemon serves Prometheus metrics; null when off.
+    metrics: Option<String>,
     /// Whether the eBPF filter is installed at all (`load --no-ebpf`).
     ebpf: bool,
     interfaces: Vec<Iface>,
@@ -89,8 +107,18 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         Vec::new()
     };
-    let counters = if pins {
-        let s = ebpf::Maps::open_pinned()?.stats()?;
+    let maps = if pins {
+        Some(ebpf::Maps::open_pinned()?)
+    } else {
+        None
+    };
+    // The kernel's own setting where there is one: it is what runs.
+    let audit = match &maps {
+        Some(m) => m.config()?.flags & CONFIG_AUDIT != 0,
+        None => state.audit,
+    };
+    let counters = if let Some(maps) = &maps {
+        let s = maps.stats()?;
         Some(Counters {
             allowed: s[stat::ALLOWED as usize],
             dropped: s[stat::DROPPED as usize],
@@ -99,12 +127,17 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             reply: s[stat::REPLY as usize],
             fragment: s[stat::FRAGMENT as usize],
             malformed: s[stat::MALFORMED as usize],
+            audited: s[stat::AUDITED as usize],
+            expired: s[stat::EXPIRED as usize],
+            log_suppressed: s[stat::LOG_SUPPRESSED as usize],
         })
     } else {
         None
     };
     let status = Status {
         in_force,
+        audit,
+        metrics: state.metrics.map(|a| format!("http://{a}/metrics")),
         ebpf: state.ebpf,
         interfaces,
         fallback,
@@ -117,10 +150,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_text(&status);
     }
-    Ok(if in_force {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(match (in_force, audit) {
+        (true, false) => ExitCode::SUCCESS,
+        (true, true) => ExitCode::from(EXIT_AUDIT),
+        (false, _) => ExitCode::FAILURE,
     })
 }
 
@@ -135,7 +168,17 @@ fn published_row(b: &Binding) -> Published {
 }
 
 fn print_text(s: &Status) {
-    if s.in_force {
+    if s.in_force && s.audit {
+        let seen = s.counters.as_ref().map_or(0, |c| c.audited);
+        let banner = format!(
+            "dockwall: AUDIT MODE: NOTHING IS ENFORCED. {seen} new connection(s) would have been dropped and were let through. \
+             `dockwall load` without --audit enforces the policy."
+        );
+        let rule = "!".repeat(72);
+        println!("{rule}\n{banner}\n{rule}");
+        // Also on stderr, so it shows when stdout goes to a pipe or file.
+        eprintln!("{banner}");
+    } else if s.in_force {
         println!("dockwall: in force");
     } else if s.interfaces.is_empty() {
         println!("dockwall: NOT loaded (run `dockwall load --iface IF`)");
@@ -181,8 +224,20 @@ fn print_text(s: &Status) {
     }
     if let Some(c) = &s.counters {
         println!(
-            "new connections: allowed {} dropped {}; passed: not in scope {} established {} reply {} fragment {}; malformed dropped {}",
-            c.allowed, c.dropped, c.not_in_scope, c.established, c.reply, c.fragment, c.malformed
+            "new connections: allowed {} dropped {} audited (would drop) {} (expired allowance: {}); passed: not in scope {} established {} reply {} fragment {}; malformed dropped {}; drop log suppressed {}",
+            c.allowed,
+            c.dropped,
+            c.audited,
+            c.expired,
+            c.not_in_scope,
+            c.established,
+            c.reply,
+            c.fragment,
+            c.malformed,
+            c.log_suppressed
         );
+    }
+    if let Some(m) = &s.metrics {
+        println!("metrics: {m}");
     }
 }
