@@ -24,7 +24,7 @@ use crate::util::{self, capture, output, run, sh};
 
 pub const IMAGE: &str = "dockwall-test:latest";
 /// Everything the lab writes lives here; removed on drop.
-const LAB_DIR: &str = "/run/dockwall-lab";
+pub const LAB_DIR: &str = "/run/dockwall-lab";
 
 /// How long a client waits before it calls a connection blocked.
 pub const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
@@ -587,7 +587,8 @@ impl Dockwall {
             unload: self.cmd(&["unload"]),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !loaded.saw("filter in force") {
+        // "filter in force on ..." or "filter in AUDIT MODE on ...".
+        while !loaded.saw("dockwall: filter in ") {
             if Instant::now() > deadline {
                 bail!(
                     "dockwall load did not report the filter in force in 20 s: {:?}",

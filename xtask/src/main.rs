@@ -9,6 +9,7 @@ mod e2e;
 mod equivalence;
 mod install;
 mod lab;
+mod operations;
 mod setup;
 mod util;
 
@@ -30,7 +31,11 @@ enum Task {
     /// Setup, then build target/release/dockwall
     Build,
     /// Setup, build, then every test: lint, unit, kernel (BPF_PROG_TEST_RUN), end to end on a real dockerd
-    Test,
+    Test {
+        /// Only this end-to-end phase, after the common setup (development shortcut)
+        #[arg(long, value_name = "PHASE")]
+        only: Option<String>,
+    },
     /// Setup, build, then a self-contained demo: local dockerd, a container, an outside client
     Demo,
     /// Setup, then the classifier benchmark (BPF_PROG_TEST_RUN): results in bench/
@@ -52,9 +57,9 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| util::build_release()),
-        Task::Test => setup::run()
+        Task::Test { only } => setup::run()
             .and_then(|()| util::build_release())
-            .and_then(|()| e2e::run_all()),
+            .and_then(|()| e2e::run_all(only.as_deref())),
         Task::Demo => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),

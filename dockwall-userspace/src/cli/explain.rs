@@ -103,7 +103,13 @@ pub fn run(config_path: &Path, args: ExplainArgs) -> anyhow::Result<ExitCode> {
     if let Some(f) = state.fallback.filter(|_| loaded) {
         let verdict = match f {
             Fallback::Iptables(backend) => iptables_verdict(backend, args.source, pp)?,
-            Fallback::Nftables => nftables_verdict(args.source, pp)?,
+            Fallback::Nftables => {
+                let container_ips: Vec<IpAddr> = bindings
+                    .iter()
+                    .flat_map(|b| b.container_ips.iter().copied())
+                    .collect();
+                nftables_verdict(args.source, pp, &container_ips)?
+            }
         };
         dataplanes.push(Dataplane {
             name: f.name(),
@@ -299,8 +305,14 @@ fn iptables_verdict(
     Ok(Verdict::NotInScope)
 }
 
-/// The same walk over dockwall's nftables chain (host-port rules only).
-fn nftables_verdict(source: IpAddr, pp: PortProto) -> anyhow::Result<Verdict> {
+/// The same walk over dockwall's nftables chain, skipping the rules for
+/// container endpoints (their `daddr` is a container's address). nft
+/// prints `meta nfproto` only where no address match implies the family.
+fn nftables_verdict(
+    source: IpAddr,
+    pp: PortProto,
+    container_ips: &[IpAddr],
+) -> anyhow::Result<Verdict> {
     let out = Command::new("nft")
         .args(["list", "chain", "inet", nftables::TABLE, "prerouting"])
         .output()
@@ -312,14 +324,22 @@ fn nftables_verdict(source: IpAddr, pp: PortProto) -> anyhow::Result<Verdict> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let nfproto = if source.is_ipv6() { "ipv6" } else { "ipv4" };
+    let (nfproto, addr_word) = if source.is_ipv6() {
+        ("nfproto ipv6", "ip6")
+    } else {
+        ("nfproto ipv4", "ip")
+    };
     let dport = format!("{} dport {} ", proto_word(pp.proto), pp.port);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let line = line.trim();
         let Some(kind) = rule_kind(line) else {
             continue;
         };
-        if !line.starts_with(&format!("meta nfproto {nfproto} ")) || !line.contains(&dport) {
+        let family = line.contains(nfproto) || line.split_whitespace().any(|w| w == addr_word);
+        let endpoint = arg_of(line, "daddr")
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .is_some_and(|a| container_ips.contains(&a));
+        if !family || endpoint || !line.contains(&dport) {
             continue;
         }
         if let Some(set) = line.split_whitespace().find_map(|w| w.strip_prefix('@')) {
