@@ -11,6 +11,9 @@ pub const PROG_INGRESS: &str = "dw_ingress";
 pub const PROG_EGRESS: &str = "dw_egress";
 /// Does nothing; never attached. The benchmark's cost floor.
 pub const PROG_NOOP: &str = "dw_noop";
+/// Drops everything; never attached by dockwall. The whole-path benchmark's
+/// floor for the drop path.
+pub const PROG_DROP: &str = "dw_drop";
 
 /// Map names (max 15 bytes: the kernel truncates object names to 16 with NUL).
 pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
@@ -258,7 +261,7 @@ mod tests {
         for name in ALL_MAPS
             .iter()
             .chain([MAP_EVENTS, MAP_LOG_LIMIT].iter())
-            .chain([PROG_INGRESS, PROG_EGRESS, PROG_NOOP].iter())
+            .chain([PROG_INGRESS, PROG_EGRESS, PROG_NOOP, PROG_DROP].iter())
         {
             assert!(
                 name.len() <= 15,

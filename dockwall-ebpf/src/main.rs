@@ -144,6 +144,13 @@ pub fn dw_noop(_ctx: TcContext) -> i32 {
     PASS
 }
 
+/// Drops everything: the whole-path benchmark's floor for the cost of a
+/// drop at tc ingress. Only the benchmark loads it.
+#[classifier]
+pub fn dw_drop(_ctx: TcContext) -> i32 {
+    DROP
+}
+
 fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
     let pkt = match parse(ctx) {
         Parsed::Packet(pkt) => pkt,

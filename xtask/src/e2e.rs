@@ -109,10 +109,18 @@ fn bench_quick(report: &mut Report) {
         if n < 12 || !out.join("classifier.svg").exists() || !out.join("results.md").exists() {
             bail!("{n} rows in {}", out.display());
         }
+        // The whole-path run checked every packet's outcome as it went;
+        // here: every competitor at both counts, and its three outputs.
+        let json = std::fs::read_to_string(out.join("path.json"))?;
+        let path: serde_json::Value = serde_json::from_str(&json)?;
+        let n = path["rows"].as_array().map_or(0, |r| r.len());
+        if n < 20 || !out.join("path.svg").exists() || !out.join("path.md").exists() {
+            bail!("{n} whole-path rows in {}", out.display());
+        }
         Ok(())
     });
     report.check(
-        "benchmark quick mode runs and writes JSON, markdown and SVG",
+        "benchmarks' quick mode (classifier and whole path) run and write JSON, markdown and SVG",
         result,
     );
 }

@@ -38,7 +38,7 @@ enum Task {
     },
     /// Setup, build, then a self-contained demo: local dockerd, a container, an outside client
     Demo,
-    /// Setup, then the classifier benchmark (BPF_PROG_TEST_RUN): results in bench/
+    /// Setup, then both benchmarks (classifier under BPF_PROG_TEST_RUN; whole forwarding path): results in bench/
     Bench {
         /// Small counts and few repeats (what CI runs), results in target/bench-quick
         #[arg(long)]
@@ -63,7 +63,9 @@ fn main() -> ExitCode {
         Task::Demo => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),
-        Task::Bench { quick } => setup::run().and_then(|()| util::bench(quick).map(|_| ())),
+        Task::Bench { quick } => setup::run()
+            .and_then(|()| util::build_release())
+            .and_then(|()| util::bench(quick).map(|_| ())),
         Task::Install { root } => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| install::run(&root)),

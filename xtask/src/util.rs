@@ -55,29 +55,32 @@ pub fn sh(script: &str) -> Command {
     cmd
 }
 
-/// Runs the classifier benchmark; returns the folder with its results.
+/// Runs both benchmarks (classifier under BPF_PROG_TEST_RUN, then the
+/// whole forwarding path); returns the folder with their results.
 pub fn bench(quick: bool) -> anyhow::Result<PathBuf> {
     let out = if quick {
         root().join("target/bench-quick")
     } else {
         root().join("bench")
     };
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .args([
-            "bench",
-            "--package",
-            "dockwall-userspace",
-            "--bench",
-            "classifier",
-            "--",
-        ])
-        .arg("--out")
-        .arg(&out);
-    if quick {
-        cmd.arg("--quick");
+    for name in ["classifier", "path"] {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root())
+            .args([
+                "bench",
+                "--package",
+                "dockwall-userspace",
+                "--bench",
+                name,
+                "--",
+            ])
+            .arg("--out")
+            .arg(&out);
+        if quick {
+            cmd.arg("--quick");
+        }
+        run(&mut cmd)?;
     }
-    run(&mut cmd)?;
     Ok(out)
 }
 

@@ -46,7 +46,16 @@ const ARPHRD_ETHER: &str = "1";
 the filter stays in force after it exits. Run it from systemd or a terminal multiplexer.\n\n\
 Both dataplanes are installed by default: the eBPF filter, and the equivalent rules as a \
 fallback: iptables (chain DOCKWALL-FWD from DOCKER-USER, DOCKWALL-IN from INPUT) where Docker \
-has DOCKER-USER, else nftables (table inet dockwall); --fallback chooses."
+has DOCKER-USER, else nftables (table inet dockwall); --fallback chooses.\n\n\
+Each dropped new connection is printed as `drop SRC:PORT -> CONTAINER (published PORT/PROTO -> \
+CPORT) on IF`, at most --log-rate lines a second (limited in the kernel), with a summary of \
+what the limit held back. --audit drops nothing and prints `audit: would drop ...` instead. \
+Under systemd (Type=notify) READY=1 is sent once the filter is in force.\n\n\
+Examples:\n  \
+sudo dockwall load --iface eth0\n  \
+sudo dockwall load --iface eth0 --audit --log-rate 100\n  \
+sudo dockwall load --iface eth0 --iface eth1 --metrics 127.0.0.1:9464\n  \
+sudo dockwall load --iface eth0 --dry-run"
 )]
 pub struct LoadArgs {
     /// External interface to filter (ingress); repeatable

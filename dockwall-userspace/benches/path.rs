@@ -1,0 +1,1034 @@
+//! The whole forwarding path: what dropping (or letting in) a new
+//! connection costs per packet with each way of filtering Docker's
+//! published ports, all measured in one run on the same Docker-shaped path.
+//!
+//! Two network namespaces joined by a veth pair: a generator and a router
+//! shaped like a Docker host (nat PREROUTING -> DOCKER -> DNAT of published
+//! 8081 to 10.77.2.2:8080; filter FORWARD -> DOCKER-USER -> DOCKER; policy
+//! DROP; the "container" is a third namespace whose veth end drops every
+//! packet at tc ingress, so a forwarded packet ends in the router's transmit
+//! counter for that veth and nothing answers). The generator writes Ethernet frames
+//! (TCP SYNs, a new source address and port each: many flows, not one hot
+//! flow) into its end of the veth with AF_PACKET and PACKET_QDISC_BYPASS.
+//! The router's receive path (tc ingress, conntrack, DNAT, FORWARD) runs in
+//! the sender's softirq on the same CPU, so the time the sender spends per
+//! packet is the path's cost per packet on one core (the generator's own
+//! cost is the same in every column: see the baseline).
+//!
+//! Competitors, each in a fresh router namespace with the same policy:
+//! nothing (baseline), a tc program that drops everything (the floor for
+//! the drop path), dockwall's eBPF filter, dockwall's iptables fallback
+//! (ipset), dockwall's nftables fallback, the seed recipe (one DOCKER-USER
+//! rule per allowance) on iptables-nft and iptables-legacy, Docker's
+//! documented conntrack-match rule per allowance, an nftables concatenated
+//! set (saddr . dport), and one ipset hash:net,port with one rule.
+//! Every measurement checks its outcome (allowed: every packet reached the
+//! container side; disallowed: none did), so a misconfigured competitor
+//! cannot pass as a fast one.
+//!
+//!   cargo bench -p dockwall-userspace --bench path -- [--quick] --out DIR
+//!
+//! writes DIR/path.json, DIR/path.md and DIR/path.svg.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{LinkOrder, TcAttachType, tc::TcAttachOptions};
+use dockwall_common::{PROG_DROP, PROG_INGRESS};
+use dockwall_userspace::{
+    ebpf::{self, Maps},
+    iptables::{self, Backend},
+    nftables,
+    policy::{self, AllowEntry, Binding, Proto},
+};
+use ipnet::IpNet;
+
+const GEN_NS: &str = "dwb-gen";
+const RT_NS: &str = "dwb-rt";
+/// The "container": its end of the veth drops everything at tc ingress,
+/// so a forwarded packet costs the same in every column and nothing answers.
+const CT_NS: &str = "dwb-ct";
+const GEN_IF: &str = "vgen";
+const RT_IF: &str = "vrt";
+/// The router's side of the container network (Docker's bridge port).
+const CT_IF: &str = "vct";
+const CT_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x03];
+const GEN_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x02];
+const RT_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
+const HOST: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+const CONTAINER: &str = "10.77.2.2";
+const PUBLISHED: u16 = 8081;
+const CONTAINER_PORT: u16 = 8080;
+/// Frames per sendmmsg call.
+const BATCH: usize = 64;
+/// Distinct sources per traffic kind (each frame also gets its own port).
+const SOURCES: usize = 4096;
+/// The seed recipe and Docker's conntrack rules are linear: 100k rules
+/// would take minutes per point and say nothing new.
+const LINEAR_MAX: usize = 10_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Competitor {
+    Baseline,
+    DropAll,
+    DockwallEbpf,
+    DockwallIptables,
+    DockwallNftables,
+    SeedNft,
+    SeedLegacy,
+    DockerDocs,
+    NftConcat,
+    IpsetNetPort,
+}
+
+impl Competitor {
+    const ALL: [Competitor; 10] = [
+        Competitor::Baseline,
+        Competitor::DropAll,
+        Competitor::DockwallEbpf,
+        Competitor::DockwallIptables,
+        Competitor::DockwallNftables,
+        Competitor::SeedNft,
+        Competitor::SeedLegacy,
+        Competitor::DockerDocs,
+        Competitor::NftConcat,
+        Competitor::IpsetNetPort,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Competitor::Baseline => "nothing (baseline)",
+            Competitor::DropAll => "tc drop-all (floor)",
+            Competitor::DockwallEbpf => "dockwall eBPF",
+            Competitor::DockwallIptables => "dockwall iptables fallback (ipset)",
+            Competitor::DockwallNftables => "dockwall nftables fallback",
+            Competitor::SeedNft => "seed recipe, iptables-nft",
+            Competitor::SeedLegacy => "seed recipe, iptables-legacy",
+            Competitor::DockerDocs => "Docker docs conntrack rules, iptables-nft",
+            Competitor::NftConcat => "nftables concat set",
+            Competitor::IpsetNetPort => "ipset hash:net,port",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Competitor::Baseline => "baseline",
+            Competitor::DropAll => "drop_all",
+            Competitor::DockwallEbpf => "dockwall_ebpf",
+            Competitor::DockwallIptables => "dockwall_iptables",
+            Competitor::DockwallNftables => "dockwall_nftables",
+            Competitor::SeedNft => "seed_iptables_nft",
+            Competitor::SeedLegacy => "seed_iptables_legacy",
+            Competitor::DockerDocs => "docker_docs_conntrack",
+            Competitor::NftConcat => "nft_concat_set",
+            Competitor::IpsetNetPort => "ipset_net_port",
+        }
+    }
+
+    fn backend(self) -> Backend {
+        if self == Competitor::SeedLegacy {
+            Backend::Legacy
+        } else {
+            Backend::Nft
+        }
+    }
+
+    fn linear(self) -> bool {
+        matches!(
+            self,
+            Competitor::SeedNft | Competitor::SeedLegacy | Competitor::DockerDocs
+        )
+    }
+}
+
+struct Row {
+    competitor: Competitor,
+    allowances: usize,
+    /// Time to install the policy into a fresh router (ms).
+    install_ms: f64,
+    allowed_ns: Option<f64>,
+    disallowed_ns: f64,
+    packets: usize,
+}
+
+struct Config {
+    out: PathBuf,
+    runs: usize,
+    target_run: Duration,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("bench"));
+    let config = Config {
+        out,
+        runs: if quick { 3 } else { 5 },
+        target_run: Duration::from_millis(if quick { 60 } else { 300 }),
+    };
+    let counts: Vec<usize> = if quick {
+        vec![10, 1_000]
+    } else {
+        vec![10, 100, 1_000, 10_000, 100_000]
+    };
+    let home = NetnsHome::open()?;
+    let mut rows = Vec::new();
+    for &n in &counts {
+        for competitor in Competitor::ALL {
+            if competitor.linear() && n > LINEAR_MAX {
+                continue;
+            }
+            let row = measure(&config, &home, competitor, n)
+                .with_context(|| format!("{} with {n} allowances", competitor.name()))?;
+            eprintln!(
+                "{:>7} {:<44} install {:>8.1} ms  allowed {:>9}  disallowed {:>8.0} ns/pkt  ({} pkts)",
+                n,
+                competitor.name(),
+                row.install_ms,
+                row.allowed_ns
+                    .map_or("n/a".to_string(), |v| format!("{v:.0} ns")),
+                row.disallowed_ns,
+                row.packets
+            );
+            rows.push(row);
+        }
+    }
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("creating {}", config.out.display()))?;
+    let mode = if quick { "quick" } else { "full" };
+    write(&config.out.join("path.json"), &json(&rows, &config, mode))?;
+    write(&config.out.join("path.md"), &markdown(&rows, &config, mode))?;
+    write(&config.out.join("path.svg"), &svg(&rows))?;
+    println!(
+        "wrote {}/path.json, path.md, path.svg",
+        config.out.display()
+    );
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+// ---- namespaces ----------------------------------------------------------------------
+
+/// The namespace the bench started in, to return to.
+struct NetnsHome(File);
+
+impl NetnsHome {
+    fn open() -> anyhow::Result<Self> {
+        File::open("/proc/self/ns/net")
+            .map(NetnsHome)
+            .context("opening /proc/self/ns/net")
+    }
+
+    fn enter(&self) -> anyhow::Result<()> {
+        setns_fd(&self.0, "the initial namespace")
+    }
+}
+
+fn setns_fd(file: &File, what: &str) -> anyhow::Result<()> {
+    // SAFETY: setns on the calling thread with an fd we own.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setns({what}, CLONE_NEWNET)"));
+    }
+    Ok(())
+}
+
+fn enter_ns(ns: &str) -> anyhow::Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    setns_fd(&file, &path)
+}
+
+fn sh(script: &str) -> anyhow::Result<()> {
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .context("spawning sh")?;
+    if !out.status.success() {
+        bail!(
+            "`{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn pipe(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to {cmd}"))?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A generator and a router namespace; removed on drop (the veth and the
+/// container veth go with them, and so do their iptables, ipsets, nftables and
+/// conntrack tables).
+struct Lab {
+    sink: Option<aya::Ebpf>,
+}
+
+impl Lab {
+    fn new(home: &NetnsHome) -> anyhow::Result<Lab> {
+        home.enter()?;
+        Lab::remove();
+        let mut lab = Lab { sink: None };
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        sh(&format!(
+            "set -e
+             ip netns add {GEN_NS}
+             ip netns add {RT_NS}
+             ip netns add {CT_NS}
+             for ns in {GEN_NS} {RT_NS} {CT_NS}; do
+               ip netns exec $ns sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+             done
+             ip link add {GEN_IF} netns {GEN_NS} address {gm} type veth peer name {RT_IF} netns {RT_NS} address {rm}
+             ip -n {GEN_NS} link set lo up
+             ip -n {GEN_NS} addr add 10.77.1.2/24 dev {GEN_IF}
+             ip -n {GEN_NS} link set {GEN_IF} up
+             ip -n {RT_NS} link set lo up
+             ip -n {RT_NS} addr add {HOST}/24 dev {RT_IF}
+             ip -n {RT_NS} link set {RT_IF} up
+             ip link add {CT_IF} netns {RT_NS} type veth peer name eth0 netns {CT_NS} address {cm}
+             ip -n {RT_NS} addr add 10.77.2.1/24 dev {CT_IF}
+             ip -n {RT_NS} link set {CT_IF} up
+             ip -n {RT_NS} neigh add {CONTAINER} lladdr {cm} dev {CT_IF} nud permanent
+             ip -n {CT_NS} link set lo up
+             ip -n {CT_NS} addr add {CONTAINER}/24 dev eth0
+             ip -n {CT_NS} link set eth0 up
+             ip -n {RT_NS} route add default via 10.77.1.2 dev {RT_IF}
+             ip netns exec {RT_NS} sysctl -qw net.ipv4.ip_forward=1
+             ip netns exec {RT_NS} sysctl -qw net.ipv4.conf.all.rp_filter=0
+             ip netns exec {RT_NS} sysctl -qw net.ipv4.conf.{RT_IF}.rp_filter=0",
+            gm = mac(GEN_MAC),
+            rm = mac(RT_MAC),
+            cm = mac(CT_MAC),
+        ))
+        .context("creating the bench namespaces")?;
+        // The container's end drops everything (attached from inside its
+        // namespace; the link lives as long as the lab).
+        enter_ns(CT_NS)?;
+        let sink = (|| -> anyhow::Result<aya::Ebpf> {
+            let mut obj = ebpf::load_unpinned()?;
+            let prog = ebpf::program(&mut obj, PROG_DROP)?;
+            prog.load().context("loading dw_drop")?;
+            prog.attach_with_options(
+                "eth0",
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .context("attaching the container-side sink")?;
+            Ok(obj)
+        })();
+        home.enter()?;
+        lab.sink = Some(sink?);
+        Ok(lab)
+    }
+
+    fn remove() {
+        for ns in [GEN_NS, RT_NS, CT_NS] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Packets the router forwarded to the container network.
+    fn forwarded(&self) -> anyhow::Result<u64> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                RT_NS,
+                "cat",
+                &format!("/sys/class/net/{CT_IF}/statistics/tx_packets"),
+            ])
+            .output()
+            .context("reading the container veth's tx_packets")?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("tx_packets")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.sink = None;
+        Lab::remove();
+    }
+}
+
+// ---- the Docker-shaped router and each competitor ---------------------------------------
+
+/// What Docker 20.10 installs for `-p 8081:8080`, in the given backend.
+fn docker_rules(backend: Backend) -> anyhow::Result<()> {
+    let rules = format!(
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A DOCKER -p tcp -m tcp --dport {PUBLISHED} -j DNAT --to-destination {CONTAINER}:{CONTAINER_PORT}
+COMMIT
+*filter
+:FORWARD DROP [0:0]
+:DOCKER - [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -o {CT_IF} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o {CT_IF} -j DOCKER
+-A DOCKER -d {CONTAINER}/32 ! -i {CT_IF} -o {CT_IF} -p tcp -m tcp --dport {CONTAINER_PORT} -j ACCEPT
+-A DOCKER-USER -j RETURN
+COMMIT
+"
+    );
+    pipe(&backend.tool(iptables::Family::V4, "-restore"), &[], &rules)
+}
+
+/// `n` allowances: distinct /32s in 100.64.0.0/10.
+fn allowance_sources(n: usize) -> Vec<Ipv4Addr> {
+    (0..n)
+        .map(|i| Ipv4Addr::from(0x6440_0000u32 + i as u32 * 3 + 1))
+        .collect()
+}
+
+fn entries(sources: &[Ipv4Addr]) -> BTreeSet<AllowEntry> {
+    sources
+        .iter()
+        .map(|s| AllowEntry {
+            port: PUBLISHED,
+            proto: Proto::Tcp,
+            net: IpNet::new(IpAddr::V4(*s), 32).expect("/32"),
+        })
+        .collect()
+}
+
+fn binding() -> anyhow::Result<Binding> {
+    Ok(Binding::new(
+        "web",
+        "id",
+        "0.0.0.0".parse()?,
+        PUBLISHED,
+        CONTAINER_PORT,
+        Proto::Tcp,
+    )
+    .with_container_ips(vec![CONTAINER.parse()?]))
+}
+
+/// Installs the competitor; keeps whatever must stay alive (the eBPF
+/// object holds its tc links).
+fn install(competitor: Competitor, sources: &[Ipv4Addr]) -> anyhow::Result<Option<aya::Ebpf>> {
+    let backend = competitor.backend();
+    docker_rules(backend)?;
+    let ifaces = vec![RT_IF.to_string()];
+    let scope = policy::compile_scope(&[binding()?]);
+    let mut kept = None;
+    match competitor {
+        Competitor::Baseline => {}
+        Competitor::DropAll | Competitor::DockwallEbpf => {
+            let mut obj = ebpf::load_unpinned()?;
+            let prog = if competitor == Competitor::DropAll {
+                ebpf::program(&mut obj, PROG_DROP)?.load()?;
+                PROG_DROP
+            } else {
+                let mut maps = Maps::from_ebpf(&mut obj)?;
+                maps.sync_published(&policy::compile_published(&[binding()?]))?;
+                let permanent = entries(sources).into_iter().map(|e| (e, 0)).collect();
+                maps.sync_allow(&permanent)?;
+                PROG_INGRESS
+            };
+            ebpf::program(&mut obj, prog)?
+                .attach_with_options(
+                    RT_IF,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| format!("attaching {prog} (tcx)"))?;
+            kept = Some(obj);
+        }
+        Competitor::DockwallIptables => {
+            iptables::apply(backend, &entries(sources), &scope, false)?;
+            iptables::ensure_jumps(backend, &ifaces)?;
+        }
+        Competitor::DockwallNftables => {
+            nftables::apply(&entries(sources), &scope, &ifaces, false)?;
+        }
+        Competitor::SeedNft | Competitor::SeedLegacy | Competitor::DockerDocs => {
+            let mut rules = String::from("*filter\n:DOCKER-USER - [0:0]\n");
+            for s in sources {
+                if competitor == Competitor::DockerDocs {
+                    let _ = writeln!(
+                        rules,
+                        "-A DOCKER-USER -p tcp -m conntrack --ctorigsrc {s} --ctorigdstport {PUBLISHED} -j RETURN"
+                    );
+                } else {
+                    let _ = writeln!(
+                        rules,
+                        "-A DOCKER-USER -s {s}/32 -p tcp -m conntrack --ctorigdstport {PUBLISHED} -j RETURN"
+                    );
+                }
+            }
+            let _ = writeln!(
+                rules,
+                "-A DOCKER-USER -i {RT_IF} -p tcp -m conntrack --ctstate NEW --ctorigdstport {PUBLISHED} -j DROP\n-A DOCKER-USER -j RETURN\nCOMMIT"
+            );
+            pipe(
+                &backend.tool(iptables::Family::V4, "-restore"),
+                &["--noflush"],
+                &rules,
+            )?;
+        }
+        Competitor::NftConcat => {
+            let elements: Vec<String> = sources
+                .iter()
+                .map(|s| format!("{s} . {PUBLISHED}"))
+                .collect();
+            let script = format!(
+                "table inet bench {{\n\tset allow {{\n\t\ttype ipv4_addr . inet_service; flags interval;\n\t\telements = {{ {} }}\n\t}}\n\tchain prerouting {{\n\t\ttype filter hook prerouting priority -150; policy accept;\n\t\tiifname != \"{RT_IF}\" return\n\t\tct state established,related return\n\t\tip saddr . tcp dport @allow return\n\t\ttcp dport {PUBLISHED} tcp flags & (syn | ack) == syn drop\n\t}}\n}}\n",
+                elements.join(", ")
+            );
+            pipe("nft", &["-f", "-"], &script)?;
+        }
+        Competitor::IpsetNetPort => {
+            // In FORWARD the packet is already DNATed: the set must hold
+            // the *container* port (the DOCKER-USER pitfall), and the
+            // published port is matched in conntrack's original tuple.
+            let mut set = format!(
+                "create bench hash:net,port family inet hashsize {} maxelem 1048576\n",
+                sources.len().next_power_of_two().max(1024)
+            );
+            for s in sources {
+                let _ = writeln!(set, "add bench {s}/32,tcp:{CONTAINER_PORT}");
+            }
+            pipe("ipset", &["restore"], &set)?;
+            let rules = format!(
+                "*filter\n:DOCKER-USER - [0:0]\n\
+                 -A DOCKER-USER -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n\
+                 -A DOCKER-USER -p tcp -m conntrack --ctstate DNAT --ctorigdstport {PUBLISHED} -m set --match-set bench src,dst -j RETURN\n\
+                 -A DOCKER-USER -i {RT_IF} -p tcp -m conntrack --ctstate DNAT --ctorigdstport {PUBLISHED} -j DROP\n\
+                 -A DOCKER-USER -j RETURN\nCOMMIT\n"
+            );
+            pipe(
+                &backend.tool(iptables::Family::V4, "-restore"),
+                &["--noflush"],
+                &rules,
+            )?;
+        }
+    }
+    Ok(kept)
+}
+
+// ---- traffic -----------------------------------------------------------------------------
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet/IPv4/TCP SYN with valid checksums (conntrack verifies the
+/// TCP checksum in PREROUTING; a bad one would be INVALID, never DNATed).
+fn syn(src: Ipv4Addr, sport: u16) -> [u8; 54] {
+    let mut f = [0u8; 54];
+    f[0..6].copy_from_slice(&RT_MAC);
+    f[6..12].copy_from_slice(&GEN_MAC);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&HOST.octets());
+    let sum = checksum(ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&PUBLISHED.to_be_bytes());
+    tcp[4..8].copy_from_slice(&u32::from(sport).wrapping_mul(2_654_435_761).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&HOST.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    f[34..54].copy_from_slice(&tcp);
+    f
+}
+
+/// `count` SYNs cycling over `sources`, each with a source port of its own
+/// (`first_port` on): every frame opens a new flow.
+fn frames(sources: &[Ipv4Addr], count: usize, first_port: u32) -> Vec<[u8; 54]> {
+    (0..count)
+        .map(|i| {
+            let port = 1024 + ((first_port + i as u32) % 64_000) as u16;
+            syn(sources[i % sources.len()], port)
+        })
+        .collect()
+}
+
+/// Sends every frame from the generator namespace; returns the time spent.
+fn send(frames: &[[u8; 54]]) -> anyhow::Result<Duration> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<Duration> {
+                enter_ns(GEN_NS)?;
+                // SAFETY: plain socket calls on an fd we own and close below.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_PACKET,
+                        libc::SOCK_RAW,
+                        i32::from((libc::ETH_P_ALL as u16).to_be()),
+                    )
+                };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
+                }
+                let result = send_on(fd, frames);
+                unsafe { libc::close(fd) };
+                result
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("generator thread panicked"))?
+    })
+}
+
+fn send_on(fd: i32, frames: &[[u8; 54]]) -> anyhow::Result<Duration> {
+    let name = std::ffi::CString::new(GEN_IF)?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no {GEN_IF} in {GEN_NS}");
+    }
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: addr lives across the call.
+    if unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error()).context("bind(AF_PACKET)");
+    }
+    let one: i32 = 1;
+    // SAFETY: an int option.
+    if unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const i32).cast(),
+            4,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
+    }
+    let started = Instant::now();
+    for chunk in frames.chunks(BATCH) {
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr() as *mut libc::c_void,
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let mut sent = 0;
+        while sent < msgs.len() {
+            // SAFETY: msgs and the iovecs they point to outlive the call.
+            let n = unsafe {
+                libc::sendmmsg(fd, msgs[sent..].as_mut_ptr(), (msgs.len() - sent) as u32, 0)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(e).context("sendmmsg(AF_PACKET)");
+            }
+            sent += n as usize;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+// ---- one measurement ---------------------------------------------------------------------
+
+/// Median ns/packet over `runs`, each checking what reached the container
+/// side; `want_through`: all of them, or none.
+fn timed(
+    lab: &Lab,
+    runs: usize,
+    sources: &[Ipv4Addr],
+    packets: usize,
+    want_through: bool,
+    port_base: &mut u32,
+) -> anyhow::Result<f64> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let batch = frames(sources, packets, *port_base);
+        *port_base += packets as u32;
+        let before = lab.forwarded()?;
+        let took = send(&batch)?;
+        let through = lab.forwarded()? - before;
+        let expected = if want_through { packets as u64 } else { 0 };
+        if through != expected {
+            bail!("{through} of {packets} packets reached the container side, expected {expected}");
+        }
+        samples.push(took.as_nanos() as f64 / packets as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn measure(
+    config: &Config,
+    home: &NetnsHome,
+    competitor: Competitor,
+    n: usize,
+) -> anyhow::Result<Row> {
+    let lab = Lab::new(home)?;
+    enter_ns(RT_NS)?;
+    let allowed = allowance_sources(n);
+    let started = Instant::now();
+    let kept = install(competitor, &allowed);
+    let install_ms = started.elapsed().as_secs_f64() * 1e3;
+    let result = (|| -> anyhow::Result<Row> {
+        let _kept = kept?;
+        // Spread over the whole list: a linear rule set pays its average.
+        let step = (n / SOURCES).max(1);
+        let allowed_sample: Vec<Ipv4Addr> = allowed.iter().step_by(step).copied().collect();
+        let disallowed: Vec<Ipv4Addr> = (0..SOURCES)
+            .map(|i| Ipv4Addr::from(0xC612_0000u32 + i as u32 * 7 + 1))
+            .collect();
+        let passes = matches!(competitor, Competitor::Baseline);
+        // Size each run to about `target_run` from a short probe.
+        let mut port_base = 0u32;
+        let probe = timed(&lab, 1, &disallowed, 512, passes, &mut port_base)?;
+        let packets =
+            ((config.target_run.as_nanos() as f64 / probe) as usize).clamp(2_000, 200_000);
+        let disallowed_ns = timed(
+            &lab,
+            config.runs,
+            &disallowed,
+            packets,
+            passes,
+            &mut port_base,
+        )?;
+        let allowed_ns = if competitor == Competitor::DropAll {
+            None
+        } else {
+            Some(timed(
+                &lab,
+                config.runs,
+                &allowed_sample,
+                packets,
+                true,
+                &mut port_base,
+            )?)
+        };
+        Ok(Row {
+            competitor,
+            allowances: n,
+            install_ms,
+            allowed_ns,
+            disallowed_ns,
+            packets,
+        })
+    })();
+    home.enter()?;
+    drop(lab);
+    result
+}
+
+// ---- output --------------------------------------------------------------------------
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("Linux {}, {cores} cores, {cpu}", kernel.trim())
+}
+
+fn find(rows: &[Row], c: Competitor, n: usize) -> Option<&Row> {
+    rows.iter().find(|r| r.competitor == c && r.allowances == n)
+}
+
+fn json(rows: &[Row], config: &Config, mode: &str) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "    {{\"competitor\": \"{}\", \"allowances\": {}, \"install_ms\": {:.1}, \"allowed_ns\": {}, \"disallowed_ns\": {:.1}, \"allowed_pps\": {}, \"disallowed_pps\": {:.0}, \"packets_per_run\": {}}}",
+                r.competitor.key(),
+                r.allowances,
+                r.install_ms,
+                r.allowed_ns.map_or("null".to_string(), |v| format!("{v:.1}")),
+                r.disallowed_ns,
+                r.allowed_ns.map_or("null".to_string(), |v| format!("{:.0}", 1e9 / v)),
+                1e9 / r.disallowed_ns,
+                r.packets
+            )
+        })
+        .collect();
+    format!(
+        "{{\n  \"benchmark\": \"whole path: veth -> tc ingress -> conntrack -> DNAT -> FORWARD (AF_PACKET generator, one core)\",\n  \"mode\": \"{mode}\",\n  \"runs_median_of\": {},\n  \"machine\": \"{}\",\n  \"rows\": [\n{}\n  ]\n}}\n",
+        config.runs,
+        machine(),
+        items.join(",\n")
+    )
+}
+
+fn markdown(rows: &[Row], config: &Config, mode: &str) -> String {
+    let mut counts: Vec<usize> = rows.iter().map(|r| r.allowances).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut md = format!(
+        "Whole path, ns per packet on one core (median of {} runs; {mode} run; {}). \
+         Each packet is a TCP SYN from a new source address and port, written into a veth with AF_PACKET; \
+         it crosses tc ingress, conntrack, DNAT and FORWARD of a Docker-shaped router namespace. \
+         \"allowed\": sources an allowance lets in (forwarded to the container network); \
+         \"disallowed\": sources none does (the flood case; dropped). \
+         \"+\" is the cost over the same traffic with nothing attached. Policy install time into a fresh router in the last column.\n\n",
+        config.runs,
+        machine()
+    );
+    for &n in &counts {
+        let base = find(rows, Competitor::Baseline, n);
+        let _ = writeln!(
+            md,
+            "\n**{n} allowances**\n\n| competitor | allowed ns (+) | allowed pps | disallowed ns (+) | disallowed pps | install ms |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for r in rows.iter().filter(|r| r.allowances == n) {
+            let plus = |v: f64, b: Option<f64>| match b {
+                Some(b) => format!("{v:.0} ({:+.0})", v - b),
+                None => format!("{v:.0}"),
+            };
+            let allowed = r.allowed_ns.map_or("n/a".to_string(), |v| {
+                plus(v, base.and_then(|b| b.allowed_ns))
+            });
+            let allowed_pps = r
+                .allowed_ns
+                .map_or("n/a".to_string(), |v| format!("{:.0}", 1e9 / v));
+            let _ = writeln!(
+                md,
+                "| {} | {allowed} | {allowed_pps} | {} | {:.0} | {:.1} |",
+                r.competitor.name(),
+                plus(r.disallowed_ns, base.map(|b| b.disallowed_ns)),
+                1e9 / r.disallowed_ns,
+                r.install_ms
+            );
+        }
+    }
+    md.push_str(&targets(rows, &counts));
+    md
+}
+
+/// The issue's targets, each as a measured ratio from this run.
+fn targets(rows: &[Row], counts: &[usize]) -> String {
+    let mut out = String::from("\n**Targets, from this run**\n\n");
+    for &n in counts {
+        let get = |c| find(rows, c, n);
+        let (Some(base), Some(floor), Some(dw)) = (
+            get(Competitor::Baseline),
+            get(Competitor::DropAll),
+            get(Competitor::DockwallEbpf),
+        ) else {
+            continue;
+        };
+        let added = |r: &Row| r.allowed_ns.zip(base.allowed_ns).map(|(v, b)| v - b);
+        let dw_added = added(dw).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "- {n} allowances: drop costs {:.2}x the drop-all floor (target <= 1.2x)",
+            dw.disallowed_ns / floor.disallowed_ns
+        );
+        if let Some(ipt) = get(Competitor::DockwallIptables) {
+            let _ = writeln!(
+                out,
+                "  - {:.2}x less than dropping the same policy in DOCKER-USER (dockwall's ipset rules; target >= 2.5x)",
+                ipt.disallowed_ns / dw.disallowed_ns
+            );
+        }
+        for c in [
+            Competitor::SeedNft,
+            Competitor::SeedLegacy,
+            Competitor::DockerDocs,
+            Competitor::NftConcat,
+            Competitor::IpsetNetPort,
+            Competitor::DockwallNftables,
+        ] {
+            if let Some(r) = get(c)
+                && let Some(a) = added(r)
+            {
+                let _ = writeln!(
+                    out,
+                    "  - allowed path: dockwall adds {dw_added:.0} ns, {} adds {a:.0} ns ({:.1}x)",
+                    c.name(),
+                    a / dw_added
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Disallowed (flood) cost per packet vs allowance count, one line per
+/// competitor (log x axis).
+fn svg(rows: &[Row]) -> String {
+    let (w, h, left, bottom, top, right) = (820.0, 460.0, 80.0, 50.0, 30.0, 300.0);
+    let max_n = rows.iter().map(|r| r.allowances).max().unwrap_or(10) as f64;
+    let max_ns = rows.iter().map(|r| r.disallowed_ns).fold(10.0, f64::max) * 1.1;
+    let min_ns = rows
+        .iter()
+        .map(|r| r.disallowed_ns)
+        .fold(f64::MAX, f64::min)
+        .max(1.0)
+        * 0.8;
+    let x = |n: usize| {
+        left + ((n as f64).log10() - 1.0) / (max_n.log10() - 1.0).max(1.0) * (w - left - right)
+    };
+    // Log y: the linear recipes are orders of magnitude above the rest.
+    let y = |ns: f64| {
+        h - bottom
+            - (ns.max(min_ns).ln() - min_ns.ln()) / (max_ns.ln() - min_ns.ln()) * (h - bottom - top)
+    };
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"14\">Whole path: ns per disallowed new connection (flood), log scales</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    let mut n = 10usize;
+    while n as f64 <= max_n {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
+            x(n),
+            h - bottom + 18.0
+        );
+        n *= 10;
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">allowances</text>",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    let mut tick = 10f64.powf(min_ns.log10().floor());
+    while tick <= max_ns {
+        if tick >= min_ns {
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{tick:.0} ns</text>",
+                left - 6.0,
+                y(tick) + 4.0
+            );
+        }
+        tick *= 10.0;
+    }
+    let colors = [
+        "#7f7f7f", "#000000", "#d62728", "#1f77b4", "#17becf", "#ff7f0e", "#8c564b", "#e377c2",
+        "#2ca02c", "#9467bd",
+    ];
+    for (i, c) in Competitor::ALL.iter().enumerate() {
+        let points: Vec<String> = rows
+            .iter()
+            .filter(|r| r.competitor == *c)
+            .map(|r| format!("{:.1},{:.1}", x(r.allowances), y(r.disallowed_ns)))
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        let color = colors[i % colors.len()];
+        let width = if *c == Competitor::DockwallEbpf { 3 } else { 2 };
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"{width}\" points=\"{}\"/>",
+            points.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
+            w - right + 10.0,
+            top + 20.0 + 18.0 * i as f64,
+            c.name()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
