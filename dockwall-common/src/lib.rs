@@ -20,6 +20,10 @@ pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
 pub const MAP_ALLOW: &str = "DW_ALLOW";
 pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
 pub const MAP_STATS: &str = "DW_STATS";
+/// Per destination port (65,536 bytes): which kinds of `MAP_PUBLISHED` keys
+/// exist for it ([`scope_bit`]), so most packets are judged without a hash
+/// lookup.
+pub const MAP_PORTS: &str = "DW_PORTS";
 /// One [`Config`]: audit mode and the drop-log rate, set by `load`.
 pub const MAP_CONFIG: &str = "DW_CONFIG";
 /// Drops (or would-be drops in audit mode) per published port: [`PortKey`] -> u64.
@@ -32,8 +36,9 @@ pub const MAP_LOG_LIMIT: &str = "DW_LOG_LIMIT";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_PUBLISHED,
+    MAP_PORTS,
     MAP_ALLOW,
     MAP_UDP_FLOWS,
     MAP_STATS,
@@ -85,6 +90,28 @@ pub struct PublishedKey {
     pub port: u16,
     pub proto: u8,
     pub family: u8,
+}
+
+/// The bit of a `MAP_PORTS` entry saying that `MAP_PUBLISHED` holds a key
+/// for this port, protocol and family: a wildcard host bind (`specific`
+/// false) or a specific host address or container endpoint (`specific`).
+///
+/// A port with only the wildcard bit needs no lookup at all: a host bind's
+/// policy port is the port itself. A port with no bit is out of scope.
+/// Userspace sets bits before it adds keys and clears them after it removes
+/// them, so a stale bit only ever costs a lookup or errs toward filtering.
+pub const fn scope_bit(proto: u8, family: u8, specific: bool) -> u8 {
+    let mut shift = 0;
+    if proto == PROTO_UDP {
+        shift += 4;
+    }
+    if family == FAMILY_V6 {
+        shift += 2;
+    }
+    if specific {
+        shift += 1;
+    }
+    1 << shift
 }
 
 /// What a published port or container endpoint leads to.

@@ -7,7 +7,8 @@
 //! 1. Parse Ethernet (up to two VLAN tags), IPv4 or IPv6 (extension headers),
 //!    TCP or UDP. Not TCP/UDP: pass. Malformed: drop. Non-first fragment: pass.
 //! 2. Destination (address, protocol, port) neither published on the host
-//!    nor a published container endpoint: pass.
+//!    nor a published container endpoint: pass. A per-port array answers
+//!    first; the hash map only for ports with specific binds or endpoints.
 //! 3. Not a new connection: pass. TCP: anything but a bare SYN. UDP: a reply
 //!    to a flow `dw_egress` saw leave this host (host or masqueraded container).
 //! 4. Longest-prefix match of (published port, protocol, source) in the
@@ -41,13 +42,17 @@ use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, AllowKey, AllowValue, CONFIG_AUDIT, Config, DropEvent,
     EVENT_AUDIT, EVENTS_BYTE_SIZE, FAMILY_V4, FAMILY_V6, FlowKey, LOG_WINDOW_NS, LogLimit,
     PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PortKey, PublishedKey,
-    PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES, stat,
+    PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES, scope_bit,
+    stat,
 };
 
 // Map names must equal dockwall_common::MAP_* (the loader looks them up by name).
 #[map(name = "DW_PUBLISHED")]
 static PUBLISHED: HashMap<PublishedKey, PublishedValue> =
     HashMap::with_max_entries(PUBLISHED_MAX_ENTRIES, 0);
+
+#[map(name = "DW_PORTS")]
+static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
 #[map(name = "DW_ALLOW")]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
@@ -91,6 +96,10 @@ const NEXTHDR_DEST: u8 = 60;
 /// A longer chain of IPv6 extension headers is dropped as unparseable
 /// rather than let through unclassified (fail closed).
 const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// Direct packet reads only below this offset (verifier bound); headers
+/// further in (long IPv6 extension chains) go through bpf_skb_load_bytes.
+const MAX_DIRECT_OFFSET: usize = 1024;
 
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -275,18 +284,38 @@ fn count(counter: u32) {
 /// The published port whose allowances decide, if the destination is in scope.
 #[inline(always)]
 fn published_port(pkt: &Packet) -> Option<u16> {
-    let mut key = PublishedKey {
-        addr: pkt.dst,
+    // An array slot (inlined by the verifier, no helper call) says which
+    // keys exist for this port: none is the common case on a busy host.
+    let bits = PORTS.get(u32::from(pkt.dport)).copied().unwrap_or(0);
+    let wildcard = bits & scope_bit(pkt.proto, pkt.family, false) != 0;
+    let specific = bits & scope_bit(pkt.proto, pkt.family, true) != 0;
+    if specific {
+        let key = PublishedKey {
+            addr: pkt.dst,
+            port: pkt.dport,
+            proto: pkt.proto,
+            family: pkt.family,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(value) = unsafe { PUBLISHED.get(&key) } {
+            return Some(value.policy_port);
+        }
+    }
+    if !wildcard {
+        return None;
+    }
+    if !specific {
+        // Only Docker's default bind (0.0.0.0 or ::) uses this port: every
+        // address of the host, and a host bind is judged by its own port.
+        return Some(pkt.dport);
+    }
+    let key = PublishedKey {
+        addr: [0; 16],
         port: pkt.dport,
         proto: pkt.proto,
         family: pkt.family,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(value) = unsafe { PUBLISHED.get(&key) } {
-        return Some(value.policy_port);
-    }
-    // Docker's default bind: every address of the host (0.0.0.0 or ::).
-    key.addr = [0; 16];
     unsafe { PUBLISHED.get(&key) }.map(|value| value.policy_port)
 }
 
@@ -366,7 +395,16 @@ fn note_udp_flow(pkt: &Packet) {
 }
 
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Option<T> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // Headers almost always sit in the skb's linear area: read them in
+    // place, no helper call. The bound on `offset` is for the verifier.
+    if offset <= MAX_DIRECT_OFFSET && start + offset + size_of::<T>() <= end {
+        // SAFETY: the bytes lie between data and data_end, checked above.
+        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
+    // Paged or short: the helper copies across fragments, or fails.
     ctx.load::<T>(offset).ok()
 }
 

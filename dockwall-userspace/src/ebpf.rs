@@ -22,8 +22,8 @@ use aya::{
 };
 use dockwall_common::{
     ALL_MAPS, ALLOW_KEY_FIXED_BITS, AllowKey, AllowValue, Config, MAP_ALLOW, MAP_CONFIG,
-    MAP_PORT_DROPS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PortKey, PublishedKey,
-    PublishedValue, stat,
+    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PortKey,
+    PublishedKey, PublishedValue, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -347,10 +347,24 @@ impl PinKeeper {
 /// The maps userspace writes and reads.
 pub struct Maps {
     published: HashMap<MapData, PublishedKey, PublishedValue>,
+    ports: Array<MapData, u8>,
+    /// Whether DW_PORTS was brought in line with DW_PUBLISHED since these
+    /// maps were opened (a pinned map from an older load may lack bits).
+    ports_checked: bool,
     allow: LpmTrie<MapData, AllowKey, AllowValue>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     port_drops: HashMap<MapData, PortKey, u64>,
+}
+
+/// The DW_PORTS byte of each port that has published-map keys.
+fn port_bits<'a>(keys: impl Iterator<Item = &'a PublishedKey>) -> BTreeMap<u16, u8> {
+    let mut bits = BTreeMap::new();
+    for k in keys {
+        let specific = k.addr != [0; 16];
+        *bits.entry(k.port).or_default() |= scope_bit(k.proto, k.family, specific);
+    }
+    bits
 }
 
 /// Expiries are recomputed from the wall clock on every sync; a difference
@@ -375,6 +389,7 @@ impl Maps {
         };
         Self::from_maps([
             take(MAP_PUBLISHED)?,
+            take(MAP_PORTS)?,
             take(MAP_ALLOW)?,
             take(MAP_STATS)?,
             take(MAP_CONFIG)?,
@@ -396,6 +411,7 @@ impl Maps {
         };
         Self::from_maps([
             open(MAP_PUBLISHED)?,
+            open(MAP_PORTS)?,
             open(MAP_ALLOW)?,
             open(MAP_STATS)?,
             open(MAP_CONFIG)?,
@@ -403,9 +419,13 @@ impl Maps {
         ])
     }
 
-    fn from_maps([published, allow, stats, config, port_drops]: [Map; 5]) -> anyhow::Result<Self> {
+    fn from_maps(
+        [published, ports, allow, stats, config, port_drops]: [Map; 6],
+    ) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
+            ports: ports.try_into().context(MAP_PORTS)?,
+            ports_checked: false,
             allow: allow.try_into().context(MAP_ALLOW)?,
             stats: stats.try_into().context(MAP_STATS)?,
             config: config.try_into().context(MAP_CONFIG)?,
@@ -423,6 +443,21 @@ impl Maps {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading DW_PUBLISHED (bpf_map_get_next_key)")?;
+        let old_bits = port_bits(current.keys());
+        let new_bits = port_bits(desired.keys());
+        // Bits first for what is added (a bit ahead of its key only costs a
+        // lookup, or treats a port as in scope: fail-closed), and a full
+        // write once after opening, in case a pinned map lacks bits.
+        let mut union = old_bits.clone();
+        for (port, bits) in &new_bits {
+            *union.entry(*port).or_default() |= bits;
+        }
+        if !self.ports_checked {
+            self.write_ports(&union, None)?;
+            self.ports_checked = true;
+        } else {
+            self.write_ports(&union, Some(&old_bits))?;
+        }
         let mut changes = Changes::default();
         for (key, value) in desired {
             if current.get(key) != Some(value) {
@@ -438,7 +473,31 @@ impl Maps {
                 .context("updating DW_PUBLISHED (bpf_map_delete_elem)")?;
             changes.removed += 1;
         }
+        // Then the bits of what was removed go.
+        let mut cleared = new_bits.clone();
+        for port in union.keys() {
+            cleared.entry(*port).or_default();
+        }
+        self.write_ports(&cleared, Some(&union))?;
         Ok(changes)
+    }
+
+    /// Writes the DW_PORTS slots in `bits` that differ from `was` (all of
+    /// them when `was` is None).
+    fn write_ports(
+        &mut self,
+        bits: &BTreeMap<u16, u8>,
+        was: Option<&BTreeMap<u16, u8>>,
+    ) -> anyhow::Result<()> {
+        for (port, value) in bits {
+            let before = was.map(|w| w.get(port).copied().unwrap_or(0));
+            if before != Some(*value) {
+                self.ports
+                    .set(u32::from(*port), value, 0)
+                    .with_context(|| format!("updating DW_PORTS[{port}] (bpf_map_update_elem)"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes the allowance trie hold exactly `desired` (entry -> kernel

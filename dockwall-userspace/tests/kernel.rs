@@ -1297,3 +1297,44 @@ fn an_expiring_allowance_stops_matching_in_the_kernel_on_time() {
     assert_eq!(h.ingress(&frame), PASS);
     assert_eq!(h.maps.allow_hits().unwrap()[&host], 2);
 }
+
+#[test]
+fn port_array_fast_path_keeps_endpoint_and_specific_binds_exact() {
+    // 8080 is a wildcard host port of one container and, on 172.17.0.2, the
+    // container port of another published as 8081: the endpoint is judged
+    // by 8081's allowances, the host port by 8080's.
+    let mut ebpf = ebpf::load_unpinned().expect("load object (are we root?)");
+    let mut maps = Maps::from_ebpf(&mut ebpf).unwrap();
+    let bindings = vec![
+        binding("api", "0.0.0.0", 8080, 80, Proto::Tcp),
+        binding("web", "0.0.0.0", 8081, 8080, Proto::Tcp)
+            .with_container_ips(vec!["172.17.0.2".parse().unwrap()]),
+        binding("db", "10.0.0.5", 9000, 5432, Proto::Tcp),
+    ];
+    maps.sync_published(&policy::compile_published(&bindings))
+        .unwrap();
+    let allow = |src: &str, port: u16| AllowEntry {
+        port,
+        proto: Proto::Tcp,
+        net: format!("{src}/32").parse().unwrap(),
+    };
+    maps.sync_allow(&permanent(&BTreeSet::from([
+        allow("192.0.2.1", 8081),
+        allow("192.0.2.2", 8080),
+    ])))
+    .unwrap();
+    let mut h = Harness { ebpf, maps };
+    assert_eq!(h.ingress(&syn4("192.0.2.1", "172.17.0.2", 8080)), PASS);
+    assert_eq!(h.ingress(&syn4("192.0.2.2", "172.17.0.2", 8080)), DROP);
+    assert_eq!(h.ingress(&syn4("192.0.2.2", HOST4, 8080)), PASS);
+    assert_eq!(h.ingress(&syn4("192.0.2.1", HOST4, 8080)), DROP);
+    // A specific bind: other addresses on that port are not in scope.
+    assert_eq!(h.ingress(&syn4("192.0.2.1", "10.0.0.5", 9000)), DROP);
+    assert_eq!(h.ingress(&syn4("192.0.2.1", HOST4, 9000)), PASS);
+    assert_eq!(h.stats()[stat::NOT_IN_SCOPE as usize], 1);
+    // Unpublishing clears the port: out of scope again.
+    h.maps.sync_published(&BTreeMap::new()).unwrap();
+    assert_eq!(h.ingress(&syn4("192.0.2.2", "172.17.0.2", 8080)), PASS);
+    assert_eq!(h.ingress(&syn4("192.0.2.1", HOST4, 8080)), PASS);
+    assert_eq!(h.stats()[stat::NOT_IN_SCOPE as usize], 3);
+}

@@ -12,7 +12,8 @@ use crate::util::{self, capture, output, sh};
 /// nftables (the other fallback), busybox-static and gcc for the test image,
 /// iproute2 for namespaces and veths; systemd (systemd-analyze verify for
 /// the unit), man-db and groff-base (rendering the man pages), curl
-/// (scraping the metrics endpoint) for the operations tests.
+/// (scraping the metrics endpoint) for the operations tests; conntrack (the
+/// whole-path benchmark empties the router's table between runs).
 const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "iptables",
@@ -27,6 +28,7 @@ const APT_PACKAGES: &[&str] = &[
     "man-db",
     "groff-base",
     "curl",
+    "conntrack",
 ];
 /// Where the nightly's libLLVM is exposed to bpf-linker's build. It keeps an
 /// rpath to this folder, so it must stay put.
