@@ -695,6 +695,36 @@ fn scale(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Resul
             &format!("100k allowances ({plane}): an outsider is blocked"),
             blocked(b, &format!("{}:8081", b.host4)),
         );
+        // The daemon's memory with 100k allowances in force.
+        let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", loaded.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        println!(
+            "e2e: note {N} allowances: {plane} daemon RSS {} MiB",
+            rss_kib / 1024
+        );
+        r.expect(
+            &format!("100k allowances ({plane}): daemon RSS under 256 MiB"),
+            rss_kib < 256 * 1024,
+            || format!("{rss_kib} KiB"),
+        );
+        // One more allowance on top of 100k: in force when `allow` returns.
+        let started = Instant::now();
+        let (code, _, err) = dw.run(&["allow", &b.addr4, "--port", "8081"])?;
+        let took = started.elapsed();
+        println!("e2e: note {N} allowances: {plane}: one more `allow` returned in {took:.2?}");
+        r.check(
+            &format!("100k allowances ({plane}): one more allow is in force when it returns"),
+            if code == 0 {
+                http_is(b, &format!("{}:8081", b.host4), "web1")
+            } else {
+                Err(anyhow::anyhow!("{err}"))
+            },
+        );
+        dw.ok(&["revoke", &b.addr4, "--port", "8081"])?;
     }
     Ok(())
 }

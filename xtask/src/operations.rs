@@ -47,6 +47,7 @@ pub fn run(
     explain_matrix(r, dw, a, b, &[])?;
     explain_matrix(r, dw, a, b, &["--fallback", "nftables"])?;
     drop_log(r, dw, a, b)?;
+    allow_latency(r, dw, a, b)?;
     metrics(r, dw, a, b)?;
     expiry(r, dw, a, b)?;
     readiness(r, dw, a, b)?;
@@ -430,6 +431,45 @@ fn drop_log(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Re
         "drop log: status counts the suppressed events",
         suppressed + logged >= u64::from(flood),
         || after.to_string(),
+    );
+    Ok(())
+}
+
+// ---- control plane: one allow -----------------------------------------------------------
+
+/// `dockwall allow` end to end (process start, Docker query, lock, save with
+/// fsync, eBPF map, fallback rewrite) on a small policy, and a connection
+/// right after it returns: the allowance is in force by then.
+fn allow_latency(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Result<()> {
+    fresh_policy(dw);
+    dw.ok(&["allow", &a.addr4, "--port", "8081"])?;
+    let _loaded = dw.load(&ifaces(a, b))?;
+    let b8081 = format!("{}:8081", b.host4);
+    let mut took = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (code, _, err) = dw.run(&["allow", &b.addr4, "--port", "8081"])?;
+        took.push(started.elapsed());
+        if code != 0 {
+            failures.push(err);
+        } else if let Err(e) = http_is(b, &b8081, "web1") {
+            failures.push(format!("not in force when allow returned: {e:#}"));
+        }
+        dw.ok(&["revoke", &b.addr4, "--port", "8081"])?;
+        if let Err(e) = blocked(b, &b8081) {
+            failures.push(format!("not revoked when revoke returned: {e:#}"));
+        }
+    }
+    took.sort();
+    println!(
+        "e2e: note one `dockwall allow` (eBPF + iptables fallback, small policy): median {:.1?}, min {:.1?}, max {:.1?}",
+        took[2], took[0], took[4]
+    );
+    r.expect(
+        "control plane: 5 x allow then revoke, each in force the moment the command returns",
+        failures.is_empty(),
+        || format!("{failures:?}"),
     );
     Ok(())
 }
