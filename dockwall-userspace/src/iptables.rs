@@ -350,6 +350,53 @@ pub fn apply(
     destroy_sets_except(&keep)
 }
 
+/// When only the members of existing sets change (the same published ports,
+/// each still "everyone" or still a set, in both families), the rules stay
+/// as they are and one `ipset restore` adds and deletes members in place:
+/// what makes a single `dockwall allow` cheap. Returns false, changing
+/// nothing, when the rules would change; the caller rewrites everything.
+pub fn update_members(
+    old: &BTreeSet<AllowEntry>,
+    new: &BTreeSet<AllowEntry>,
+) -> anyhow::Result<bool> {
+    match member_changes(old, new) {
+        Some(input) => ipset_restore(&input).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// The `ipset restore` input for [`update_members`], or None when the rules
+/// themselves would change.
+pub fn member_changes(old: &BTreeSet<AllowEntry>, new: &BTreeSet<AllowEntry>) -> Option<String> {
+    let mut input = String::new();
+    for family in Family::ALL {
+        let (before, after) = (sets(family, old), sets(family, new));
+        if before.len() != after.len() {
+            return None;
+        }
+        for ((port_a, proto_a, a), (port_b, proto_b, b)) in before.iter().zip(&after) {
+            if port_a != port_b || proto_a != proto_b {
+                return None;
+            }
+            match (a, b) {
+                (Sources::Everyone, Sources::Everyone) => {}
+                (Sources::Set(name, was), Sources::Set(_, now)) => {
+                    let was: BTreeSet<_> = was.iter().collect();
+                    let now: BTreeSet<_> = now.iter().collect();
+                    for net in now.difference(&was) {
+                        let _ = writeln!(input, "add {name} {net} -exist");
+                    }
+                    for net in was.difference(&now) {
+                        let _ = writeln!(input, "del {name} {net} -exist");
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+    Some(input)
+}
+
 fn restore(tool: &str, input: &str) -> anyhow::Result<()> {
     crate::command::pipe(tool, &["--noflush"], input, "iptables")
 }
@@ -608,6 +655,34 @@ mod tests {
         );
         assert!(!text.contains("172.17"));
         assert!(compile_sets(Family::V6, &entries).contains("family inet6"));
+    }
+
+    #[test]
+    fn a_change_of_members_alone_is_applied_in_place() {
+        let old = BTreeSet::from([
+            entry(8081, Proto::Tcp, "192.0.2.0/24"),
+            entry(8081, Proto::Tcp, "2001:db8::/32"),
+        ]);
+        let mut new = old.clone();
+        new.insert(entry(8081, Proto::Tcp, "198.51.100.7/32"));
+        new.remove(&entry(8081, Proto::Tcp, "192.0.2.0/24"));
+        assert_eq!(
+            member_changes(&old, &new).as_deref(),
+            Some(
+                "add dockwall-4-tcp-8081 198.51.100.7/32 -exist\ndel dockwall-4-tcp-8081 192.0.2.0/24 -exist\n"
+            )
+        );
+        // A new published port needs a new set and rule: no in-place update.
+        let mut other = old.clone();
+        other.insert(entry(8082, Proto::Tcp, "192.0.2.0/24"));
+        assert_eq!(member_changes(&old, &other), None);
+        // Becoming "everyone" changes the rule too.
+        let mut any = old.clone();
+        any.insert(entry(8081, Proto::Tcp, "0.0.0.0/0"));
+        assert_eq!(member_changes(&old, &any), None);
+        // The last member of a port leaving drops its rule.
+        let gone = BTreeSet::from([entry(8081, Proto::Tcp, "2001:db8::/32")]);
+        assert_eq!(member_changes(&old, &gone), None);
     }
 
     #[test]

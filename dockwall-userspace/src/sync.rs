@@ -66,11 +66,26 @@ impl Dataplanes {
         } else {
             None
         };
+        // What the fallback holds now, as the last apply left it, so that a
+        // change of members alone is applied in place. Should it have
+        // drifted, the daemon's next resync rewrites it whole.
+        let fallback_applied = match (state.fallback, runtime::applied_policy()?) {
+            (Some(_), Some(policy)) => {
+                let bindings = runtime::published().unwrap_or_default();
+                let live = policy.in_force(clock::now_unix());
+                Some((
+                    entries(&live, &bindings),
+                    policy::compile_scope(&bindings),
+                    state.audit,
+                ))
+            }
+            _ => None,
+        };
         Ok(Some(Dataplanes {
             maps,
             fallback: state.fallback,
             ifaces: state.interfaces.iter().map(|i| i.name.clone()).collect(),
-            fallback_applied: None,
+            fallback_applied,
             policy_applied: None,
             audit: state.audit,
         }))
@@ -130,8 +145,19 @@ pub fn apply(
     }
     if let Some(fallback) = dataplanes.fallback {
         let wanted = (entries, policy::compile_scope(bindings), dataplanes.audit);
-        // Rewrite when the policy changed, or when our rules went missing.
-        if dataplanes.fallback_applied.as_ref() != Some(&wanted) || !fallback.present() {
+        // Only set members changed: add and delete them in place.
+        let in_place = match (&dataplanes.fallback_applied, fallback) {
+            (Some(old), Fallback::Iptables(_))
+                if old.0 != wanted.0 && old.1 == wanted.1 && old.2 == wanted.2 =>
+            {
+                crate::iptables::update_members(&old.0, &wanted.0)?
+            }
+            _ => false,
+        };
+        if in_place {
+            dataplanes.fallback_applied = Some(wanted);
+        } else if dataplanes.fallback_applied.as_ref() != Some(&wanted) || !fallback.present() {
+            // Rewrite when the policy changed, or when our rules went missing.
             fallback.apply(&wanted.0, &wanted.1, &dataplanes.ifaces, wanted.2)?;
             dataplanes.fallback_applied = Some(wanted);
         }

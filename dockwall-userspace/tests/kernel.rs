@@ -1338,3 +1338,37 @@ fn port_array_fast_path_keeps_endpoint_and_specific_binds_exact() {
     assert_eq!(h.ingress(&syn4("192.0.2.1", HOST4, 8080)), PASS);
     assert_eq!(h.stats()[stat::NOT_IN_SCOPE as usize], 3);
 }
+
+#[test]
+fn a_single_address_beats_its_network_and_families_stay_apart() {
+    let mut h = Harness::new(&[("192.0.2.0/24", "8081"), ("192.0.2.7", "8081")]);
+    let frame = syn4("192.0.2.7", HOST4, 8081);
+    assert_eq!(h.ingress(&frame), PASS);
+    let entry = |net: &str| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: net.parse().unwrap(),
+    };
+    let hits = h.maps.allow_hits().unwrap();
+    assert_eq!(hits[&entry("192.0.2.7/32")], 1, "the host entry decides");
+    assert_eq!(hits[&entry("192.0.2.0/24")], 0);
+    // Without the host entry the network still lets it in.
+    h.maps
+        .sync_allow(&permanent(&BTreeSet::from([entry("192.0.2.0/24")])))
+        .unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+    assert_eq!(h.maps.allow_hits().unwrap()[&entry("192.0.2.0/24")], 1);
+    // An IPv6 /128 on the same port: keyed by family, no overlap with IPv4.
+    h.maps
+        .sync_allow(&permanent(&BTreeSet::from([entry("2001:db8:9::9/128")])))
+        .unwrap();
+    assert_eq!(h.ingress(&syn6("2001:db8:9::9", HOST6, 8081)), PASS);
+    assert_eq!(h.ingress(&frame), DROP);
+    assert_eq!(
+        h.maps
+            .lookup_allow(8081, Proto::Tcp, "2001:db8:9::9".parse().unwrap())
+            .unwrap()
+            .map(|v| v.hits),
+        Some(1)
+    );
+}

@@ -99,7 +99,19 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
 
     let lock = config::lock(config_path)?;
     let mut policy = config::load(config_path)?;
-    let (bindings, source_kind, snapshot) = rt.block_on(sync::bindings());
+    // While loaded, the daemon keeps Docker's published ports in the
+    // runtime snapshot (at most 2 s old): a --port allowance needs no
+    // Docker round trip. --container needs Docker's word on the name.
+    let loaded = !crate::runtime::state()?.interfaces.is_empty();
+    let (bindings, source_kind, snapshot) = if loaded && args.containers.is_empty() {
+        (
+            crate::runtime::published()?,
+            sync::BindingsSource::Snapshot,
+            None,
+        )
+    } else {
+        rt.block_on(sync::bindings())
+    };
 
     // Validate everything before changing anything.
     if action == Action::Allow && !args.containers.is_empty() {
