@@ -532,6 +532,52 @@ impl Maps {
         Ok(changes)
     }
 
+    /// Writes only the difference between `old` (what the map was last
+    /// given) and `new`: O(change), not O(policy), for `allow`/`revoke` on
+    /// a large policy. Kept entries whose expiry moved are rewritten with
+    /// their hit counter; an entry already gone is fine.
+    pub fn sync_allow_delta(
+        &mut self,
+        old: &BTreeMap<AllowEntry, u64>,
+        new: &BTreeMap<AllowEntry, u64>,
+    ) -> anyhow::Result<Changes> {
+        let mut changes = Changes::default();
+        for (entry, &expires_ns) in new {
+            if old
+                .get(entry)
+                .is_some_and(|&was| same_expiry(was, expires_ns))
+            {
+                continue;
+            }
+            let (len, data) = entry.key();
+            let key = Key::new(len, data);
+            // Only a kept entry has a counter to carry over. (A lookup of a
+            // new one would return the covering network's value: LPM.)
+            let hits = match old.contains_key(entry).then(|| self.allow.get(&key, 0)) {
+                Some(Ok(v)) => v.hits,
+                None | Some(Err(MapError::KeyNotFound)) => 0,
+                Some(Err(e)) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
+            };
+            self.allow
+                .insert(&key, AllowValue { hits, expires_ns }, 0)
+                .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
+            changes.added += 1;
+        }
+        for entry in old.keys().filter(|e| !new.contains_key(e)) {
+            let (len, data) = entry.key();
+            match self.allow.remove(&Key::new(len, data)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
+                    });
+                }
+            }
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+
     /// Every allowance entry in the kernel with its hit counter.
     pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
         Ok(self

@@ -48,6 +48,11 @@ pub struct Dataplanes {
     /// What the fallback was last set to, so an unchanged policy is not
     /// rewritten on every resync (100k set members every 2 s otherwise).
     pub fallback_applied: Option<(BTreeSet<AllowEntry>, policy::Scope, bool)>,
+    /// The allowance entries (with unix expiries) the kernel maps were last
+    /// given, when known: `allow`/`revoke` then write only the difference
+    /// instead of reading the whole map back. The daemon leaves it `None`
+    /// and diffs against the kernel, which also repairs drift.
+    pub allow_applied: Option<BTreeMap<AllowEntry, Option<u64>>>,
     /// The policy last recorded as in force (same reason).
     pub policy_applied: Option<Policy>,
     /// `load --audit`: the fallback counts would-be drops instead of dropping.
@@ -69,16 +74,19 @@ impl Dataplanes {
         // What the fallback holds now, as the last apply left it, so that a
         // change of members alone is applied in place. Should it have
         // drifted, the daemon's next resync rewrites it whole.
-        let fallback_applied = match (state.fallback, runtime::applied_policy()?) {
-            (Some(_), Some(policy)) => {
-                let bindings = runtime::published().unwrap_or_default();
-                let live = policy.in_force(clock::now_unix());
-                Some((
-                    entries(&live, &bindings),
-                    policy::compile_scope(&bindings),
-                    state.audit,
-                ))
-            }
+        let applied = runtime::applied_policy()?;
+        let bindings = runtime::published().unwrap_or_default();
+        let live = applied.map(|p| p.in_force(clock::now_unix()));
+        let fallback_applied = match (state.fallback, &live) {
+            (Some(_), Some(live)) => Some((
+                entries(live, &bindings),
+                policy::compile_scope(&bindings),
+                state.audit,
+            )),
+            _ => None,
+        };
+        let allow_applied = match (&maps, &live) {
+            (Some(_), Some(live)) => Some(entries_with_expiry(live, &bindings)),
             _ => None,
         };
         Ok(Some(Dataplanes {
@@ -86,6 +94,7 @@ impl Dataplanes {
             fallback: state.fallback,
             ifaces: state.interfaces.iter().map(|i| i.name.clone()).collect(),
             fallback_applied,
+            allow_applied,
             policy_applied: None,
             audit: state.audit,
         }))
@@ -137,11 +146,18 @@ pub fn apply(
         if source == BindingsSource::Docker {
             applied.published = maps.sync_published(&policy::compile_published(bindings))?;
         }
-        let kernel: BTreeMap<AllowEntry, u64> = with_expiry
-            .iter()
-            .map(|(e, at)| (*e, at.map_or(0, clock::boot_ns_at)))
-            .collect();
-        applied.allow = maps.sync_allow(&kernel)?;
+        let to_kernel = |m: &BTreeMap<AllowEntry, Option<u64>>| -> BTreeMap<AllowEntry, u64> {
+            m.iter()
+                .map(|(e, at)| (*e, at.map_or(0, clock::boot_ns_at)))
+                .collect()
+        };
+        applied.allow = match &dataplanes.allow_applied {
+            Some(old) => maps.sync_allow_delta(&to_kernel(old), &to_kernel(&with_expiry))?,
+            None => maps.sync_allow(&to_kernel(&with_expiry))?,
+        };
+        if dataplanes.allow_applied.is_some() {
+            dataplanes.allow_applied = Some(with_expiry.clone());
+        }
     }
     if let Some(fallback) = dataplanes.fallback {
         let wanted = (entries, policy::compile_scope(bindings), dataplanes.audit);

@@ -540,17 +540,25 @@ fn fallback_behaviour(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> 
         );
         dw.run(&["allow", &a.addr4, "--port", "5353/udp"])?;
 
-        // 100 policy updates under continuous traffic.
-        let (t, ()) = under_traffic(a, &a8081, b, &b8081, || {
-            for i in 0..50 {
-                let src = format!("192.0.2.{}", i + 1);
-                let _ = dw.run(&["allow", &src, "--port", "8081"]);
-                let _ = dw.run(&["revoke", &src, "--port", "8081"]);
+        // 100 or more policy updates under continuous traffic: rounds of
+        // 100 for at least 1.5 s, so the probes overlap them however fast
+        // an update is (a few ms each now).
+        let (t, updates) = under_traffic(a, &a8081, b, &b8081, || {
+            let started = Instant::now();
+            let mut updates = 0;
+            while updates == 0 || started.elapsed() < Duration::from_millis(1500) {
+                for i in 0..50 {
+                    let src = format!("192.0.2.{}", i + 1);
+                    let _ = dw.run(&["allow", &src, "--port", "8081"]);
+                    let _ = dw.run(&["revoke", &src, "--port", "8081"]);
+                    updates += 2;
+                }
             }
+            updates
         });
         let (ok_a, bad_a, bad_b, n_b) = (t.ok, t.failed, t.leaked, t.tries);
         println!(
-            "e2e: note {plane}: 100 updates under traffic: {ok_a} allowed connections ok, {bad_a} failed; {n_b} blocked attempts, {bad_b} got through"
+            "e2e: note {plane}: {updates} updates under traffic: {ok_a} allowed connections ok, {bad_a} failed; {n_b} blocked attempts, {bad_b} got through"
         );
         r.expect(
             &format!("{plane}: no allowed connection fails during 100 updates"),

@@ -3,6 +3,7 @@
 //! Everything a fresh machine needs is installed by `setup`, which `build`,
 //! `test` and `demo` run first (each step is skipped when already done).
 
+mod control;
 mod demo;
 mod durability;
 mod e2e;
@@ -65,7 +66,12 @@ fn main() -> ExitCode {
             .and_then(|()| demo::run()),
         Task::Bench { quick } => setup::run()
             .and_then(|()| util::build_release())
-            .and_then(|()| util::bench(quick).map(|_| ())),
+            .and_then(|()| util::bench(quick))
+            .and_then(|out| {
+                // The control plane needs a dockerd and the real daemon; the
+                // test suite checks it on a small scale, so quick skips it.
+                if quick { Ok(()) } else { control::run(&out) }
+            }),
         Task::Install { root } => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| install::run(&root)),

@@ -440,7 +440,11 @@ fn drop_log(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Re
 /// From `start`, a new TCP connection attempt from this thread's namespace
 /// every millisecond; the time at which the first one completes. A SYN
 /// dropped while the allowance is not in force yet just stays pending.
-fn first_connect(addr: std::net::SocketAddr, start: Instant, limit: Duration) -> Option<Duration> {
+pub(crate) fn first_connect(
+    addr: std::net::SocketAddr,
+    start: Instant,
+    limit: Duration,
+) -> Option<Duration> {
     use socket2::{Domain, Socket, Type};
     let mut pending: Vec<Socket> = Vec::new();
     while start.elapsed() < limit {

@@ -146,6 +146,7 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             fallback,
             ifaces: args.ifaces.clone(),
             fallback_applied: None,
+            allow_applied: None,
             policy_applied: None,
             audit: args.audit,
         };
