@@ -128,6 +128,18 @@ pub fn applied_policy() -> anyhow::Result<Option<crate::config::Policy>> {
     }
 }
 
+/// (inode, mtime seconds, mtime nanoseconds, size).
+pub type AppliedStamp = (u64, i64, i64, u64);
+
+/// Identity of the applied-policy file as it is now (inode, mtime, size):
+/// the daemon re-parses it only when this changes (every writer replaces
+/// it by rename, so a new inode), not on every resync.
+pub fn applied_stamp() -> Option<AppliedStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(run_dir().join(APPLIED_FILE)).ok()?;
+    Some((meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size()))
+}
+
 pub fn save_applied(policy: &crate::config::Policy) -> anyhow::Result<()> {
     let dir = run_dir();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -173,6 +173,7 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             sync::apply(&mut dataplanes, &policy, &bindings, source)?;
         }
         let apply_time = started.elapsed();
+        release_heap();
         if let Some(obj) = ebpf_obj.as_mut() {
             for iface in &args.ifaces {
                 ebpf::attach(obj, iface, mode)?;
@@ -263,6 +264,7 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             docker_up,
             log_rate: args.log_rate,
             log_seen: [0; 2],
+            applied_cache: None,
         };
         let result = daemon.follow(drop_log).await;
         let _ = notify::notify("STOPPING=1");
@@ -360,6 +362,8 @@ struct Daemon<'a, 'k> {
     log_rate: u32,
     /// LOG_SUPPRESSED and LOG_LOST as last reported.
     log_seen: [u64; 2],
+    /// The applied policy as last parsed, with the file's identity then.
+    applied_cache: Option<(runtime::AppliedStamp, config::Policy)>,
 }
 
 impl Daemon<'_, '_> {
@@ -490,9 +494,19 @@ impl Daemon<'_, '_> {
             .store(source == BindingsSource::Docker, Ordering::Relaxed);
         let _lock = config::lock(self.config_path)?;
         // The policy in force, not the file: a hand edit waits for `reload`.
-        let mut policy = match runtime::applied_policy()? {
-            Some(policy) => policy,
-            None => config::load(self.config_path)?,
+        // Parsed again only when another command replaced it.
+        let stamp = runtime::applied_stamp();
+        let mut policy = match (&self.applied_cache, stamp) {
+            (Some((was, policy)), Some(now)) if *was == now => policy.clone(),
+            _ => match runtime::applied_policy()? {
+                Some(policy) => {
+                    if let Some(now) = stamp {
+                        self.applied_cache = Some((now, policy.clone()));
+                    }
+                    policy
+                }
+                None => config::load(self.config_path)?,
+            },
         };
         let expired = policy.prune_expired(clock::now_unix());
         if !expired.is_empty() {
@@ -521,6 +535,7 @@ impl Daemon<'_, '_> {
         }
         let (p, a) = (applied.published, applied.allow);
         if p.added + p.removed + a.added + a.removed > 0 {
+            release_heap();
             println!(
                 "dockwall: synced: published ports +{} -{}, allowance entries +{} -{}",
                 p.added, p.removed, a.added, a.removed
@@ -565,6 +580,14 @@ impl Daemon<'_, '_> {
             );
         }
     }
+}
+
+/// Gives freed heap back to the kernel. Parsing and compiling a large
+/// policy (100k allowances) peaks at well over 100 MiB that glibc would
+/// otherwise keep mapped for the daemon's whole life.
+fn release_heap() {
+    // SAFETY: malloc_trim only releases free memory at the top of the heaps.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// What the daemon needs to repair the eBPF side.
