@@ -367,6 +367,9 @@ fn port_bits<'a>(keys: impl Iterator<Item = &'a PublishedKey>) -> BTreeMap<u16, 
     bits
 }
 
+/// `BPF_NOEXIST`: create the element only if it is not there yet.
+const BPF_NOEXIST: u64 = 1;
+
 /// Expiries are recomputed from the wall clock on every sync; a difference
 /// under a second is that rounding, not a change.
 fn same_expiry(a: u64, b: u64) -> bool {
@@ -551,16 +554,37 @@ impl Maps {
             }
             let (len, data) = entry.key();
             let key = Key::new(len, data);
-            // Only a kept entry has a counter to carry over. (A lookup of a
-            // new one would return the covering network's value: LPM.)
-            let hits = match old.contains_key(entry).then(|| self.allow.get(&key, 0)) {
-                Some(Ok(v)) => v.hits,
-                None | Some(Err(MapError::KeyNotFound)) => 0,
-                Some(Err(e)) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
+            if !old.contains_key(entry) {
+                // New to us, but another command may have added it already
+                // (with its counter running): only create, never overwrite.
+                match self.allow.insert(
+                    &key,
+                    AllowValue {
+                        hits: 0,
+                        expires_ns,
+                    },
+                    BPF_NOEXIST,
+                ) {
+                    Ok(()) => changes.added += 1,
+                    Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                        if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)")
+                        });
+                    }
+                }
+                continue;
+            }
+            // A kept entry whose expiry moved: carry its counter over.
+            let hits = match self.allow.get(&key, 0) {
+                Ok(v) => v.hits,
+                Err(MapError::KeyNotFound) => 0,
+                Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
             };
             self.allow
                 .insert(&key, AllowValue { hits, expires_ns }, 0)
-                .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
+                .with_context(|| format!("updating {entry:?} in DW_ALLOW (bpf_map_update_elem)"))?;
             changes.added += 1;
         }
         for entry in old.keys().filter(|e| !new.contains_key(e)) {

@@ -49,9 +49,10 @@ pub struct Dataplanes {
     /// rewritten on every resync (100k set members every 2 s otherwise).
     pub fallback_applied: Option<(BTreeSet<AllowEntry>, policy::Scope, bool)>,
     /// The allowance entries (with unix expiries) the kernel maps were last
-    /// given, when known: `allow`/`revoke` then write only the difference
-    /// instead of reading the whole map back. The daemon leaves it `None`
-    /// and diffs against the kernel, which also repairs drift.
+    /// given, when known: the next apply writes only the difference instead
+    /// of reading the whole map back. `None` forces that full read and diff,
+    /// which also repairs entries changed behind dockwall's back; the
+    /// daemon does it at start and every `DEEP_CHECK_EVERY` resyncs.
     pub allow_applied: Option<BTreeMap<AllowEntry, Option<u64>>>,
     /// The policy last recorded as in force (same reason).
     pub policy_applied: Option<Policy>,
@@ -155,9 +156,7 @@ pub fn apply(
             Some(old) => maps.sync_allow_delta(&to_kernel(old), &to_kernel(&with_expiry))?,
             None => maps.sync_allow(&to_kernel(&with_expiry))?,
         };
-        if dataplanes.allow_applied.is_some() {
-            dataplanes.allow_applied = Some(with_expiry.clone());
-        }
+        dataplanes.allow_applied = Some(with_expiry.clone());
     }
     if let Some(fallback) = dataplanes.fallback {
         let wanted = (entries, policy::compile_scope(bindings), dataplanes.audit);

@@ -1372,3 +1372,41 @@ fn a_single_address_beats_its_network_and_families_stay_apart() {
         Some(1)
     );
 }
+
+#[test]
+fn delta_sync_writes_only_changes_and_never_resets_a_running_counter() {
+    let mut h = Harness::new(&[]);
+    let e = |net: &str| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: net.parse().unwrap(),
+    };
+    let frame = syn4("192.0.2.10", HOST4, 8081);
+    // Another command added the entry and it is counting.
+    h.maps
+        .sync_allow(&permanent(&BTreeSet::from([e("192.0.2.10/32")])))
+        .unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+    // A daemon that does not know about it yet applies the same policy as a
+    // difference from its older view: the entry is kept, its counter too.
+    let old = BTreeMap::new();
+    let new = permanent(&BTreeSet::from([e("192.0.2.10/32"), e("198.51.100.0/24")]));
+    let changes = h.maps.sync_allow_delta(&old, &new).unwrap();
+    assert_eq!(changes.added, 1, "only the network was new to the kernel");
+    assert_eq!(h.maps.allow_hits().unwrap()[&e("192.0.2.10/32")], 1);
+    assert_eq!(h.ingress(&syn4("198.51.100.9", HOST4, 8081)), PASS);
+    // An expiry that moves keeps the counter; a removal takes effect.
+    let later = BTreeMap::from([
+        (
+            e("192.0.2.10/32"),
+            dockwall_userspace::clock::boot_ns() + 60_000_000_000,
+        ),
+        (e("198.51.100.0/24"), 0),
+    ]);
+    h.maps.sync_allow_delta(&new, &later).unwrap();
+    assert_eq!(h.maps.allow_hits().unwrap()[&e("192.0.2.10/32")], 1);
+    let only = BTreeMap::from([(e("198.51.100.0/24"), 0)]);
+    h.maps.sync_allow_delta(&later, &only).unwrap();
+    assert_eq!(h.ingress(&frame), DROP);
+    assert_eq!(h.maps.allow_values().unwrap().len(), 1);
+}
