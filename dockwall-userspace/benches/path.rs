@@ -165,6 +165,8 @@ struct Row {
 
 struct Config {
     out: PathBuf,
+    /// Times the whole set of measurements is repeated.
+    sweeps: usize,
     runs: usize,
     target_run: Duration,
 }
@@ -181,6 +183,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config {
         out,
         runs: if quick { 3 } else { 5 },
+        sweeps: if quick { 1 } else { 3 },
         target_run: Duration::from_millis(if quick { 60 } else { 300 }),
     };
     let counts: Vec<usize> = if quick {
@@ -189,27 +192,38 @@ fn main() -> anyhow::Result<()> {
         vec![10, 100, 1_000, 10_000, 100_000]
     };
     let home = NetnsHome::open()?;
-    let mut rows = Vec::new();
-    for &n in &counts {
-        for competitor in Competitor::ALL {
-            if competitor.linear() && n > LINEAR_MAX {
-                continue;
+    // Whole sweeps, repeated: a slow drift of the machine (a noisy
+    // neighbour for a minute) then lands on every competitor, not on the
+    // few measured while it lasted. Each point is the median over sweeps.
+    let mut samples: Vec<Vec<Row>> = Vec::new();
+    for sweep in 0..config.sweeps {
+        let mut i = 0;
+        for &n in &counts {
+            for competitor in Competitor::ALL {
+                if competitor.linear() && n > LINEAR_MAX {
+                    continue;
+                }
+                let row = measure(&config, &home, competitor, n)
+                    .with_context(|| format!("{} with {n} allowances", competitor.name()))?;
+                eprintln!(
+                    "sweep {sweep} {:>7} {:<44} install {:>8.1} ms  allowed {:>9}  disallowed {:>8.0} ns/pkt  ({} pkts)",
+                    n,
+                    competitor.name(),
+                    row.install_ms,
+                    row.allowed_ns
+                        .map_or("n/a".to_string(), |v| format!("{v:.0} ns")),
+                    row.disallowed_ns,
+                    row.packets
+                );
+                if sweep == 0 {
+                    samples.push(Vec::new());
+                }
+                samples[i].push(row);
+                i += 1;
             }
-            let row = measure(&config, &home, competitor, n)
-                .with_context(|| format!("{} with {n} allowances", competitor.name()))?;
-            eprintln!(
-                "{:>7} {:<44} install {:>8.1} ms  allowed {:>9}  disallowed {:>8.0} ns/pkt  ({} pkts)",
-                n,
-                competitor.name(),
-                row.install_ms,
-                row.allowed_ns
-                    .map_or("n/a".to_string(), |v| format!("{v:.0} ns")),
-                row.disallowed_ns,
-                row.packets
-            );
-            rows.push(row);
         }
     }
+    let rows: Vec<Row> = samples.into_iter().map(median_row).collect();
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
     let mode = if quick { "quick" } else { "full" };
@@ -827,6 +841,23 @@ fn measure(
     result
 }
 
+/// The median of each figure over the sweeps of one point.
+fn median_row(mut rows: Vec<Row>) -> Row {
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+    let install_ms = median(rows.iter().map(|r| r.install_ms).collect());
+    let disallowed_ns = median(rows.iter().map(|r| r.disallowed_ns).collect());
+    let allowed: Vec<f64> = rows.iter().filter_map(|r| r.allowed_ns).collect();
+    let allowed_ns = (!allowed.is_empty()).then(|| median(allowed));
+    let mut row = rows.swap_remove(0);
+    row.install_ms = install_ms;
+    row.disallowed_ns = disallowed_ns;
+    row.allowed_ns = allowed_ns;
+    row
+}
+
 // ---- output --------------------------------------------------------------------------
 
 fn machine() -> String {
@@ -862,8 +893,9 @@ fn json(rows: &[Row], config: &Config, mode: &str) -> String {
         })
         .collect();
     format!(
-        "{{\n  \"benchmark\": \"whole path: veth -> tc ingress -> conntrack -> DNAT -> FORWARD (AF_PACKET generator, one core)\",\n  \"mode\": \"{mode}\",\n  \"runs_median_of\": {},\n  \"machine\": \"{}\",\n  \"rows\": [\n{}\n  ]\n}}\n",
+        "{{\n  \"benchmark\": \"whole path: veth -> tc ingress -> conntrack -> DNAT -> FORWARD (AF_PACKET generator, one core)\",\n  \"mode\": \"{mode}\",\n  \"runs_median_of\": {},\n  \"sweeps_median_of\": {},\n  \"machine\": \"{}\",\n  \"rows\": [\n{}\n  ]\n}}\n",
         config.runs,
+        config.sweeps,
         machine(),
         items.join(",\n")
     )
@@ -874,12 +906,13 @@ fn markdown(rows: &[Row], config: &Config, mode: &str) -> String {
     counts.sort_unstable();
     counts.dedup();
     let mut md = format!(
-        "Whole path, ns per packet on one core (median of {} runs; {mode} run; {}). \
+        "Whole path, ns per packet on one core (median over {} sweeps of the median of {} runs; {mode} run; {}). \
          Each packet is a TCP SYN from a new source address and port, written into a veth with AF_PACKET; \
          it crosses tc ingress, conntrack, DNAT and FORWARD of a Docker-shaped router namespace. \
          \"allowed\": sources an allowance lets in (forwarded to the container network); \
          \"disallowed\": sources none does (the flood case; dropped). \
          \"+\" is the cost over the same traffic with nothing attached. Policy install time into a fresh router in the last column.\n\n",
+        config.sweeps,
         config.runs,
         machine()
     );
