@@ -367,6 +367,18 @@ fn port_bits<'a>(keys: impl Iterator<Item = &'a PublishedKey>) -> BTreeMap<u16, 
     bits
 }
 
+/// A delete that failed because the key is not there (another command
+/// removed it first). The syscall reports it as ENOENT.
+fn already_gone(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(SyscallError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
 /// `BPF_NOEXIST`: create the element only if it is not there yet.
 const BPF_NOEXIST: u64 = 1;
 
@@ -527,9 +539,16 @@ impl Maps {
         }
         for entry in current.keys().filter(|e| !desired.contains_key(e)) {
             let (len, data) = entry.key();
-            self.allow.remove(&Key::new(len, data)).with_context(|| {
-                format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
-            })?;
+            match self.allow.remove(&Key::new(len, data)) {
+                Ok(()) => {}
+                // Another command removed it meanwhile: the goal is met.
+                Err(e) if already_gone(&e) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
+                    });
+                }
+            }
             changes.removed += 1;
         }
         Ok(changes)
@@ -590,7 +609,8 @@ impl Maps {
         for entry in old.keys().filter(|e| !new.contains_key(e)) {
             let (len, data) = entry.key();
             match self.allow.remove(&Key::new(len, data)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if already_gone(&e) => {}
                 Err(e) => {
                     return Err(e).with_context(|| {
                         format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")

@@ -1409,4 +1409,9 @@ fn delta_sync_writes_only_changes_and_never_resets_a_running_counter() {
     h.maps.sync_allow_delta(&later, &only).unwrap();
     assert_eq!(h.ingress(&frame), DROP);
     assert_eq!(h.maps.allow_values().unwrap().len(), 1);
+    // Another command removed it first: removing it again is no error.
+    h.maps.sync_allow_delta(&only, &BTreeMap::new()).unwrap();
+    h.maps.sync_allow_delta(&only, &BTreeMap::new()).unwrap();
+    h.maps.sync_allow(&BTreeMap::new()).unwrap();
+    assert!(h.maps.allow_values().unwrap().is_empty());
 }

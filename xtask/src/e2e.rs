@@ -217,7 +217,8 @@ fn end_to_end(r: &mut Report, only: Option<&str>) -> anyhow::Result<()> {
     match only {
         None => {}
         Some("operations") => return crate::operations::run(r, &dockerd, &dw, &a, &b),
-        Some(other) => bail!("no end-to-end phase '{other}' (known: operations)"),
+        Some("durability") => return crate::durability::run(r, &dockerd, &dw, &a, &b),
+        Some(other) => bail!("no end-to-end phase '{other}' (known: operations, durability)"),
     }
 
     // Without dockwall everyone gets in: proves the setup, so every

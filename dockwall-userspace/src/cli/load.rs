@@ -536,21 +536,31 @@ impl Daemon<'_, '_> {
             || !expired.is_empty()
             || self.next_expiry.is_some_and(|at| at <= now)
             || self.last_input.as_ref() != Some(&input);
-        let applied = if needed {
+        // A failed apply must not stop the repairs below (re-attaching the
+        // filter matters more): its error is returned after them.
+        let (applied, apply_error) = if needed {
             if deep {
                 self.dataplanes.allow_applied = None;
             }
-            let applied = sync::apply(self.dataplanes, &policy, &bindings, source)?;
-            self.last_input = Some((runtime::applied_stamp(), bindings));
-            self.next_expiry = policy
-                .expires
-                .values()
-                .copied()
-                .filter(|&at| at > now)
-                .min();
-            applied
+            match sync::apply(self.dataplanes, &policy, &bindings, source) {
+                Ok(applied) => {
+                    self.last_input = Some((runtime::applied_stamp(), bindings));
+                    self.next_expiry = policy
+                        .expires
+                        .values()
+                        .copied()
+                        .filter(|&at| at > now)
+                        .min();
+                    (applied, None)
+                }
+                Err(e) => {
+                    // Next time: a full read-back and diff, not a delta.
+                    self.dataplanes.allow_applied = None;
+                    (sync::Applied::default(), Some(e))
+                }
+            }
         } else {
-            sync::Applied::default()
+            (sync::Applied::default(), None)
         };
         let mut repaired = Vec::new();
         if let Some(f) = self.dataplanes.fallback.filter(|_| fallback_missing) {
@@ -589,7 +599,11 @@ impl Daemon<'_, '_> {
         for what in &repaired {
             println!("dockwall: repaired drift: {what}");
         }
-        runtime::record_repairs(&repaired)
+        runtime::record_repairs(&repaired)?;
+        match apply_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Removes lapsed allowances from the saved file too, so it does not
