@@ -72,13 +72,15 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
                 .find_map(|l| l.split("applied in ").nth(1).map(str::to_string))
                 .and_then(|t| t.split_whitespace().next()?.parse().ok())
                 .unwrap_or(u64::MAX);
+            let idle_cpu_pct = cpu_percent(loaded.pid(), Duration::from_secs(10));
+            // Steady state: after the first resyncs, not right after "in force".
             let rss_kib: f64 = std::fs::read_to_string(format!("/proc/{}/status", loaded.pid()))
                 .unwrap_or_default()
                 .lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
                 .unwrap_or(f64::NAN);
-            let idle_cpu_pct = cpu_percent(loaded.pid(), Duration::from_secs(10));
+
             let mut in_force = Vec::new();
             let mut command = Vec::new();
             for _ in 0..3 {

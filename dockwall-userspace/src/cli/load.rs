@@ -542,7 +542,10 @@ impl Daemon<'_, '_> {
             if deep {
                 self.dataplanes.allow_applied = None;
             }
-            match sync::apply(self.dataplanes, &policy, &bindings, source) {
+            let result = sync::apply(self.dataplanes, &policy, &bindings, source);
+            // Parsing and compiling a large policy leaves freed heap behind.
+            release_heap();
+            match result {
                 Ok(applied) => {
                     self.last_input = Some((runtime::applied_stamp(), bindings));
                     self.next_expiry = policy
@@ -583,7 +586,6 @@ impl Daemon<'_, '_> {
         }
         let (p, a) = (applied.published, applied.allow);
         if p.added + p.removed + a.added + a.removed > 0 {
-            release_heap();
             println!(
                 "dockwall: synced: published ports +{} -{}, allowance entries +{} -{}",
                 p.added, p.removed, a.added, a.removed
