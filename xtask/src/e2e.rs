@@ -214,11 +214,19 @@ fn end_to_end(r: &mut Report, only: Option<&str>) -> anyhow::Result<()> {
     let a5353 = format!("{}:5353", a.host4);
     let b5353 = format!("{}:5353", b.host4);
     let a6_8081 = format!("[{}]:8081", a.host6);
-    match only {
-        None => {}
-        Some("operations") => return crate::operations::run(r, &dockerd, &dw, &a, &b),
-        Some("durability") => return crate::durability::run(r, &dockerd, &dw, &a, &b),
-        Some(other) => bail!("no end-to-end phase '{other}' (known: operations, durability)"),
+    if let Some(only) = only {
+        // Comma-separated phases, in the order given.
+        for phase in only.split(',') {
+            match phase {
+                "operations" => crate::operations::run(r, &dockerd, &dw, &a, &b)?,
+                "durability" => crate::durability::run(r, &dockerd, &dw, &a, &b)?,
+                "equivalence" => equivalence(r, &dockerd, &dw, &a, &b)?,
+                other => bail!(
+                    "no end-to-end phase '{other}' (known: operations, durability, equivalence)"
+                ),
+            }
+        }
+        return Ok(());
     }
 
     // Without dockwall everyone gets in: proves the setup, so every
@@ -794,7 +802,12 @@ fn equivalence(
     r.expect(
         "equivalence: every case the policy blocks connects without dockwall",
         m.blocked_open_in_baseline == m.blocked_expected,
-        || format!("{} of {}", m.blocked_open_in_baseline, m.blocked_expected),
+        || {
+            format!(
+                "{} of {}: {:?}",
+                m.blocked_open_in_baseline, m.blocked_expected, m.closed_in_baseline
+            )
+        },
     );
     r.expect(
         "equivalence: eBPF, iptables and nftables give identical verdicts",
