@@ -23,6 +23,10 @@ use dockwall_userspace::{
 };
 use ipnet::IpNet;
 
+#[path = "shared/mod.rs"]
+mod shared;
+use shared::machine;
+
 const PASS: u32 = u32::MAX;
 const DROP: u32 = 2;
 
@@ -300,17 +304,6 @@ fn json(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
     )
 }
 
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("Linux {}, {cores} cores, {cpu}", kernel.trim())
-}
-
 fn markdown(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
     let mut md = format!(
         "Classifier cost per packet (BPF_PROG_TEST_RUN, {mode} run: median of {runs} runs x {repeat} executions; {}).\n\
@@ -353,31 +346,19 @@ fn svg(rows: &[Row]) -> String {
         left + ((n as f64).log10() - 1.0) / (max_n.log10() - 1.0).max(1.0) * (w - left - right)
     };
     let y = |ns: f64| h - bottom - ns.max(0.0) / max_ns * (h - bottom - top);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{left}\" y=\"18\" font-size=\"14\">dockwall classifier: ns added over a no-op tc program (allowed new connection)</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom
-    );
-    let mut n = 10usize;
-    while n as f64 <= max_n {
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
-            x(n),
-            h - bottom + 18.0
-        );
-        n *= 10;
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">allowances in the map</text>",
-        (left + w - right) / 2.0,
-        h - 10.0
+    let frame = shared::Frame {
+        w,
+        h,
+        left,
+        bottom,
+        top,
+        right,
+    };
+    let mut s = frame.open(
+        "dockwall classifier: ns added over a no-op tc program (allowed new connection)",
+        max_n,
+        x,
+        "allowances in the map",
     );
     for i in 0..=4 {
         let ns = max_ns * f64::from(i) / 4.0;

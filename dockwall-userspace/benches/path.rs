@@ -52,6 +52,10 @@ use dockwall_userspace::{
 };
 use ipnet::IpNet;
 
+#[path = "shared/mod.rs"]
+mod shared;
+use shared::machine;
+
 const GEN_NS: &str = "dwb-gen";
 const RT_NS: &str = "dwb-rt";
 /// The "container": its end of the veth drops everything at tc ingress,
@@ -288,30 +292,9 @@ fn sh(script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The product's own helper: feeds `input` to a tool, errors name it.
 fn pipe(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {cmd}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())
-        .with_context(|| format!("writing to {cmd}"))?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    dockwall_userspace::command::pipe(cmd, args, input, cmd)
 }
 
 /// A generator and a router namespace; removed on drop (the veth and the
@@ -860,17 +843,6 @@ fn median_row(mut rows: Vec<Row>) -> Row {
 
 // ---- output --------------------------------------------------------------------------
 
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("Linux {}, {cores} cores, {cpu}", kernel.trim())
-}
-
 fn find(rows: &[Row], c: Competitor, n: usize) -> Option<&Row> {
     rows.iter().find(|r| r.competitor == c && r.allowances == n)
 }
@@ -1016,31 +988,19 @@ fn svg(rows: &[Row]) -> String {
         h - bottom
             - (ns.max(min_ns).ln() - min_ns.ln()) / (max_ns.ln() - min_ns.ln()) * (h - bottom - top)
     };
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{left}\" y=\"18\" font-size=\"14\">Whole path: ns per disallowed new connection (flood), log scales</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom
-    );
-    let mut n = 10usize;
-    while n as f64 <= max_n {
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
-            x(n),
-            h - bottom + 18.0
-        );
-        n *= 10;
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">allowances</text>",
-        (left + w - right) / 2.0,
-        h - 10.0
+    let frame = shared::Frame {
+        w,
+        h,
+        left,
+        bottom,
+        top,
+        right,
+    };
+    let mut s = frame.open(
+        "Whole path: ns per disallowed new connection (flood), log scales",
+        max_n,
+        x,
+        "allowances",
     );
     let mut tick = 10f64.powf(min_ns.log10().floor());
     while tick <= max_ns {

@@ -538,17 +538,7 @@ impl Maps {
             changes.added += 1;
         }
         for entry in current.keys().filter(|e| !desired.contains_key(e)) {
-            let (len, data) = entry.key();
-            match self.allow.remove(&Key::new(len, data)) {
-                Ok(()) => {}
-                // Another command removed it meanwhile: the goal is met.
-                Err(e) if already_gone(&e) => {}
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
-                    });
-                }
-            }
+            self.remove_allow(entry)?;
             changes.removed += 1;
         }
         Ok(changes)
@@ -607,19 +597,22 @@ impl Maps {
             changes.added += 1;
         }
         for entry in old.keys().filter(|e| !new.contains_key(e)) {
-            let (len, data) = entry.key();
-            match self.allow.remove(&Key::new(len, data)) {
-                Ok(()) => {}
-                Err(e) if already_gone(&e) => {}
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")
-                    });
-                }
-            }
+            self.remove_allow(entry)?;
             changes.removed += 1;
         }
         Ok(changes)
+    }
+
+    /// Removes one allowance entry; one another command removed first is
+    /// fine (the goal is met).
+    fn remove_allow(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
+        let (len, data) = entry.key();
+        match self.allow.remove(&Key::new(len, data)) {
+            Ok(()) => Ok(()),
+            Err(e) if already_gone(&e) => Ok(()),
+            Err(e) => Err(e)
+                .with_context(|| format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")),
+        }
     }
 
     /// Every allowance entry in the kernel with its hit counter.
