@@ -86,19 +86,19 @@ pub fn decide(
             container_port: b.container_port,
         })
         .collect();
-    let covering = |policy: &Policy| {
-        let compiled = policy::compile_allowances(&policy.allowances, bindings);
-        compiled
-            .into_iter()
-            .filter(|(e, _)| e.port == pp.port && e.proto == pp.proto && e.net.contains(&source))
-            .max_by_key(|(e, _)| e.net.prefix_len())
-    };
     let live = policy.in_force(now);
-    let best = covering(&live);
+    let compiled = policy::compile_allowances(&live.allowances, bindings);
+    // The longest matching entry, as the kernel's LPM lookup finds it.
+    let best = compiled
+        .iter()
+        .filter(|(e, _)| e.port == pp.port && e.proto == pp.proto && e.net.contains(&source))
+        .max_by_key(|(e, _)| e.net.prefix_len());
     // Expiries as the kernel gets them: an entry lives as long as the
     // longest-lived allowance covering it.
-    let expiries = crate::sync::entries_with_expiry(&live, bindings);
-    let decided_by = best.as_ref().map(|(entry, owners)| Decision {
+    let expiries = policy::entry_expiries(&compiled, |i| {
+        live.expires.get(&live.allowances[i]).copied()
+    });
+    let decided_by = best.map(|(entry, owners)| Decision {
         allowances: owners
             .iter()
             .map(|&i| live.allowances[i].to_string())

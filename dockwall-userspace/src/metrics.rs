@@ -289,14 +289,7 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
 
         let hits = maps.allow_hits()?;
         let per_allowance = Family::<Labels, Counter>::default();
-        let compiled = policy::compile_allowances(&policy.allowances, &bindings);
-        let mut sums = vec![0u64; policy.allowances.len()];
-        for (entry, owners) in &compiled {
-            let h = hits.get(entry).copied().unwrap_or(0);
-            for &o in owners {
-                sums[o] += h;
-            }
-        }
+        let sums = policy::hits_per_allowance(&policy.allowances, &bindings, &hits);
         for (a, sum) in policy.allowances.iter().zip(sums) {
             per_allowance
                 .get_or_create(&labels(&[

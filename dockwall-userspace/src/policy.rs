@@ -444,6 +444,24 @@ pub fn compile_allowances(
     entries
 }
 
+/// New connections each allowance let in, from the kernel's per-entry
+/// counters (`hits`). An entry two allowances need counts for both; an
+/// entry the kernel does not hold counts 0. Linear in the entries.
+pub fn hits_per_allowance(
+    allowances: &[Allowance],
+    bindings: &[Binding],
+    hits: &BTreeMap<AllowEntry, u64>,
+) -> Vec<u64> {
+    let mut sums = vec![0u64; allowances.len()];
+    for (entry, owners) in compile_allowances(allowances, bindings) {
+        let h = hits.get(&entry).copied().unwrap_or(0);
+        for owner in owners {
+            sums[owner] += h;
+        }
+    }
+    sums
+}
+
 /// When each allowance entry stops letting anyone in (unix seconds; `None`
 /// = never), for the kernel's `expires_ns`.
 ///
@@ -851,5 +869,29 @@ mod tests {
             entry_expiries(&lone, |i| [Some(5), Some(9)][i])[&e("203.0.113.0/24", 80)],
             Some(9)
         );
+    }
+
+    #[test]
+    fn a_shared_entry_counts_for_every_allowance_that_needs_it() {
+        let a = |src: &str, port: &str| Allowance {
+            source: src.parse().unwrap(),
+            target: Target::Port(port.parse().unwrap()),
+        };
+        let allowances = vec![
+            a("192.0.2.0/24", "80"),
+            a("192.0.2.0/24", "80/tcp"),
+            a("any", "443"),
+        ];
+        let entry = |net: &str, port| AllowEntry {
+            port,
+            proto: Proto::Tcp,
+            net: net.parse().unwrap(),
+        };
+        let hits = BTreeMap::from([
+            (entry("192.0.2.0/24", 80), 5),
+            (entry("0.0.0.0/0", 443), 2),
+            (entry("::/0", 443), 1),
+        ]);
+        assert_eq!(hits_per_allowance(&allowances, &[], &hits), vec![5, 5, 3]);
     }
 }

@@ -42,13 +42,7 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    // Each allowance's kernel entries, inverted once (linear, not n x m).
-    let mut entries_of = vec![Vec::new(); policy.allowances.len()];
-    for (entry, owners) in policy::compile_allowances(&policy.allowances, &bindings) {
-        for owner in owners {
-            entries_of[owner].push(entry);
-        }
-    }
+    let hits = hits.map(|hits| policy::hits_per_allowance(&policy.allowances, &bindings, &hits));
     let now = crate::clock::now_unix();
     let rows: Vec<Row> = policy
         .allowances
@@ -72,12 +66,7 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
                 })
                 .map(|p| p.to_string())
                 .collect(),
-            hits: hits.as_ref().map(|hits| {
-                entries_of[index]
-                    .iter()
-                    .map(|entry| hits.get(entry).copied().unwrap_or(0))
-                    .sum()
-            }),
+            hits: hits.as_ref().map(|hits| hits[index]),
         })
         .collect();
     if args.json {
