@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use dockwall_common::{PROG_INGRESS, PROG_NOOP};
 use dockwall_userspace::{
-    ebpf::{self, Maps},
+    dataplane::ebpf::{self, Maps},
     policy::{self, AllowEntry, Binding, Proto},
 };
 use ipnet::IpNet;

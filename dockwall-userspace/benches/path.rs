@@ -45,9 +45,9 @@ use anyhow::{Context as _, bail};
 use aya::programs::{LinkOrder, TcAttachType, tc::TcAttachOptions};
 use dockwall_common::{PROG_DROP, PROG_INGRESS};
 use dockwall_userspace::{
-    ebpf::{self, Maps},
-    iptables::{self, Backend},
-    nftables,
+    dataplane::ebpf::{self, Maps},
+    dataplane::iptables::{self, Backend},
+    dataplane::nftables,
     policy::{self, AllowEntry, Binding, Proto},
 };
 use ipnet::IpNet;

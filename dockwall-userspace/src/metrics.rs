@@ -27,7 +27,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{config, ebpf, policy, runtime};
+use crate::{config, dataplane::ebpf, policy, runtime};
 
 /// Checks the address before anything is installed.
 pub fn check_addr(addr: SocketAddr, public: bool) -> anyhow::Result<()> {
@@ -209,8 +209,8 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
     }
     if let Some(f) = state.fallback {
         let kind = match f {
-            crate::fallback::Fallback::Iptables(_) => "iptables",
-            crate::fallback::Fallback::Nftables => "nftables",
+            crate::dataplane::fallback::Fallback::Iptables(_) => "iptables",
+            crate::dataplane::fallback::Fallback::Nftables => "nftables",
         };
         up.get_or_create(&labels(&[
             ("dataplane", kind),

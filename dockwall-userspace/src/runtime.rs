@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::{ebpf::AttachMode, policy::Binding};
+use crate::{dataplane::ebpf::AttachMode, policy::Binding};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/dockwall";
 const STATE_FILE: &str = "state.json";
@@ -44,7 +44,7 @@ pub struct State {
     pub ebpf: bool,
     /// The fallback dataplane that is installed, if any.
     #[serde(default)]
-    pub fallback: Option<crate::fallback::Fallback>,
+    pub fallback: Option<crate::dataplane::fallback::Fallback>,
     /// Drift the daemon found and repaired, newest last ("<unix time> what").
     #[serde(default)]
     pub repairs: Vec<String>,

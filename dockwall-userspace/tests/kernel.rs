@@ -18,7 +18,7 @@ use dockwall_common::{
     PROTO_UDP, PortKey, stat,
 };
 use dockwall_userspace::{
-    ebpf::{self, Maps},
+    dataplane::ebpf::{self, Maps},
     policy::{self, AllowEntry, Allowance, Binding, Proto, Target},
 };
 

@@ -6,9 +6,10 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 
 use crate::{
-    config, docker,
+    config,
+    dataplane::sync,
+    docker,
     policy::{self, Allowance, ContainerSpec, PortProto, Source, Target},
-    sync,
 };
 
 #[derive(Debug, Args)]

@@ -16,13 +16,15 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::{
-    clock, config, ebpf,
+    clock, config,
+    dataplane::ebpf,
+    dataplane::fallback::Fallback,
+    dataplane::iptables::{self, COMMENT_ALLOW, COMMENT_DENY},
+    dataplane::nftables,
+    dataplane::sync,
     explain::{self, Explanation, Verdict},
-    fallback::Fallback,
-    iptables::{self, COMMENT_ALLOW, COMMENT_DENY},
-    nftables,
     policy::{PortProto, Proto},
-    runtime, sync,
+    runtime,
 };
 
 #[derive(Debug, Args)]

@@ -5,7 +5,7 @@ use std::{path::Path, process::ExitCode};
 use clap::Args;
 use serde::Serialize;
 
-use crate::{config, ebpf, policy, sync};
+use crate::{config, dataplane::ebpf, dataplane::sync, policy};
 
 #[derive(Debug, Args)]
 pub struct ListArgs {

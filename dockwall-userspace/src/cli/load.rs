@@ -21,11 +21,13 @@ use dockwall_common::{CONFIG_AUDIT, Config, DEFAULT_LOG_RATE, MAP_EVENTS, stat};
 
 use crate::{
     clock, config,
+    dataplane::ebpf::{self, AttachMode, Maps},
+    dataplane::fallback,
+    dataplane::iptables,
+    dataplane::sync::{self, BindingsSource, Dataplanes},
     droplog::{self, DropLog},
-    ebpf::{self, AttachMode, Maps},
-    fallback, iptables, metrics, notify, policy,
+    metrics, notify, policy,
     runtime::{self, ManagedIface, State},
-    sync::{self, BindingsSource, Dataplanes},
 };
 
 /// Resync even without Docker events: catches Docker coming up, missed
@@ -314,7 +316,7 @@ fn dry_run(args: &LoadArgs, policy: &config::Policy) -> anyhow::Result<ExitCode>
         println!("\n# nft -f -");
         print!(
             "{}",
-            crate::nftables::compile(&entries, &scope, &args.ifaces, args.audit)
+            crate::dataplane::nftables::compile(&entries, &scope, &args.ifaces, args.audit)
         );
     } else if !args.no_iptables {
         let backend = iptables::Backend::detect();

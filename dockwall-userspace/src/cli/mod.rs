@@ -99,7 +99,7 @@ pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!(
             "`dockwall {what}` must run as root (it changes eBPF maps and {}); try `sudo dockwall {what} ...`",
-            crate::ebpf::PIN_DIR
+            crate::dataplane::ebpf::PIN_DIR
         );
     }
     Ok(())

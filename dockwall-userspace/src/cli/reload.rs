@@ -6,7 +6,7 @@ use std::{path::Path, process::ExitCode};
 
 use anyhow::Context as _;
 
-use crate::{config, sync};
+use crate::{config, dataplane::sync};
 
 pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     super::require_root("reload")?;

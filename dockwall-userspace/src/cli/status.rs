@@ -7,7 +7,7 @@ use clap::Args;
 use dockwall_common::{CONFIG_AUDIT, stat};
 use serde::Serialize;
 
-use crate::{ebpf, policy::Binding, runtime};
+use crate::{dataplane::ebpf, policy::Binding, runtime};
 
 /// `status` exit code: loaded and hooked in, but in audit mode.
 pub const EXIT_AUDIT: u8 = 3;

@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::ExitCode};
 
-use crate::{ebpf, fallback, runtime};
+use crate::{dataplane::ebpf, dataplane::fallback, runtime};
 
 pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     super::require_root("unload")?;

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    iptables::{self, Backend},
-    nftables,
+    dataplane::iptables::{self, Backend},
+    dataplane::nftables,
     policy::{AllowEntry, Scope},
 };
 

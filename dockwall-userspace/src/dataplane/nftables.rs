@@ -28,7 +28,7 @@ use std::{
 };
 
 use crate::{
-    iptables::{COMMENT_ALLOW, COMMENT_DENY},
+    dataplane::iptables::{COMMENT_ALLOW, COMMENT_DENY},
     policy::{AllowEntry, Proto, Scope, group_allowed},
 };
 

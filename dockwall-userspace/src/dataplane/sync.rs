@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::{
     clock,
     config::Policy,
+    dataplane::ebpf::{Changes, Maps},
+    dataplane::fallback::Fallback,
     docker,
-    ebpf::{Changes, Maps},
-    fallback::Fallback,
     policy::{self, AllowEntry, Binding},
     runtime,
 };
@@ -165,7 +165,7 @@ pub fn apply(
             (Some(old), Fallback::Iptables(_))
                 if old.0 != wanted.0 && old.1 == wanted.1 && old.2 == wanted.2 =>
             {
-                crate::iptables::update_members(&old.0, &wanted.0)?
+                crate::dataplane::iptables::update_members(&old.0, &wanted.0)?
             }
             _ => false,
         };

@@ -1,0 +1,9 @@
+//! The dataplanes that enforce one compiled policy: the eBPF filter, and the
+//! iptables or nftables fallback compiled from the same model. [`sync`] is
+//! the one path from policy to every installed dataplane.
+
+pub mod ebpf;
+pub mod fallback;
+pub mod iptables;
+pub mod nftables;
+pub mod sync;
