@@ -6,6 +6,8 @@ pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
 pub mod docker;
 pub mod droplog;

@@ -155,7 +155,7 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
     let state = runtime::state()?;
     let ifaces: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let bindings = runtime::published().unwrap_or_default();
-    let policy = match runtime::applied_policy()? {
+    let policy = match runtime::applied_policy(&shared.config_path)? {
         Some(p) => p,
         None => config::load(&shared.config_path)?,
     };

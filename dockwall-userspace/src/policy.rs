@@ -250,7 +250,8 @@ impl FromStr for ContainerSpec {
 }
 
 /// What an allowance opens.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Target {
     /// A published port: the one clients connect to (8081 in `-p 8081:8080`).
     Port(PortProto),
@@ -268,7 +269,7 @@ impl fmt::Display for Target {
 }
 
 /// One allowance: `source` may open new connections to `target`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Allowance {
     pub source: Source,
     pub target: Target,
@@ -637,6 +638,177 @@ pub fn compile_published(bindings: &[Binding]) -> BTreeMap<PublishedKey, Publish
     map
 }
 
+/// What needs an entry: how many allowances without an expiry, and the
+/// expiries of those with one.
+#[derive(Debug, Default, Clone)]
+struct Owners {
+    permanent: u32,
+    expiring: Vec<u64>,
+}
+
+impl Owners {
+    fn is_empty(&self) -> bool {
+        self.permanent == 0 && self.expiring.is_empty()
+    }
+
+    /// The entry's own expiry: never while one owner is permanent.
+    fn expiry(&self) -> Option<u64> {
+        if self.permanent > 0 {
+            None
+        } else {
+            self.expiring.iter().copied().max()
+        }
+    }
+}
+
+/// An entry's change from one edit: `Some(expiry)` to write (new, or its
+/// effective expiry moved), `None` to remove.
+pub type EntryChanges = BTreeMap<AllowEntry, Option<Option<u64>>>;
+
+/// The compiled allowance entries of a policy for one set of bindings,
+/// kept up to date edit by edit: an `allow` on top of 100k allowances
+/// touches the entries of that allowance (and the expiring ones it covers),
+/// not the whole policy. Equal, entry for entry, to [`compile_allowances`]
+/// followed by [`entry_expiries`] (a unit test checks it on random edits).
+#[derive(Debug, Default, Clone)]
+pub struct Compiled {
+    own: BTreeMap<AllowEntry, Owners>,
+    effective: BTreeMap<AllowEntry, Option<u64>>,
+}
+
+impl Compiled {
+    /// Compiles a whole policy (the allowances in force, with their expiries).
+    pub fn new(
+        allowances: &[Allowance],
+        expiry: impl Fn(&Allowance) -> Option<u64>,
+        bindings: &[Binding],
+    ) -> Self {
+        let compiled = compile_allowances(allowances, bindings);
+        let effective = entry_expiries(&compiled, |i| expiry(&allowances[i]));
+        let own = compiled
+            .into_iter()
+            .map(|(entry, owners)| {
+                let mut o = Owners::default();
+                for i in owners {
+                    match expiry(&allowances[i]) {
+                        None => o.permanent += 1,
+                        Some(at) => o.expiring.push(at),
+                    }
+                }
+                (entry, o)
+            })
+            .collect();
+        Compiled { own, effective }
+    }
+
+    /// Every entry with the unix time it stops matching (`None`: never).
+    pub fn effective(&self) -> &BTreeMap<AllowEntry, Option<u64>> {
+        &self.effective
+    }
+
+    /// Takes `removed` out and puts `added` in (each with the expiry it has
+    /// in the policy), returning the entries whose kernel value changes.
+    pub fn update(
+        &mut self,
+        removed: &[(Allowance, Option<u64>)],
+        added: &[(Allowance, Option<u64>)],
+        bindings: &[Binding],
+    ) -> EntryChanges {
+        let mut touched = BTreeSet::new();
+        let entries = |a: &Allowance| {
+            let nets = a.source.nets();
+            resolve_target(&a.target, bindings)
+                .into_iter()
+                .flat_map(move |pp| {
+                    nets.clone().into_iter().map(move |net| AllowEntry {
+                        port: pp.port,
+                        proto: pp.proto,
+                        net,
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        for (a, at) in removed {
+            for e in entries(a) {
+                if let Some(o) = self.own.get_mut(&e) {
+                    match at {
+                        None => o.permanent = o.permanent.saturating_sub(1),
+                        Some(at) => {
+                            if let Some(i) = o.expiring.iter().position(|x| x == at) {
+                                o.expiring.swap_remove(i);
+                            }
+                        }
+                    }
+                    if o.is_empty() {
+                        self.own.remove(&e);
+                    }
+                }
+                touched.insert(e);
+            }
+        }
+        for (a, at) in added {
+            for e in entries(a) {
+                let o = self.own.entry(e).or_default();
+                match at {
+                    None => o.permanent += 1,
+                    Some(at) => o.expiring.push(*at),
+                }
+                touched.insert(e);
+            }
+        }
+        // A touched entry's own expiry moves the effective expiry of the
+        // expiring entries it covers (same port and protocol, inside its net).
+        let mut affected = touched.clone();
+        for t in &touched {
+            let last = AllowEntry {
+                net: IpNet::new(t.net.broadcast(), t.net.max_prefix_len()).unwrap_or(t.net),
+                ..*t
+            };
+            affected.extend(
+                self.own
+                    .range(*t..=last)
+                    .filter(|(_, o)| o.expiry().is_some())
+                    .map(|(e, _)| *e),
+            );
+        }
+        let mut changes = EntryChanges::new();
+        for e in affected {
+            let now = self.own.get(&e).map(|o| self.effective_of(&e, o.expiry()));
+            let was = self.effective.get(&e).copied();
+            if now == was {
+                continue;
+            }
+            match now {
+                Some(at) => self.effective.insert(e, at),
+                None => self.effective.remove(&e),
+            };
+            changes.insert(e, now);
+        }
+        changes
+    }
+
+    /// The latest expiry of the entry and every entry covering it (the
+    /// rule of [`entry_expiries`]).
+    fn effective_of(&self, entry: &AllowEntry, own: Option<u64>) -> Option<u64> {
+        let mut effective = own;
+        let mut len = entry.net.prefix_len();
+        while effective.is_some() && len > 0 {
+            len -= 1;
+            let Ok(wider) = IpNet::new(entry.net.addr(), len) else {
+                break;
+            };
+            let wider = AllowEntry {
+                net: wider.trunc(),
+                ..*entry
+            };
+            if let Some(o) = self.own.get(&wider) {
+                effective = effective.zip(o.expiry()).map(|(a, b)| a.max(b));
+            }
+        }
+        effective
+    }
+}
+
 /// For unit tests of the dataplanes: an allowance entry from text.
 #[cfg(test)]
 pub(crate) fn test_entry(port: u16, proto: Proto, net: &str) -> AllowEntry {
@@ -893,5 +1065,62 @@ mod tests {
             (entry("::/0", 443), 1),
         ]);
         assert_eq!(hits_per_allowance(&allowances, &[], &hits), vec![5, 5, 3]);
+    }
+
+    #[test]
+    fn incremental_compile_equals_the_whole_compile_on_random_edits() {
+        // Nested and adjacent networks on two ports, some expiring: every
+        // covering-prefix case of the expiry rule shows up.
+        let sources = [
+            "any",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3",
+            "10.1.2.4",
+            "192.0.2.0/24",
+            "2001:db8::/32",
+            "2001:db8::1",
+        ];
+        let targets = ["80", "80/udp", "443"];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut policy: BTreeMap<Allowance, Option<u64>> = BTreeMap::new();
+        let mut compiled = Compiled::default();
+        let mut mirror: BTreeMap<AllowEntry, Option<u64>> = BTreeMap::new();
+        for step in 0..3000 {
+            let a = Allowance {
+                source: sources[next(sources.len())].parse().unwrap(),
+                target: Target::Port(targets[next(targets.len())].parse().unwrap()),
+            };
+            let expiry = [None, Some(100), Some(200), Some(300)][next(4)];
+            let old = policy.get(&a).copied();
+            let (removed, added) = if next(3) == 0 {
+                policy.remove(&a);
+                (old.map(|o| (a.clone(), o)).into_iter().collect(), vec![])
+            } else {
+                policy.insert(a.clone(), expiry);
+                (
+                    old.map(|o| (a.clone(), o)).into_iter().collect::<Vec<_>>(),
+                    vec![(a.clone(), expiry)],
+                )
+            };
+            let changes = compiled.update(&removed, &added, &[]);
+            for (e, c) in changes {
+                match c {
+                    Some(at) => mirror.insert(e, at),
+                    None => mirror.remove(&e),
+                };
+            }
+            let all: Vec<Allowance> = policy.keys().cloned().collect();
+            let whole = Compiled::new(&all, |x| policy[x], &[]);
+            assert_eq!(compiled.effective(), whole.effective(), "step {step}");
+            assert_eq!(&mirror, whole.effective(), "changes at step {step}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! pins it describes. `DOCKWALL_RUN_DIR` moves it (tests).
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::Write as _,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
@@ -23,6 +24,8 @@ const PUBLISHED_FILE: &str = "published.json";
 /// file may hold hand edits not applied yet (`dockwall reload` applies them).
 const APPLIED_FILE: &str = "applied.toml";
 const DAEMON_LOCK: &str = "load.lock";
+/// The daemon's phase and the policy revision each dataplane holds.
+const DAEMON_FILE: &str = "daemon.json";
 
 pub fn run_dir() -> PathBuf {
     std::env::var_os("DOCKWALL_RUN_DIR")
@@ -116,28 +119,100 @@ pub fn save_published(bindings: &[Binding]) -> anyhow::Result<()> {
     write(PUBLISHED_FILE, &bindings)
 }
 
-/// The policy in force, if dockwall applied one since boot.
-pub fn applied_policy() -> anyhow::Result<Option<crate::config::Policy>> {
+/// The policy in force, if dockwall applied one since boot: the last whole
+/// policy written (`applied.toml`), with the journal's changes replayed up
+/// to the revision every dataplane holds (the daemon applies single edits
+/// without rewriting the whole file).
+pub fn applied_policy(config: &std::path::Path) -> anyhow::Result<Option<crate::config::Policy>> {
     let path = run_dir().join(APPLIED_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => crate::config::parse(&text)
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{}:{e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    let mut policy = match fs::read_to_string(&path) {
+        Ok(text) => crate::config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if let Some(upto) = daemon()?.applied_revision() {
+        let journal = crate::config::journal::path(config);
+        crate::config::journal::replay_upto(&journal, &mut policy, upto)?;
+    }
+    Ok(Some(policy))
+}
+
+/// (inode, mtime seconds, mtime nanoseconds, size) of a file.
+pub type Stamp = (u64, i64, i64, u64);
+
+/// A file's identity as it is now: every writer of dockwall's replaces the
+/// file by rename (a new inode), an editor changes at least mtime.
+pub fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size()))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No daemon since boot, or it exited (SIGTERM).
+    #[default]
+    Stopped,
+    /// `load` is reading and applying the policy; edits wait for it.
+    Starting,
+    /// The daemon answers edits.
+    Running,
+}
+
+/// What the daemon says of itself, and which revision each dataplane holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Daemon {
+    pub pid: Option<u32>,
+    pub phase: Phase,
+    /// Dataplane name ("ebpf", "iptables (nft)", ...) -> policy revision.
+    #[serde(default)]
+    pub applied: BTreeMap<String, u64>,
+    /// The saved file as the daemon last wrote or read it; another stamp
+    /// means a hand edit that `reload` has not applied yet.
+    #[serde(default)]
+    pub file_stamp: Option<Stamp>,
+}
+
+impl Daemon {
+    /// The revision every dataplane holds (the oldest), if any.
+    pub fn applied_revision(&self) -> Option<u64> {
+        self.applied.values().copied().min()
+    }
+
+    /// The phase, with a daemon that died without saying so (kill -9) as
+    /// stopped.
+    pub fn live_phase(&self) -> Phase {
+        match self.pid {
+            // SAFETY: signal 0 only checks the process exists.
+            Some(pid) if self.phase != Phase::Stopped && unsafe { libc::kill(pid as i32, 0) } == 0 => {
+                self.phase
+            }
+            _ => Phase::Stopped,
+        }
     }
 }
 
-/// (inode, mtime seconds, mtime nanoseconds, size).
-pub type AppliedStamp = (u64, i64, i64, u64);
+pub fn daemon() -> anyhow::Result<Daemon> {
+    read(DAEMON_FILE)
+}
 
-/// Identity of the applied-policy file as it is now (inode, mtime, size):
-/// the daemon re-parses it only when this changes (every writer replaces
-/// it by rename, so a new inode), not on every resync.
-pub fn applied_stamp() -> Option<AppliedStamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = fs::metadata(run_dir().join(APPLIED_FILE)).ok()?;
-    Some((meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size()))
+pub fn save_daemon(daemon: &Daemon) -> anyhow::Result<()> {
+    write(DAEMON_FILE, daemon)
+}
+
+/// Records the saved file as dockwall itself just wrote it (not a hand edit).
+pub fn note_saved_file(config: &std::path::Path) -> anyhow::Result<()> {
+    let mut d = daemon()?;
+    d.file_stamp = stamp(config);
+    save_daemon(&d)
+}
+
+/// Records that every dataplane in `names` holds `revision` now.
+pub fn record_applied(names: &[String], revision: u64) -> anyhow::Result<()> {
+    let mut d = daemon()?;
+    d.applied = names.iter().map(|n| (n.clone(), revision)).collect();
+    save_daemon(&d)
 }
 
 pub fn save_applied(policy: &crate::config::Policy) -> anyhow::Result<()> {
@@ -152,7 +227,7 @@ pub fn save_applied(policy: &crate::config::Policy) -> anyhow::Result<()> {
 
 /// Removes the runtime files (unload).
 pub fn clear() -> anyhow::Result<()> {
-    for name in [STATE_FILE, PUBLISHED_FILE, APPLIED_FILE] {
+    for name in [STATE_FILE, PUBLISHED_FILE, APPLIED_FILE, DAEMON_FILE] {
         let path = run_dir().join(name);
         match fs::remove_file(&path) {
             Ok(()) => {}

@@ -7,9 +7,13 @@ use clap::Args;
 
 use crate::{
     config,
+    control::{
+        Request,
+        client::{self, Route},
+        edit::{self, Edit},
+    },
     dataplane::sync,
-    docker,
-    policy::{self, Allowance, ContainerSpec, PortProto, Source, Target},
+    policy::{Allowance, ContainerSpec, PortProto, Source, Target},
 };
 
 #[derive(Debug, Args)]
@@ -54,25 +58,11 @@ arg_newtype!(SourceArg, Source);
 arg_newtype!(PortArg, PortProto);
 arg_newtype!(ContainerArg, ContainerSpec);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Revoke,
-}
-
-impl Action {
-    fn verb(self) -> &'static str {
-        match self {
-            Action::Allow => "allow",
-            Action::Revoke => "revoke",
-        }
-    }
-}
+pub use crate::control::edit::Action;
 
 pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Result<ExitCode> {
-    let verb = action.verb();
     let source = args.source.0;
-    let mut wanted: Vec<Allowance> = args
+    let mut allowances: Vec<Allowance> = args
         .ports
         .iter()
         .map(|p| Allowance {
@@ -80,31 +70,41 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
             target: Target::Port(p.0),
         })
         .collect();
-    wanted.extend(args.containers.iter().map(|c| Allowance {
+    allowances.extend(args.containers.iter().map(|c| Allowance {
         source,
         target: Target::Container(c.0.clone()),
     }));
-    if wanted.is_empty() {
+    let edit = Edit {
+        action,
+        allowances,
+        comment: args.comment,
+        lifetime_secs: args.lifetime.map(|d| d.as_secs()),
+    };
+    // What needs no policy is refused before anything else.
+    if edit.allowances.is_empty() {
         bail!(
-            "`dockwall {verb} {source}` needs at least one --port PORT[/proto] or --container NAME"
+            "`dockwall {} {source}` needs at least one --port PORT[/proto] or --container NAME",
+            action.verb()
         );
     }
-    if action == Action::Revoke && args.lifetime.is_some() {
-        bail!(
-            "--for only goes with `dockwall allow`; `dockwall revoke` removes an allowance at once"
-        );
-    }
-    super::require_root(verb)?;
+    edit::check_arguments(&edit)?;
+    super::require_root(action.verb())?;
     config::check_readable(config_path)?;
-    let rt = super::runtime()?;
+    match client::route(config_path, &Request::Edit(edit.clone()))? {
+        Route::Daemon(reply) => super::print_reply(reply),
+        Route::Direct(lock) => direct(config_path, &edit, &lock),
+    }
+}
 
-    let lock = config::lock(config_path)?;
+/// No daemon runs: apply under the writer's lock, as the daemon would.
+fn direct(config_path: &Path, edit: &Edit, lock: &config::Lock) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
     let mut policy = config::load(config_path)?;
-    // While loaded, the daemon keeps Docker's published ports in the
-    // runtime snapshot (at most 2 s old): a --port allowance needs no
-    // Docker round trip. --container needs Docker's word on the name.
+    // While loaded, the last daemon kept Docker's published ports in the
+    // runtime snapshot: a --port allowance needs no Docker round trip.
+    // --container needs Docker's word on the name.
     let loaded = !crate::runtime::state()?.interfaces.is_empty();
-    let (bindings, source_kind, snapshot) = if loaded && args.containers.is_empty() {
+    let (bindings, source_kind, snapshot) = if loaded && !edit.names_containers() {
         (
             crate::runtime::published()?,
             sync::BindingsSource::Snapshot,
@@ -113,105 +113,41 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
     } else {
         rt.block_on(sync::bindings())
     };
-
-    // Validate everything before changing anything.
-    if action == Action::Allow && !args.containers.is_empty() {
-        let snap = match snapshot {
-            Some(snap) => snap,
-            None => rt
-                .block_on(sync::live())
+    let snapshot = match snapshot {
+        Some(snap) => Some(snap),
+        None if edit.names_containers() => Some(
+            rt.block_on(sync::live())
                 .context("--container needs Docker to know the container")?,
-        };
-        for c in &args.containers {
-            if !policy::container_known(&c.0, &snap.containers) {
-                bail!(
-                    "unknown container '{}': Docker ({}) has no container by that name (see `docker ps -a`)",
-                    c.0.name,
-                    docker::docker_host()
-                );
-            }
-        }
-    }
-    if action == Action::Revoke
-        && let Some(missing) = wanted.iter().find(|a| !policy.allowances.contains(a))
-    {
-        bail!("no saved allowance '{missing}' to revoke (see `dockwall list`)");
-    }
-
+        ),
+        None => None,
+    };
     let now = crate::clock::now_unix();
-    let mut changed = Vec::new();
-    let mut renewed = Vec::new();
-    for allowance in &wanted {
-        let did = match action {
-            Action::Allow => policy.add(allowance.clone()),
-            Action::Revoke => policy.remove(allowance),
-        };
-        if did {
-            changed.push(allowance);
-        }
-        if action == Action::Allow
-            && let Some(comment) = &args.comment
-        {
-            policy.comments.insert(allowance.clone(), comment.clone());
-        }
-        if action == Action::Allow {
-            let before = policy.expires.get(allowance).copied();
-            let after = args.lifetime.map(|d| now + d.as_secs());
-            match after {
-                Some(at) => policy.expires.insert(allowance.clone(), at),
-                None => policy.expires.remove(allowance),
-            };
-            if before != after && !changed.contains(&allowance) {
-                renewed.push(allowance);
-            }
-        }
+    let outcome = edit::apply(
+        &mut policy,
+        edit,
+        &bindings,
+        snapshot.as_ref().map(|s| s.containers.as_slice()),
+        now,
+    )?;
+    // Read before the save empties the journal that completes it.
+    let installed = sync::Dataplanes::installed(config_path)?;
+    if !outcome.changes.is_empty() {
+        let applied = crate::runtime::daemon()?.applied.values().copied().max();
+        policy.revision = policy.revision.max(applied.unwrap_or(0)) + 1;
+        config::save(config_path, &policy, lock)?;
+        crate::runtime::note_saved_file(config_path)?;
     }
-    config::save(config_path, &policy, &lock)?;
-
-    let in_force = match sync::Dataplanes::installed()? {
+    let in_force = match installed {
         Some(mut dataplanes) => {
             sync::apply(&mut dataplanes, &policy, &bindings, source_kind)
                 .context("saved, but applying to the loaded filter failed")?;
+            crate::runtime::record_applied(&dataplanes.names(), policy.revision)?;
             true
         }
         None => false,
     };
-    drop(lock);
-
-    let past = match action {
-        Action::Allow => "allowed",
-        Action::Revoke => "revoked",
-    };
-    for allowance in &wanted {
-        let note = if changed.contains(&allowance) {
-            ""
-        } else if renewed.contains(&allowance) {
-            " (already saved; new expiry)"
-        } else {
-            " (already saved)"
-        };
-        let until = match policy.expires.get(allowance) {
-            Some(&at) if action == Action::Allow => format!(
-                " until {} ({})",
-                crate::clock::rfc3339(at),
-                crate::clock::remaining(at, now)
-            ),
-            _ => String::new(),
-        };
-        let resolved: Vec<String> = policy::resolve_target(&allowance.target, &bindings)
-            .iter()
-            .map(|p| p.to_string())
-            .collect();
-        let ports = if matches!(allowance.target, Target::Container(_)) {
-            if resolved.is_empty() {
-                " [publishes nothing now]".to_string()
-            } else {
-                format!(" [published {}]", resolved.join(", "))
-            }
-        } else {
-            String::new()
-        };
-        println!("{past} {allowance}{ports}{until}{note}");
+    for line in &outcome.lines {
+        println!("{line}");
     }
     if in_force {
         println!("in force now");

@@ -69,6 +69,8 @@ struct Output<'a> {
     /// `in_force`: the policy a running `load` applied; `saved`: the saved
     /// file (dockwall is not loaded).
     policy: &'static str,
+    /// The policy revision the answer comes from.
+    revision: u64,
     /// Loaded in audit mode: a `drop` is counted and let through.
     audit: bool,
     #[serde(flatten)]
@@ -82,7 +84,7 @@ pub fn run(config_path: &Path, args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let pp = args.port.0;
     let state = runtime::state()?;
     let loaded = !state.interfaces.is_empty();
-    let policy = match runtime::applied_policy()? {
+    let policy = match runtime::applied_policy(config_path)? {
         Some(p) if loaded => p,
         _ => {
             config::check_readable(config_path)?;
@@ -124,6 +126,7 @@ pub fn run(config_path: &Path, args: ExplainArgs) -> anyhow::Result<ExitCode> {
         port: pp.port,
         proto: pp.proto,
         policy: if loaded { "in_force" } else { "saved" },
+        revision: policy.revision,
         audit,
         explanation: &explanation,
         dataplanes,
@@ -158,6 +161,12 @@ fn print_text(o: &Output) {
         "new connection {} -> published {}/{}: {verdict}",
         o.source, o.port, o.proto
     );
+    let answered = if o.policy == "in_force" {
+        "in force"
+    } else {
+        "saved, not loaded"
+    };
+    println!("  policy:     revision {} ({answered})", o.revision);
     if e.reaches.is_empty() {
         println!(
             "  reaches:    nothing publishes {}/{} for {family}",

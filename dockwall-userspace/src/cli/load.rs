@@ -2,48 +2,34 @@
 //! the foreground. Stopping it leaves the filter in force (fail-closed).
 
 use std::{
-    io::Write as _,
     path::Path,
     process::ExitCode,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::AtomicBool,
     },
-    time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args;
-use futures_util::StreamExt as _;
-use tokio::signal::unix::{SignalKind, signal};
 
-use dockwall_common::{CONFIG_AUDIT, Config, DEFAULT_LOG_RATE, MAP_EVENTS, stat};
+use dockwall_common::{CONFIG_AUDIT, Config, DEFAULT_LOG_RATE, MAP_EVENTS};
 
 use crate::{
-    clock, config,
+    clock, config, control,
+    daemon::{Daemon, Kernel, release_heap},
     dataplane::ebpf::{self, AttachMode, Maps},
     dataplane::fallback,
     dataplane::iptables,
     dataplane::sync::{self, BindingsSource, Dataplanes},
-    droplog::{self, DropLog},
-    metrics, notify, policy,
+    droplog::DropLog,
+    metrics, notify,
+    policy::Compiled,
     runtime::{self, ManagedIface, State},
 };
 
-/// Resync even without Docker events: catches Docker coming up, missed
-/// events, and hand edits of the saved allowances.
-const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
-/// Every this many resyncs (30 s) the daemon reads the kernel's allowance
-/// map back whole and repairs any entry changed behind its back; between
-/// them it writes only differences (a full read of 100k entries every 2 s
-/// cost 15% of a core).
-const DEEP_CHECK_EVERY: u64 = 15;
-/// How often the daemon reports what the drop log's limit suppressed.
-const LOG_SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 /// Above this the log is a flood of its own.
 const MAX_LOG_RATE: u32 = 10_000;
-/// Docker emits bursts (create, connect, start); one resync per burst.
-const EVENT_DEBOUNCE: Duration = Duration::from_millis(20);
 /// ARPHRD_ETHER: the classifier parses Ethernet frames.
 const ARPHRD_ETHER: &str = "1";
 
@@ -118,21 +104,42 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         check_iface(iface)?;
     }
     config::check_readable(config_path)?;
-    let policy = config::load(config_path)?;
+    if args.dry_run {
+        return dry_run(&args, &config::load(config_path)?);
+    }
+    // Refuse a file that does not parse before waiting for any lock.
+    config::load(config_path)?;
+    super::require_root("load")?;
+    if !args.no_ebpf {
+        ebpf::check_bpffs()?;
+    }
+    let _daemon = runtime::daemon_lock()?;
+    let previous_daemon = runtime::daemon().unwrap_or_default();
+    runtime::save_daemon(&runtime::Daemon {
+        pid: Some(std::process::id()),
+        phase: runtime::Phase::Starting,
+        ..previous_daemon.clone()
+    })?;
+    // The writer's lock, for the daemon's whole life, taken before the file
+    // is read: an edit applied directly by a command finishes first, and no
+    // edit can fall between this read and the apply below.
+    let lock = config::lock(config_path)?;
+    let mut policy = config::load(config_path)?;
     if !config_path.exists() {
         eprintln!(
             "dockwall: no saved allowances at {} (no such file): every new connection to a published port will be dropped until you `dockwall allow`",
             config_path.display()
         );
     }
-    if args.dry_run {
-        return dry_run(&args, &policy);
+    // Revisions only go forward, even past a hand edit that set a lower one.
+    let floor = previous_daemon.applied.values().copied().max().unwrap_or(0);
+    let mut journal = config::journal::Journal::open(config_path, &lock)?;
+    if journal.len > 0 || policy.revision < floor {
+        // Start from one file that holds everything the journal had.
+        policy.revision = policy.revision.max(floor);
+        config::save(config_path, &policy, &lock)?;
+        journal.reopen()?;
     }
-    super::require_root("load")?;
-    if !args.no_ebpf {
-        ebpf::check_bpffs()?;
-    }
-    let _daemon = runtime::daemon_lock()?;
     // Bound before anything is installed: a taken port changes nothing.
     let metrics_listener = args.metrics.map(metrics::bind).transpose()?;
 
@@ -175,10 +182,7 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         // Fill every dataplane before it is hooked in: the first packet it
         // sees already meets the whole policy.
         let started = std::time::Instant::now();
-        {
-            let _lock = config::lock(config_path)?;
-            sync::apply(&mut dataplanes, &policy, &bindings, source)?;
-        }
+        sync::apply(&mut dataplanes, &policy, &bindings, source)?;
         let apply_time = started.elapsed();
         release_heap();
         if let Some(obj) = ebpf_obj.as_mut() {
@@ -263,6 +267,15 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             }),
             None => None,
         };
+        let expires = &policy.expires;
+        let compiled = Compiled::new(&policy.allowances, |a| expires.get(a).copied(), &bindings);
+        // Edits are taken from here on; until now they waited on the lock.
+        let requests = control::server::serve(control::server::bind(&control::socket_path())?);
+        runtime::record_applied(&dataplanes.names(), policy.revision)?;
+        let mut d = runtime::daemon()?;
+        d.phase = runtime::Phase::Running;
+        d.file_stamp = runtime::stamp(config_path);
+        runtime::save_daemon(&d)?;
         let mut daemon = Daemon {
             config_path,
             ifaces: &args.ifaces,
@@ -270,13 +283,19 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             kernel: kernel.as_mut(),
             docker_up,
             log_rate: args.log_rate,
+            lock,
+            journal,
+            policy,
+            compiled,
+            bindings,
+            needs_full: false,
             log_seen: [0; 2],
-            applied_cache: None,
-            last_input: None,
             next_expiry: None,
             resyncs: 0,
+            last_edit: None,
+            hand_edit_noted: false,
         };
-        let result = daemon.follow(drop_log).await;
+        let result = daemon.follow(drop_log, requests).await;
         let _ = notify::notify("STOPPING=1");
         result
     })
@@ -360,295 +379,4 @@ fn check_iface(iface: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The running daemon's view of what it keeps in force.
-struct Daemon<'a, 'k> {
-    config_path: &'a Path,
-    ifaces: &'a [String],
-    dataplanes: &'a mut Dataplanes,
-    kernel: Option<&'a mut Kernel<'k>>,
-    docker_up: Arc<AtomicBool>,
-    log_rate: u32,
-    /// LOG_SUPPRESSED and LOG_LOST as last reported.
-    log_seen: [u64; 2],
-    /// The applied policy as last parsed, with the file's identity then.
-    applied_cache: Option<(runtime::AppliedStamp, config::Policy)>,
-    /// What the last apply was computed from; an unchanged input (and no
-    /// expiry due, no drift found) needs no apply at all.
-    last_input: Option<(Option<runtime::AppliedStamp>, Vec<policy::Binding>)>,
-    /// The earliest expiry (unix seconds) among the allowances then in force.
-    next_expiry: Option<u64>,
-    resyncs: u64,
-}
-
-impl Daemon<'_, '_> {
-    /// Follows Docker, the saved allowances and the drop log until
-    /// SIGINT/SIGTERM.
-    async fn follow(&mut self, mut drop_log: Option<DropLog>) -> anyhow::Result<ExitCode> {
-        let mut sigint =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let mut tick = tokio::time::interval(RESYNC_INTERVAL);
-        let mut log_tick = tokio::time::interval(LOG_SUMMARY_INTERVAL);
-        let mut events = None;
-        let mut names = runtime::published().unwrap_or_default();
-        self.log_seen = self.log_counters();
-        loop {
-            if events.is_none()
-                && let Ok(docker) = crate::docker::connect().await
-            {
-                events = Some(Box::pin(crate::docker::events(&docker)));
-                self.resync().await;
-            }
-            let event = async {
-                match events.as_mut() {
-                    Some(stream) => stream.next().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let dropped = async {
-                match drop_log.as_mut() {
-                    Some(log) => log.next_batch().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
-                _ = sighup.recv() => self.reload().await,
-                _ = tick.tick() => {
-                    self.resync().await;
-                    names = runtime::published().unwrap_or_default();
-                }
-                _ = log_tick.tick() => self.report_suppressed(),
-                batch = dropped => match batch {
-                    Ok(batch) => {
-                        let mut out = std::io::stdout().lock();
-                        for e in &batch {
-                            let line = droplog::format_event(e, &names, &droplog::ifname(e.ifindex));
-                            let _ = writeln!(out, "{line}");
-                        }
-                        let _ = out.flush();
-                    }
-                    Err(e) => {
-                        eprintln!("dockwall: drop log stopped: {e:#}");
-                        drop_log = None;
-                    }
-                },
-                item = event => match item {
-                    Some(Ok(_)) => {
-                        tokio::time::sleep(EVENT_DEBOUNCE).await;
-                        self.resync().await;
-                    }
-                    // Docker went away: keep the rules as they are, reconnect.
-                    Some(Err(_)) | None => events = None,
-                },
-            }
-        }
-        println!("dockwall: exiting; the filter stays in force (`dockwall unload` removes it)");
-        Ok(ExitCode::SUCCESS)
-    }
-
-    fn log_counters(&self) -> [u64; 2] {
-        match self.dataplanes.maps.as_ref().map(|m| m.stats()) {
-            Some(Ok(s)) => [s[stat::LOG_SUPPRESSED as usize], s[stat::LOG_LOST as usize]],
-            _ => self.log_seen,
-        }
-    }
-
-    /// One line a second at most for what the drop log did not print.
-    fn report_suppressed(&mut self) {
-        let now = self.log_counters();
-        let [suppressed, lost] = [now[0] - self.log_seen[0], now[1] - self.log_seen[1]];
-        if suppressed > 0 {
-            println!(
-                "dockwall: drop log: {suppressed} more drop(s) not logged, over the limit of {} a second (--log-rate); the counters have every one",
-                self.log_rate
-            );
-        }
-        if lost > 0 {
-            println!("dockwall: drop log: {lost} event(s) lost (ring buffer full)");
-        }
-        self.log_seen = now;
-    }
-
-    async fn resync(&mut self) {
-        if let Err(e) = self.try_resync().await {
-            eprintln!("dockwall: resync failed, keeping the rules in force: {e:#}");
-        }
-    }
-
-    /// SIGHUP: apply the saved file as it is now; a file that fails is
-    /// refused whole and the policy in force stays.
-    async fn reload(&mut self) {
-        let config_path = self.config_path;
-        let result = async {
-            let (bindings, source, _) = sync::bindings().await;
-            let _lock = config::lock(config_path)?;
-            let policy = config::load(config_path)?;
-            sync::apply(self.dataplanes, &policy, &bindings, source)?;
-            anyhow::Ok(policy.in_force(clock::now_unix()).allowances.len())
-        }
-        .await;
-        match result {
-            Ok(n) => println!(
-                "dockwall: reloaded {}: {n} allowance(s) in force",
-                config_path.display()
-            ),
-            Err(e) => {
-                eprintln!("dockwall: reload refused, the policy in force is unchanged: {e:#}")
-            }
-        }
-    }
-
-    async fn try_resync(&mut self) -> anyhow::Result<()> {
-        let (bindings, source, _) = sync::bindings().await;
-        self.docker_up
-            .store(source == BindingsSource::Docker, Ordering::Relaxed);
-        let _lock = config::lock(self.config_path)?;
-        // The policy in force, not the file: a hand edit waits for `reload`.
-        // Parsed again only when another command replaced it.
-        let stamp = runtime::applied_stamp();
-        let mut policy = match (&self.applied_cache, stamp) {
-            (Some((was, policy)), Some(now)) if *was == now => policy.clone(),
-            _ => match runtime::applied_policy()? {
-                Some(policy) => {
-                    if let Some(now) = stamp {
-                        self.applied_cache = Some((now, policy.clone()));
-                    }
-                    policy
-                }
-                None => config::load(self.config_path)?,
-            },
-        };
-        let expired = policy.prune_expired(clock::now_unix());
-        if !expired.is_empty() {
-            self.prune_saved(&expired, &_lock);
-        }
-        let fallback_missing = self.dataplanes.fallback.is_some_and(|f| !f.present());
-        self.resyncs += 1;
-        let deep = self.resyncs.is_multiple_of(DEEP_CHECK_EVERY);
-        let now = clock::now_unix();
-        let input = (stamp, bindings.clone());
-        let needed = deep
-            || fallback_missing
-            || !expired.is_empty()
-            || self.next_expiry.is_some_and(|at| at <= now)
-            || self.last_input.as_ref() != Some(&input);
-        // A failed apply must not stop the repairs below (re-attaching the
-        // filter matters more): its error is returned after them.
-        let (applied, apply_error) = if needed {
-            if deep {
-                self.dataplanes.allow_applied = None;
-            }
-            let result = sync::apply(self.dataplanes, &policy, &bindings, source);
-            // Parsing and compiling a large policy leaves freed heap behind.
-            release_heap();
-            match result {
-                Ok(applied) => {
-                    self.last_input = Some((runtime::applied_stamp(), bindings));
-                    self.next_expiry = policy
-                        .expires
-                        .values()
-                        .copied()
-                        .filter(|&at| at > now)
-                        .min();
-                    (applied, None)
-                }
-                Err(e) => {
-                    // Next time: a full read-back and diff, not a delta.
-                    self.dataplanes.allow_applied = None;
-                    (sync::Applied::default(), Some(e))
-                }
-            }
-        } else {
-            (sync::Applied::default(), None)
-        };
-        let mut repaired = Vec::new();
-        if let Some(f) = self.dataplanes.fallback.filter(|_| fallback_missing) {
-            repaired.push(format!("{} rules were missing: restored", f.name()));
-        }
-        if let Some(kernel) = self.kernel.as_deref_mut() {
-            for name in kernel.pins.repin()? {
-                repaired.push(format!("pin of map {name} was removed: pinned again"));
-            }
-            for iface in self.ifaces {
-                // An interface that is gone cannot be repaired until it returns.
-                let exists = Path::new("/sys/class/net").join(iface).exists();
-                if exists && !ebpf::attached(iface, kernel.mode) {
-                    ebpf::attach(kernel.obj, iface, kernel.mode)?;
-                    repaired.push(format!(
-                        "eBPF filter was not attached to {iface}: attached again"
-                    ));
-                }
-            }
-        }
-        let (p, a) = (applied.published, applied.allow);
-        if p.added + p.removed + a.added + a.removed > 0 {
-            println!(
-                "dockwall: synced: published ports +{} -{}, allowance entries +{} -{}",
-                p.added, p.removed, a.added, a.removed
-            );
-        }
-        // Docker re-creates DOCKER-USER when it restarts, and appears after
-        // us when it starts later: put our jumps (back) in place.
-        if let Some(fallback) = self.dataplanes.fallback {
-            for jump in fallback.hook(self.ifaces)? {
-                repaired.push(format!("iptables jump was missing: {jump}"));
-            }
-        }
-        for what in &repaired {
-            println!("dockwall: repaired drift: {what}");
-        }
-        runtime::record_repairs(&repaired)?;
-        match apply_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Removes lapsed allowances from the saved file too, so it does not
-    /// collect them. A file that does not parse (a hand edit in progress)
-    /// is left alone: the lapsed ones are out of force either way.
-    fn prune_saved(&self, expired: &[policy::Allowance], lock: &config::Lock) {
-        for a in expired {
-            println!("dockwall: allowance expired, removed: {a}");
-        }
-        let result = config::load(self.config_path).and_then(|mut saved| {
-            let before = saved.allowances.len();
-            for a in expired {
-                if saved.expired(a, clock::now_unix()) {
-                    saved.remove(a);
-                }
-            }
-            if saved.allowances.len() != before {
-                config::save(self.config_path, &saved, lock)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = result {
-            eprintln!(
-                "dockwall: could not remove expired allowances from {} (they are out of force anyway): {e:#}",
-                self.config_path.display()
-            );
-        }
-    }
-}
-
-/// Gives freed heap back to the kernel. Parsing and compiling a large
-/// policy (100k allowances) peaks at well over 100 MiB that glibc would
-/// otherwise keep mapped for the daemon's whole life.
-fn release_heap() {
-    // SAFETY: malloc_trim only releases free memory at the top of the heaps.
-    unsafe { libc::malloc_trim(0) };
-}
-
-/// What the daemon needs to repair the eBPF side.
-struct Kernel<'a> {
-    obj: &'a mut aya::Ebpf,
-    pins: ebpf::PinKeeper,
-    mode: AttachMode,
 }

@@ -85,7 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke),
         Command::Reload => reload::run(&config),
         Command::List(args) => list::run(&config, args),
-        Command::Status(args) => status::run(args),
+        Command::Status(args) => status::run(&config, args),
         Command::Unload => unload::run(&config),
         Command::Explain(args) => explain::run(&config, args),
         Command::Completions(args) => generate::completions(args),
@@ -103,6 +103,20 @@ pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Prints the daemon's answer as the command's own: its lines on stdout,
+/// or its one-line error (exit 1).
+pub(crate) fn print_reply(reply: crate::control::Reply) -> anyhow::Result<ExitCode> {
+    match reply {
+        crate::control::Reply::Done { lines } => {
+            for line in lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        crate::control::Reply::Failed { error } => Err(anyhow::anyhow!(error)),
+    }
 }
 
 /// A small runtime for the async Docker client.

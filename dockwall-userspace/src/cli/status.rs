@@ -14,7 +14,9 @@ pub const EXIT_AUDIT: u8 = 3;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Exit status: 0 in force and enforcing; 3 loaded in audit mode (nothing dropped); 1 not loaded or incomplete."
+    after_help = "Exit status: 0 in force and enforcing; 3 loaded in audit mode (nothing dropped); 1 not loaded, incomplete, \
+or the saved policy revision not in force on every dataplane for longer than one resync (a daemon starting, a failed apply, \
+a hand edit `dockwall reload` has not applied)."
 )]
 pub struct StatusArgs {
     /// Machine-readable output
@@ -62,6 +64,44 @@ struct Fallback {
     in_force: bool,
 }
 
+/// The saved policy revision against what each dataplane holds.
+#[derive(Serialize, Clone, PartialEq)]
+struct Revision {
+    /// The saved file's revision (with the journal's changes).
+    saved: u64,
+    /// Dataplane name -> the revision it holds.
+    applied: std::collections::BTreeMap<String, u64>,
+    /// `running`, `starting` (reading and applying; edits wait) or `stopped`.
+    daemon: runtime::Phase,
+    pid: Option<u32>,
+    /// The saved file changed since the daemon read or wrote it: a hand
+    /// edit waiting for `dockwall reload`.
+    hand_edit_pending: bool,
+}
+
+impl Revision {
+    fn read(config: &std::path::Path) -> anyhow::Result<Self> {
+        let d = runtime::daemon()?;
+        let phase = d.live_phase();
+        Ok(Revision {
+            saved: crate::config::saved_revision(config)?,
+            applied: d.applied.clone(),
+            daemon: phase,
+            pid: d.pid.filter(|_| phase != runtime::Phase::Stopped),
+            hand_edit_pending: phase == runtime::Phase::Running
+                && d.file_stamp.is_some()
+                && d.file_stamp != runtime::stamp(config),
+        })
+    }
+
+    /// Every dataplane holds the saved revision, and no hand edit waits.
+    fn in_sync(&self) -> bool {
+        self.daemon != runtime::Phase::Starting
+            && !self.hand_edit_pending
+            && self.applied.values().all(|&r| r == self.saved)
+    }
+}
+
 #[derive(Serialize)]
 struct Status {
     /// Loaded and hooked in on every interface (also true in audit mode).
@@ -79,9 +119,11 @@ struct Status {
     counters: Option<Counters>,
     /// Drift the daemon found and repaired ("<unix time> what"), newest last.
     repairs: Vec<String>,
+    /// Saved policy revision vs what each dataplane holds; null when not loaded.
+    revision: Option<Revision>,
 }
 
-pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub fn run(config: &std::path::Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let state = runtime::state()?;
     let pins = state.ebpf && ebpf::pins_present();
     let interfaces: Vec<Iface> = state
@@ -134,7 +176,24 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let revision = if state.interfaces.is_empty() {
+        None
+    } else {
+        // A difference that lasts less than one resync is an edit or a
+        // start in flight, not a problem: look again until it has passed.
+        let deadline = std::time::Instant::now()
+            + crate::daemon::RESYNC_INTERVAL
+            + std::time::Duration::from_millis(500);
+        let mut r = Revision::read(config)?;
+        while !r.in_sync() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            r = Revision::read(config)?;
+        }
+        Some(r)
+    };
+    let in_sync = revision.as_ref().is_none_or(Revision::in_sync);
     let status = Status {
+        revision,
         in_force,
         audit,
         metrics: state.metrics.map(|a| format!("http://{a}/metrics")),
@@ -150,7 +209,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_text(&status);
     }
-    Ok(match (in_force, audit) {
+    Ok(match (in_force && in_sync, audit) {
         (true, false) => ExitCode::SUCCESS,
         (true, true) => ExitCode::from(EXIT_AUDIT),
         (false, _) => ExitCode::FAILURE,
@@ -205,6 +264,34 @@ fn print_text(s: &Status) {
                 "INCOMPLETE (a chain, jump or table is missing)"
             };
             println!("  fallback {}: {state}", f.kind);
+        }
+    }
+    if let Some(r) = &s.revision {
+        let held: Vec<String> = r.applied.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "  policy: revision {} saved; in force: {}",
+            r.saved,
+            if held.is_empty() { "unknown".to_string() } else { held.join(", ") }
+        );
+        match (r.daemon, r.pid) {
+            (runtime::Phase::Starting, Some(pid)) => println!(
+                "  daemon: STARTING (pid {pid}): reading and applying the policy; edits wait for it"
+            ),
+            (runtime::Phase::Running, Some(pid)) => println!("  daemon: running (pid {pid})"),
+            _ => println!(
+                "  daemon: not running: the filter stays in force, edits apply directly, Docker changes are not followed (run `dockwall load` again)"
+            ),
+        }
+        if r.hand_edit_pending {
+            println!(
+                "  NOT IN FORCE: the saved file was edited by hand since the daemon read it; `dockwall reload` applies it"
+            );
+        }
+        for (plane, &rev) in r.applied.iter().filter(|(_, rev)| **rev != r.saved) {
+            println!(
+                "  NOT IN FORCE: {plane} holds revision {rev}, not the saved {} (see the daemon's log; `dockwall reload` applies the saved file)",
+                r.saved
+            );
         }
     }
     if !s.published.is_empty() {

@@ -603,6 +603,35 @@ impl Maps {
         Ok(changes)
     }
 
+    /// Writes one edit's entries: `Some(expires_ns)` puts the entry in (a
+    /// running hit counter carried over), `None` takes it out. O(change).
+    pub fn apply_allow_changes(
+        &mut self,
+        changes: &BTreeMap<AllowEntry, Option<u64>>,
+    ) -> anyhow::Result<Changes> {
+        let mut done = Changes::default();
+        // Inserts before removals, as everywhere: never fewer entries than
+        // both policies hold.
+        for (entry, expires_ns) in changes.iter().filter_map(|(e, c)| c.map(|c| (e, c))) {
+            let (len, data) = entry.key();
+            let key = Key::new(len, data);
+            let hits = match self.allow.get(&key, 0) {
+                Ok(v) => v.hits,
+                Err(MapError::KeyNotFound) => 0,
+                Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
+            };
+            self.allow
+                .insert(&key, AllowValue { hits, expires_ns }, 0)
+                .with_context(|| format!("writing {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
+            done.added += 1;
+        }
+        for entry in changes.iter().filter(|(_, c)| c.is_none()).map(|(e, _)| e) {
+            self.remove_allow(entry)?;
+            done.removed += 1;
+        }
+        Ok(done)
+    }
+
     /// Removes one allowance entry; one another command removed first is
     /// fine (the goal is met).
     fn remove_allow(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {

@@ -61,8 +61,21 @@ pub struct Dataplanes {
 }
 
 impl Dataplanes {
+    /// The names `status` shows for the installed dataplanes.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.maps.is_some() {
+            names.push("ebpf".to_string());
+        }
+        if let Some(f) = self.fallback {
+            names.push(f.name());
+        }
+        names
+    }
+
     /// What a running or past `load` installed; `None` when not loaded.
-    pub fn installed() -> anyhow::Result<Option<Self>> {
+    /// `config`: the saved file, whose journal completes the applied copy.
+    pub fn installed(config: &std::path::Path) -> anyhow::Result<Option<Self>> {
         let state = runtime::state()?;
         if state.interfaces.is_empty() {
             return Ok(None);
@@ -75,7 +88,7 @@ impl Dataplanes {
         // What the fallback holds now, as the last apply left it, so that a
         // change of members alone is applied in place. Should it have
         // drifted, the daemon's next resync rewrites it whole.
-        let applied = runtime::applied_policy()?;
+        let applied = runtime::applied_policy(config)?;
         let bindings = runtime::published().unwrap_or_default();
         let live = applied.map(|p| p.in_force(clock::now_unix()));
         let fallback_applied = match (state.fallback, &live) {
@@ -126,6 +139,65 @@ pub fn entries_with_expiry(
     policy::entry_expiries(&compiled, |i| {
         policy.expires.get(&policy.allowances[i]).copied()
     })
+}
+
+/// Applies one edit's entry changes (from [`policy::Compiled::update`]) to
+/// every installed dataplane: O(change) for the eBPF map and the ipset
+/// members. The fallback is rewritten whole only when its rules change (a
+/// port's first or last source, a /0) or it is nftables, whose interval
+/// sets are replaced in one transaction. `compiled` is the policy after the
+/// edit; an entry whose expiry has passed is left out of the fallback.
+pub fn apply_changes(
+    dataplanes: &mut Dataplanes,
+    changes: &policy::EntryChanges,
+    compiled: &policy::Compiled,
+    bindings: &[Binding],
+) -> anyhow::Result<Applied> {
+    let mut applied = Applied::default();
+    if changes.is_empty() {
+        return Ok(applied);
+    }
+    let now = clock::now_unix();
+    if let Some(maps) = dataplanes.maps.as_mut() {
+        let kernel = changes
+            .iter()
+            .map(|(e, c)| (*e, c.map(|at| at.map_or(0, clock::boot_ns_at))))
+            .collect();
+        applied.allow = maps.apply_allow_changes(&kernel)?;
+        if let Some(mirror) = dataplanes.allow_applied.as_mut() {
+            for (e, c) in changes {
+                match c {
+                    Some(at) => mirror.insert(*e, *at),
+                    None => mirror.remove(e),
+                };
+            }
+        }
+    }
+    if let Some(fallback) = dataplanes.fallback {
+        let live = |at: &Option<u64>| at.is_none_or(|t| t > now);
+        let present: Vec<(AllowEntry, bool)> = changes
+            .iter()
+            .map(|(e, c)| (*e, c.as_ref().is_some_and(live)))
+            .collect();
+        let in_place = match (&mut dataplanes.fallback_applied, fallback) {
+            (Some(old), Fallback::Iptables(_)) if old.2 == dataplanes.audit => {
+                crate::dataplane::iptables::update_in_place(&mut old.0, &present)?
+            }
+            _ => false,
+        };
+        if !in_place {
+            let entries: BTreeSet<AllowEntry> = compiled
+                .effective()
+                .iter()
+                .filter(|(_, at)| live(at))
+                .map(|(e, _)| *e)
+                .collect();
+            let scope = policy::compile_scope(bindings);
+            fallback.apply(&entries, &scope, &dataplanes.ifaces, dataplanes.audit)?;
+            dataplanes.fallback_applied = Some((entries, scope, dataplanes.audit));
+        }
+    }
+    Ok(applied)
 }
 
 /// Brings every installed dataplane in line with the policy. The eBPF

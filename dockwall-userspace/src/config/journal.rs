@@ -1,0 +1,239 @@
+//! The append-only journal beside the saved file: one JSON line per saved
+//! change, `{"rev":N,"allow":{...}}` or `{"rev":N,"revoke":{...}}`, each
+//! carrying the allowance's whole resulting state.
+//!
+//! The daemon appends and fsyncs a change before it answers, so an edit it
+//! acknowledged survives a crash; [`super::save`] folds the journal into
+//! the file and empties it. Replay skips changes the file already holds
+//! (`rev` <= the file's revision): a crash between the file's rename and
+//! the journal's truncation loses nothing and applies nothing twice.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::{Lock, Policy, Record};
+
+/// The journal of the saved file at `config`.
+pub fn path(config: &Path) -> PathBuf {
+    config.with_extension("journal")
+}
+
+/// One saved change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// The allowance is saved with exactly this comment and expiry.
+    Allow(Record),
+    /// The allowance is removed.
+    Revoke(Record),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    rev: u64,
+    #[serde(flatten)]
+    change: Change,
+}
+
+impl Change {
+    /// Applies the change to `policy` (not its revision).
+    pub fn apply_to(&self, policy: &mut Policy) -> Result<(), String> {
+        match self {
+            Change::Allow(record) => policy.upsert(record.clone()),
+            Change::Revoke(record) => {
+                let (allowance, _, _) = record.clone().into_allowance()?;
+                policy.remove(&allowance);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Complete lines of the journal; a last line without its newline is a
+/// write the crash cut short, never acknowledged, and is left out.
+fn lines(path: &Path) -> anyhow::Result<Vec<(usize, Line)>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map(|line| (i + 1, line))
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Replays the changes newer than `policy.revision` onto it.
+pub fn replay(path: &Path, policy: &mut Policy) -> anyhow::Result<()> {
+    for (n, line) in lines(path)? {
+        if line.rev <= policy.revision {
+            continue;
+        }
+        line.change
+            .apply_to(policy)
+            .map_err(|e| anyhow::anyhow!("{}:{n}: {e}", path.display()))?;
+        policy.revision = line.rev;
+    }
+    Ok(())
+}
+
+/// Replays only the changes in (`policy.revision`, `upto`]: the policy as
+/// it was at revision `upto`.
+pub fn replay_upto(path: &Path, policy: &mut Policy, upto: u64) -> anyhow::Result<()> {
+    for (n, line) in lines(path)? {
+        if line.rev <= policy.revision || line.rev > upto {
+            continue;
+        }
+        line.change
+            .apply_to(policy)
+            .map_err(|e| anyhow::anyhow!("{}:{n}: {e}", path.display()))?;
+        policy.revision = line.rev;
+    }
+    Ok(())
+}
+
+/// The revision of the journal's last complete change (0: none).
+pub fn last_revision(path: &Path) -> anyhow::Result<u64> {
+    Ok(lines(path)?.last().map_or(0, |(_, l)| l.rev))
+}
+
+/// Empties the journal (its changes are in the file now).
+pub fn truncate(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// The journal opened for appending, held by its one writer.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    /// Changes appended since it was last emptied.
+    pub len: usize,
+}
+
+impl Journal {
+    pub fn open(config: &Path, _lock: &Lock) -> anyhow::Result<Self> {
+        let path = path(config);
+        let len = lines(&path)?.len();
+        let file = Self::open_file(&path)?;
+        Ok(Journal { path, file, len })
+    }
+
+    fn open_file(path: &Path) -> anyhow::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            // Readable like the file it belongs to (`list` and `status`).
+            .mode(0o644)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Appends the changes of revision `rev` and waits until they are on
+    /// disk (fdatasync): only then may the edit be acknowledged.
+    pub fn append(&mut self, rev: u64, changes: &[Change]) -> anyhow::Result<()> {
+        let mut buf = Vec::new();
+        for change in changes {
+            serde_json::to_writer(
+                &mut buf,
+                &Line {
+                    rev,
+                    change: change.clone(),
+                },
+            )
+            .context("serializing a journal line")?;
+            buf.push(b'\n');
+        }
+        self.file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data())
+            .with_context(|| format!("appending to {} (write, fdatasync)", self.path.display()))?;
+        self.len += changes.len();
+        Ok(())
+    }
+
+    /// After [`super::save`] emptied it: start a new file.
+    pub fn reopen(&mut self) -> anyhow::Result<()> {
+        self.file = Self::open_file(&self.path)?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Allowance, Target};
+
+    fn record(source: &str, port: &str) -> Record {
+        Record::from_allowance(
+            &Allowance {
+                source: source.parse().unwrap(),
+                target: Target::Port(port.parse().unwrap()),
+            },
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn replay_skips_what_the_file_holds_and_a_torn_last_line() {
+        let dir = std::env::temp_dir().join(format!("dockwall-journal-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("dockwall.toml");
+        let lock = super::super::lock(&config).unwrap();
+        let mut j = Journal::open(&config, &lock).unwrap();
+        j.append(1, &[Change::Allow(record("192.0.2.1", "80"))])
+            .unwrap();
+        j.append(2, &[Change::Allow(record("192.0.2.2", "80"))])
+            .unwrap();
+        j.append(3, &[Change::Revoke(record("192.0.2.1", "80"))])
+            .unwrap();
+        // A crash in the middle of the next append.
+        let mut f = OpenOptions::new().append(true).open(path(&config)).unwrap();
+        f.write_all(br#"{"rev":4,"allow":{"sou"#).unwrap();
+        let mut p = Policy::default();
+        replay(&path(&config), &mut p).unwrap();
+        assert_eq!(p.revision, 3);
+        assert_eq!(p.allowances.len(), 1);
+        assert_eq!(p.allowances[0].source.to_string(), "192.0.2.2");
+        assert_eq!(last_revision(&path(&config)).unwrap(), 3);
+        // The file already holds revision 2: only 3 is replayed.
+        let mut at2 = Policy {
+            revision: 2,
+            ..Policy::default()
+        };
+        at2.upsert(record("192.0.2.1", "80")).unwrap();
+        replay(&path(&config), &mut at2).unwrap();
+        assert!(at2.allowances.is_empty());
+        // Up to revision 2 only.
+        let mut upto = Policy::default();
+        replay_upto(&path(&config), &mut upto, 2).unwrap();
+        assert_eq!(upto.allowances.len(), 2);
+        // A damaged line in the middle is an error naming file and line.
+        fs::write(path(&config), "{\"rev\":1,\"allow\":{}}\n{}\n").unwrap();
+        let err = replay(&path(&config), &mut Policy::default()).unwrap_err();
+        assert!(err.to_string().contains("journal:1:"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
