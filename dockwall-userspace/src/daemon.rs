@@ -337,7 +337,7 @@ impl Daemon<'_, '_> {
             );
         }
         let mut fresh = config::load(path).context("refused; the policy in force is unchanged")?;
-        let file_revision = config::load_file(path).map(|p| p.revision)?;
+        let file_revision = config::file_revision(path)?;
         let same = {
             let mut f = fresh.clone();
             f.revision = self.policy.revision;
@@ -417,7 +417,7 @@ impl Daemon<'_, '_> {
         runtime::save_applied(&self.policy)?;
         self.dataplanes.policy_applied = Some(self.policy.clone());
         config::save(self.config_path, &self.policy, &self.lock)?;
-        self.journal.reopen()?;
+        self.journal.restart(self.policy.revision)?;
         self.note_file();
         release_heap();
         Ok(())

@@ -125,6 +125,15 @@ fn hand_edits(
         "after reload the hand-added source gets in",
         http_is(b, &b8081(b), "web1"),
     );
+    // The reload gave the hand edit the next revision, written into the
+    // file's `revision` line in place: the rest of the admin's text stays.
+    let reloaded = std::fs::read_to_string(&dw.config)?;
+    r.expect(
+        "reload writes the new revision into the hand-edited file, the rest kept",
+        reloaded.contains("revision = ") && reloaded.contains(&with_b[with_b.len() - 40..]),
+        || reloaded.clone(),
+    );
+    let with_b = reloaded;
 
     // A bad edit is refused whole, naming file and line; nothing changes.
     let before = snapshot(dw);
@@ -509,7 +518,8 @@ fn concurrent_edits(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
         failed == 0,
         || failed.to_string(),
     );
-    let saved = std::fs::read_to_string(&dw.config)?;
+    // The saved policy is the file plus the journal of the daemon's edits.
+    let (_, saved, _) = dw.run(&["list", "--json"])?;
     let count = |needle: &str| saved.matches(needle).count();
     let added: usize = (0..50).map(|i| count(&format!("\"198.51.100.{i}\""))).sum();
     let revoked: usize = (0..50).map(|i| count(&format!("\"203.0.113.{i}\""))).sum();

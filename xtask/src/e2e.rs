@@ -47,7 +47,7 @@ impl Report {
 
 /// `only`: run just this end-to-end phase after the common setup (a
 /// developer's shortcut; CI runs everything).
-pub fn run_all(only: Option<&str>) -> anyhow::Result<()> {
+pub fn run_all(only: Option<&str>, model: crate::model::Options) -> anyhow::Result<()> {
     let mut report = Report::default();
     let (mut cargo_passed, mut cargo_failed) = (0, 0);
     if only.is_none() {
@@ -56,7 +56,7 @@ pub fn run_all(only: Option<&str>) -> anyhow::Result<()> {
         fuzz(&mut report);
         bench_quick(&mut report);
     }
-    match end_to_end(&mut report, only) {
+    match end_to_end(&mut report, only, model) {
         Ok(()) => {}
         Err(e) => report.check("end-to-end setup", Err(e)),
     }
@@ -181,7 +181,11 @@ fn cargo_tests(report: &mut Report) -> anyhow::Result<(usize, usize)> {
     Ok((passed, failed))
 }
 
-fn end_to_end(r: &mut Report, only: Option<&str>) -> anyhow::Result<()> {
+fn end_to_end(
+    r: &mut Report,
+    only: Option<&str>,
+    model: crate::model::Options,
+) -> anyhow::Result<()> {
     let mut dockerd = Dockerd::start()?;
     dockerd.build_image()?;
     let dw = Dockwall::new(dockerd.host())?;
@@ -221,8 +225,11 @@ fn end_to_end(r: &mut Report, only: Option<&str>) -> anyhow::Result<()> {
                 "operations" => crate::operations::run(r, &dockerd, &dw, &a, &b)?,
                 "durability" => crate::durability::run(r, &dockerd, &dw, &a, &b)?,
                 "equivalence" => equivalence(r, &dockerd, &dw, &a, &b)?,
+                "writer" => crate::writer::run(r, &dw, &a, &b)?,
+                "model" => crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?,
+                "scale" => scale(r, &dw, &a, &b)?,
                 other => bail!(
-                    "no end-to-end phase '{other}' (known: operations, durability, equivalence)"
+                    "no end-to-end phase '{other}' (known: operations, durability, equivalence, writer, model, scale)"
                 ),
             }
         }
@@ -404,6 +411,8 @@ fn end_to_end(r: &mut Report, only: Option<&str>) -> anyhow::Result<()> {
     docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
     bad_input(r, &dw, &b.host_if)?;
     crate::durability::run(r, &dockerd, &dw, &a, &b)?;
+    crate::writer::run(r, &dw, &a, &b)?;
+    crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?;
     crate::operations::run(r, &dockerd, &dw, &a, &b)?;
     equivalence(r, &dockerd, &dw, &a, &b)?;
     fallback_behaviour(r, &dw, &a, &b)?;

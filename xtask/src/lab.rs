@@ -550,6 +550,19 @@ impl Dockwall {
         extra: &[&str],
         docker_host: Option<&str>,
     ) -> anyhow::Result<Loaded> {
+        let loaded = self.spawn_load(ifaces, extra, docker_host)?;
+        loaded.wait_in_force()?;
+        Ok(loaded)
+    }
+
+    /// Starts `dockwall load` in the background and returns at once: the
+    /// daemon may still be starting.
+    pub fn spawn_load(
+        &self,
+        ifaces: &[&str],
+        extra: &[&str],
+        docker_host: Option<&str>,
+    ) -> anyhow::Result<Loaded> {
         let mut args = vec!["load"];
         for iface in ifaces {
             args.extend_from_slice(&["--iface", iface]);
@@ -581,23 +594,11 @@ impl Dockwall {
                 }
             });
         }
-        let loaded = Loaded {
+        Ok(Loaded {
             child,
             lines,
             unload: self.cmd(&["unload"]),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // "filter in force on ..." or "filter in AUDIT MODE on ...".
-        while !loaded.saw("dockwall: filter in ") {
-            if Instant::now() > deadline {
-                bail!(
-                    "dockwall load did not report the filter in force in 20 s: {:?}",
-                    loaded.output()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(loaded)
+        })
     }
 }
 
@@ -618,6 +619,22 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Waits until the daemon reports the filter in force.
+    pub fn wait_in_force(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // "filter in force on ..." or "filter in AUDIT MODE on ...".
+        while !self.saw("dockwall: filter in ") {
+            if Instant::now() > deadline {
+                bail!(
+                    "dockwall load did not report the filter in force in 30 s: {:?}",
+                    self.output()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     pub fn saw(&self, needle: &str) -> bool {
         self.lines
             .lock()

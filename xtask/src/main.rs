@@ -10,9 +10,12 @@ mod e2e;
 mod equivalence;
 mod install;
 mod lab;
+mod model;
 mod operations;
+mod readback;
 mod setup;
 mod util;
+mod writer;
 
 use std::process::ExitCode;
 
@@ -33,9 +36,15 @@ enum Task {
     Build,
     /// Setup, build, then every test: lint, unit, kernel (BPF_PROG_TEST_RUN), end to end on a real dockerd
     Test {
-        /// Only this end-to-end phase, after the common setup (development shortcut)
+        /// Only these end-to-end phases (comma-separated), after the common setup (development shortcut)
         #[arg(long, value_name = "PHASE")]
         only: Option<String>,
+        /// Steps of the model-based randomized test
+        #[arg(long, default_value_t = model::DEFAULT_STEPS)]
+        steps: usize,
+        /// Seed of the model-based randomized test (printed on failure, to replay it)
+        #[arg(long, default_value_t = model::DEFAULT_SEED)]
+        seed: u64,
     },
     /// Setup, build, then a self-contained demo: local dockerd, a container, an outside client
     Demo,
@@ -58,9 +67,9 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| util::build_release()),
-        Task::Test { only } => setup::run()
+        Task::Test { only, steps, seed } => setup::run()
             .and_then(|()| util::build_release())
-            .and_then(|()| e2e::run_all(only.as_deref())),
+            .and_then(|()| e2e::run_all(only.as_deref(), model::Options { steps, seed })),
         Task::Demo => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),

@@ -17,6 +17,7 @@ use crate::util::{self, capture, output, sh};
 const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "iptables",
+    "python3",
     "ipset",
     "nftables",
     "bpftool",

@@ -15,8 +15,12 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The binary under test; `DOCKWALL_BIN` points the suite at another build
+/// (an older one, to show a test fails without a fix).
 pub fn dockwall_bin() -> PathBuf {
-    root().join("target/release/dockwall")
+    std::env::var_os("DOCKWALL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/dockwall"))
 }
 
 /// Runs a command with inherited output; fails unless it succeeds.

@@ -79,6 +79,7 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         allowances,
         comment: args.comment,
         lifetime_secs: args.lifetime.map(|d| d.as_secs()),
+        retried: false,
     };
     // What needs no policy is refused before anything else.
     if edit.allowances.is_empty() {
@@ -92,7 +93,13 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
     config::check_readable(config_path)?;
     match client::route(config_path, &Request::Edit(edit.clone()))? {
         Route::Daemon(reply) => super::print_reply(reply),
-        Route::Direct(lock) => direct(config_path, &edit, &lock),
+        Route::Direct(lock, request) => {
+            let edit = match request {
+                Request::Edit(retried) => retried,
+                Request::Reload => edit,
+            };
+            direct(config_path, &edit, &lock)
+        }
     }
 }
 

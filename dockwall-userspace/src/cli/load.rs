@@ -133,13 +133,15 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     }
     // Revisions only go forward, even past a hand edit that set a lower one.
     let floor = previous_daemon.applied.values().copied().max().unwrap_or(0);
-    let mut journal = config::journal::Journal::open(config_path, &lock)?;
-    if journal.len > 0 || policy.revision < floor {
+    let journal_path = config::journal::path(config_path);
+    if config::journal::continues(&journal_path, config::file_revision(config_path)?)?
+        || policy.revision < floor
+    {
         // Start from one file that holds everything the journal had.
         policy.revision = policy.revision.max(floor);
         config::save(config_path, &policy, &lock)?;
-        journal.reopen()?;
     }
+    let journal = config::journal::Journal::create(config_path, policy.revision, &lock)?;
     // Bound before anything is installed: a taken port changes nothing.
     let metrics_listener = args.metrics.map(metrics::bind).transpose()?;
 

@@ -29,7 +29,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     }
     let lock = match client::route(config_path, &Request::Reload)? {
         Route::Daemon(reply) => return super::print_reply(reply),
-        Route::Direct(lock) => lock,
+        Route::Direct(lock, _) => lock,
     };
     let rt = super::runtime()?;
     let mut policy =
@@ -44,7 +44,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                 policy.revision = next;
                 let text = std::fs::read_to_string(config_path)
                     .with_context(|| format!("reading {}", config_path.display()))?;
-                if config::journal::last_revision(&config::journal::path(config_path))? > 0 {
+                let file_revision = config::file_revision(config_path)?;
+                let journal = config::journal::path(config_path);
+                if config::journal::continues(&journal, file_revision)? {
                     config::save(config_path, &policy, &lock)?;
                 } else {
                     config::write_text(config_path, &config::with_revision(&text, next), &lock)?;

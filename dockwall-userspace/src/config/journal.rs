@@ -1,6 +1,9 @@
-//! The append-only journal beside the saved file: one JSON line per saved
+//! The append-only journal beside the saved file: a first line naming the
+//! file revision it continues, `{"base":N}`, then one JSON line per saved
 //! change, `{"rev":N,"allow":{...}}` or `{"rev":N,"revoke":{...}}`, each
-//! carrying the allowance's whole resulting state.
+//! carrying the allowance's whole resulting state. A journal whose base is
+//! not the file's revision belongs to another file (deleted, restored from
+//! a backup) and is not replayed onto this one.
 //!
 //! The daemon appends and fsyncs a change before it answers, so an edit it
 //! acknowledged survives a crash; [`super::save`] folds the journal into
@@ -36,6 +39,12 @@ pub enum Change {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    base: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 struct Line {
     rev: u64,
     #[serde(flatten)]
@@ -56,33 +65,52 @@ impl Change {
     }
 }
 
-/// Complete lines of the journal; a last line without its newline is a
-/// write the crash cut short, never acknowledged, and is left out.
-fn lines(path: &Path) -> anyhow::Result<Vec<(usize, Line)>> {
+/// The base and the complete change lines of the journal; a last line
+/// without its newline is a write the crash cut short, never acknowledged,
+/// and is left out.
+fn lines(path: &Path) -> anyhow::Result<(Option<u64>, Vec<(usize, Line)>)> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, Vec::new())),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
+    let mut base = None;
     let complete = match text.rfind('\n') {
         Some(end) => &text[..=end],
         None => "",
     };
-    complete
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map(|line| (i + 1, line))
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
-        })
-        .collect()
+    let mut changes = Vec::new();
+    for (i, l) in complete.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        if i == 0
+            && let Ok(h) = serde_json::from_str::<Header>(l)
+        {
+            base = Some(h.base);
+            continue;
+        }
+        let line = serde_json::from_str(l)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        changes.push((i + 1, line));
+    }
+    Ok((base, changes))
 }
 
-/// Replays the changes newer than `policy.revision` onto it.
+/// The changes that continue a file at `revision` (none when the journal
+/// was written for another file).
+fn changes_for(path: &Path, revision: u64) -> anyhow::Result<Vec<(usize, Line)>> {
+    let (base, changes) = lines(path)?;
+    Ok(if base == Some(revision) {
+        changes
+    } else {
+        Vec::new()
+    })
+}
+
+/// Replays the changes that continue `policy` (read from the file) onto it.
 pub fn replay(path: &Path, policy: &mut Policy) -> anyhow::Result<()> {
-    for (n, line) in lines(path)? {
+    for (n, line) in changes_for(path, policy.revision)? {
         if line.rev <= policy.revision {
             continue;
         }
@@ -95,9 +123,9 @@ pub fn replay(path: &Path, policy: &mut Policy) -> anyhow::Result<()> {
 }
 
 /// Replays only the changes in (`policy.revision`, `upto`]: the policy as
-/// it was at revision `upto`.
+/// it was at revision `upto` (the applied copy may be newer than the base).
 pub fn replay_upto(path: &Path, policy: &mut Policy, upto: u64) -> anyhow::Result<()> {
-    for (n, line) in lines(path)? {
+    for (n, line) in lines(path)?.1 {
         if line.rev <= policy.revision || line.rev > upto {
             continue;
         }
@@ -109,9 +137,17 @@ pub fn replay_upto(path: &Path, policy: &mut Policy, upto: u64) -> anyhow::Resul
     Ok(())
 }
 
-/// The revision of the journal's last complete change (0: none).
-pub fn last_revision(path: &Path) -> anyhow::Result<u64> {
-    Ok(lines(path)?.last().map_or(0, |(_, l)| l.rev))
+/// The revision of the last complete change that continues a file at
+/// `file_revision` (0: none).
+pub fn last_revision(path: &Path, file_revision: u64) -> anyhow::Result<u64> {
+    Ok(changes_for(path, file_revision)?
+        .last()
+        .map_or(0, |(_, l)| l.rev))
+}
+
+/// Whether the journal holds changes that continue a file at `revision`.
+pub fn continues(path: &Path, revision: u64) -> anyhow::Result<bool> {
+    Ok(!changes_for(path, revision)?.is_empty())
 }
 
 /// Empties the journal (its changes are in the file now).
@@ -132,21 +168,35 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn open(config: &Path, _lock: &Lock) -> anyhow::Result<Self> {
+    /// A new, empty journal continuing the saved file at revision `base`
+    /// (whatever journal was there is replaced).
+    pub fn create(config: &Path, base: u64, _lock: &Lock) -> anyhow::Result<Self> {
         let path = path(config);
-        let len = lines(&path)?.len();
-        let file = Self::open_file(&path)?;
-        Ok(Journal { path, file, len })
+        let file = Self::create_file(&path, base)?;
+        Ok(Journal { path, file, len: 0 })
     }
 
-    fn open_file(path: &Path) -> anyhow::Result<File> {
-        OpenOptions::new()
+    fn create_file(path: &Path, base: u64) -> anyhow::Result<File> {
+        let tmp = path.with_extension("journal.new");
+        let mut file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(true)
+            .write(true)
             // Readable like the file it belongs to (`list` and `status`).
             .mode(0o644)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut header = serde_json::to_vec(&Header { base }).context("serializing the header")?;
+        header.push(b'\n');
+        file.write_all(&header)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| fs::rename(&tmp, path))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let file = OpenOptions::new()
+            .append(true)
             .open(path)
-            .with_context(|| format!("opening {}", path.display()))
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(file)
     }
 
     /// Appends the changes of revision `rev` and waits until they are on
@@ -172,9 +222,10 @@ impl Journal {
         Ok(())
     }
 
-    /// After [`super::save`] emptied it: start a new file.
-    pub fn reopen(&mut self) -> anyhow::Result<()> {
-        self.file = Self::open_file(&self.path)?;
+    /// After [`super::save`] wrote revision `base` and emptied it: start
+    /// a new one that continues it.
+    pub fn restart(&mut self, base: u64) -> anyhow::Result<()> {
+        self.file = Self::create_file(&self.path, base)?;
         self.len = 0;
         Ok(())
     }
@@ -202,7 +253,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let config = dir.join("dockwall.toml");
         let lock = super::super::lock(&config).unwrap();
-        let mut j = Journal::open(&config, &lock).unwrap();
+        let mut j = Journal::create(&config, 0, &lock).unwrap();
         j.append(1, &[Change::Allow(record("192.0.2.1", "80"))])
             .unwrap();
         j.append(2, &[Change::Allow(record("192.0.2.2", "80"))])
@@ -217,23 +268,24 @@ mod tests {
         assert_eq!(p.revision, 3);
         assert_eq!(p.allowances.len(), 1);
         assert_eq!(p.allowances[0].source.to_string(), "192.0.2.2");
-        assert_eq!(last_revision(&path(&config)).unwrap(), 3);
-        // The file already holds revision 2: only 3 is replayed.
-        let mut at2 = Policy {
+        assert_eq!(last_revision(&path(&config), 0).unwrap(), 3);
+        // Written for a file at revision 0: a file at revision 2 (deleted
+        // and written again, a backup) does not get it.
+        let mut other = Policy {
             revision: 2,
             ..Policy::default()
         };
-        at2.upsert(record("192.0.2.1", "80")).unwrap();
-        replay(&path(&config), &mut at2).unwrap();
-        assert!(at2.allowances.is_empty());
+        replay(&path(&config), &mut other).unwrap();
+        assert!(other.allowances.is_empty() && other.revision == 2);
+        assert_eq!(last_revision(&path(&config), 2).unwrap(), 0);
         // Up to revision 2 only.
         let mut upto = Policy::default();
         replay_upto(&path(&config), &mut upto, 2).unwrap();
         assert_eq!(upto.allowances.len(), 2);
         // A damaged line in the middle is an error naming file and line.
-        fs::write(path(&config), "{\"rev\":1,\"allow\":{}}\n{}\n").unwrap();
+        fs::write(path(&config), "{\"base\":0}\n{\"rev\":1,\"allow\":{}}\n{}\n").unwrap();
         let err = replay(&path(&config), &mut Policy::default()).unwrap_err();
-        assert!(err.to_string().contains("journal:1:"), "{err}");
+        assert!(err.to_string().contains("journal:2:"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -249,6 +249,12 @@ pub fn load_file(path: &Path) -> anyhow::Result<Policy> {
 /// The saved revision without parsing 100k allowances: the file's
 /// `revision = N` line, or the journal's last change when newer.
 pub fn saved_revision(path: &Path) -> anyhow::Result<u64> {
+    let file = file_revision(path)?;
+    Ok(file.max(journal::last_revision(&journal::path(path), file)?))
+}
+
+/// The file's `revision = N` line (0 when it has none or does not exist).
+pub fn file_revision(path: &Path) -> anyhow::Result<u64> {
     let file = match fs::read_to_string(path) {
         Ok(text) => text
             .lines()
@@ -261,7 +267,7 @@ pub fn saved_revision(path: &Path) -> anyhow::Result<u64> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    Ok(file.max(journal::last_revision(&journal::path(path))?))
+    Ok(file)
 }
 
 /// `LINE:COLUMN` (1-based) of a byte offset.

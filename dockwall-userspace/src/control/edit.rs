@@ -39,6 +39,10 @@ pub struct Edit {
     pub comment: Option<String>,
     /// `allow --for`, in seconds.
     pub lifetime_secs: Option<u64>,
+    /// Sent again after the daemon died before answering: the first try
+    /// may have been saved, so a revoke finding nothing is done, not wrong.
+    #[serde(default)]
+    pub retried: bool,
 }
 
 impl Edit {
@@ -128,6 +132,7 @@ pub fn apply(
         }
     }
     if edit.action == Action::Revoke
+        && !edit.retried
         && let Some(missing) = edit
             .allowances
             .iter()
@@ -146,12 +151,16 @@ pub fn apply(
         }
         match edit.action {
             Action::Revoke => {
-                if let Some(record) = before {
-                    policy.remove(allowance);
-                    out.removed.push((allowance.clone(), old_expiry));
-                    out.changes.push(Change::Revoke(record));
+                match before {
+                    Some(record) => {
+                        policy.remove(allowance);
+                        out.removed.push((allowance.clone(), old_expiry));
+                        out.changes.push(Change::Revoke(record));
+                        notes.push("");
+                    }
+                    // Only a retry gets here: its first try removed it.
+                    None => notes.push(" (already removed)"),
                 }
-                notes.push("");
             }
             Action::Allow => {
                 let comment = edit
@@ -236,6 +245,7 @@ mod tests {
             allowances: vec![a.clone()],
             comment: None,
             lifetime_secs,
+            retried: false,
         };
         let out = apply(&mut p, &edit(Action::Allow, None), &[], None, 1000).unwrap();
         assert_eq!(out.changes.len(), 1);
@@ -271,6 +281,7 @@ mod tests {
             ],
             comment: None,
             lifetime_secs: None,
+            retried: false,
         };
         let before = p.clone();
         assert!(apply(&mut p, &c, &[], Some(&[]), 1000).is_err());
