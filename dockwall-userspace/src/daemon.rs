@@ -401,7 +401,8 @@ impl Daemon<'_, '_> {
             return Ok(());
         }
         let known = runtime::daemon()?.file_stamp;
-        if known.is_some() && known != runtime::stamp(self.config_path) {
+        // A file that appeared or vanished is a hand edit too.
+        if known != runtime::stamp(self.config_path) {
             if !self.hand_edit_noted {
                 println!(
                     "dockwall: {} was edited by hand; `dockwall reload` applies it (edits made through dockwall since are kept in {} and replayed on top)",

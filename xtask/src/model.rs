@@ -340,14 +340,14 @@ impl World<'_> {
         }
         let roll = self.rng.below(100);
         match roll {
-            0..=34 => {
+            0..=39 => {
                 if let Some((args, a, present)) = self.edit(&BTreeSet::new()) {
                     self.note(if present { "allow" } else { "revoke" }, args.join(" "));
                     self.ok(&args)?;
                     self.apply(a, present);
                 }
             }
-            35..=39 => {
+            40..=42 => {
                 // Revoking what is not saved: refused, nothing changes.
                 let a = self.random_allowance();
                 if !self.model.contains(&a) {
@@ -360,7 +360,7 @@ impl World<'_> {
                     }
                 }
             }
-            40..=49 => {
+            43..=54 => {
                 // A burst of concurrent commands on distinct allowances.
                 let n = 3 + self.rng.below(6);
                 let mut taken = BTreeSet::new();
@@ -388,7 +388,7 @@ impl World<'_> {
                     self.apply(a, present);
                 }
             }
-            50..=56 => {
+            55..=61 => {
                 // A hand edit, seen as pending, then `reload`.
                 let mut next = self.model.clone();
                 let a = self.random_allowance();
@@ -409,7 +409,7 @@ impl World<'_> {
                 }
                 self.model = next;
             }
-            57..=58 => {
+            62..=63 => {
                 // A bad hand edit: refused whole, then put back.
                 self.note("bad-hand-edit", String::new());
                 let before = std::fs::read_to_string(&self.dw.config).unwrap_or_default();
@@ -425,13 +425,13 @@ impl World<'_> {
                 // Putting the text back is a hand edit of its own.
                 self.ok(&["reload".into()])?;
             }
-            59..=65 => {
-                let kill = roll <= 62;
+            64..=70 => {
+                let kill = roll <= 67;
                 self.note(if kill { "kill-9" } else { "sigterm" }, String::new());
                 self.restart_daemon(kill)?;
                 self.loaded.wait_in_force()?;
             }
-            66..=73 => {
+            71..=80 => {
                 // kill -9 while a command is being applied.
                 let Some((args, a, present)) = self.edit(&BTreeSet::new()) else {
                     return Ok(());
@@ -452,7 +452,7 @@ impl World<'_> {
                 self.apply(a, present);
                 self.loaded.wait_in_force()?;
             }
-            74..=75 => {
+            81..=83 => {
                 // Lapses on time: gone everywhere once the daemon prunes it.
                 let a = self.random_allowance();
                 if self.model.contains(&a) {
@@ -464,16 +464,23 @@ impl World<'_> {
                 self.ok(&args)?;
                 thread::sleep(Duration::from_millis(4500));
             }
-            76..=78 => {
+            84..=86 => {
                 self.note("recreate-web2", String::new());
                 self.dockerd.cli(&["rm", "-f", "web2"])?;
                 self.dockerd
                     .run_web("web2", &["--network", "dwnet", "-p", "8082:8080"])?;
             }
-            _ => {
+            87..=89 => {
                 // Reload with nothing changed by hand: a no-op.
                 self.note("reload", String::new());
                 self.ok(&["reload".into()])?;
+            }
+            _ => {
+                if let Some(a) = self.saved_one() {
+                    self.note("revoke", format!("{a:?}"));
+                    self.ok(&a.args("revoke"))?;
+                    self.model.remove(&a);
+                }
             }
         }
         let _ = step;

@@ -88,8 +88,8 @@ impl Revision {
             applied: d.applied.clone(),
             daemon: phase,
             pid: d.pid.filter(|_| phase != runtime::Phase::Stopped),
+            // A file that appeared or vanished is a hand edit too.
             hand_edit_pending: phase == runtime::Phase::Running
-                && d.file_stamp.is_some()
                 && d.file_stamp != runtime::stamp(config),
         })
     }
