@@ -171,7 +171,9 @@ impl Daemon<'_, '_> {
         }
         // Edits the journal holds are in the file for the next start.
         if let Err(e) = self.compact(true) {
-            eprintln!("dockwall: folding the journal into the saved file failed (it is replayed at the next start): {e:#}");
+            eprintln!(
+                "dockwall: folding the journal into the saved file failed (it is replayed at the next start): {e:#}"
+            );
         }
         let mut d = runtime::daemon().unwrap_or_default();
         d.phase = runtime::Phase::Stopped;
@@ -199,6 +201,12 @@ impl Daemon<'_, '_> {
         // --container needs Docker's word on the name; the daemon's own
         // snapshot serves every other edit.
         let live = if edit.names_containers() {
+            let ours = crate::docker::docker_host();
+            if let Some(theirs) = edit.docker_host.as_ref().filter(|h| **h != ours) {
+                anyhow::bail!(
+                    "DOCKER_HOST is {theirs}, but the running daemon follows the Docker Engine at {ours}, where --container names are resolved; unset DOCKER_HOST, or restart `dockwall load` with it"
+                );
+            }
             Some(
                 sync::live()
                     .await
@@ -480,7 +488,9 @@ impl Daemon<'_, '_> {
         }
         runtime::record_repairs(&repaired)?;
         if let Err(e) = self.compact(false) {
-            eprintln!("dockwall: folding the journal into the saved file failed (it stays, nothing is lost): {e:#}");
+            eprintln!(
+                "dockwall: folding the journal into the saved file failed (it stays, nothing is lost): {e:#}"
+            );
         }
         match apply_error {
             Some(e) => Err(e),
@@ -524,7 +534,12 @@ impl Daemon<'_, '_> {
 
 /// The earliest expiry after `now` among the policy's allowances.
 fn next_expiry(policy: &Policy, now: u64) -> Option<u64> {
-    policy.expires.values().copied().filter(|&at| at > now).min()
+    policy
+        .expires
+        .values()
+        .copied()
+        .filter(|&at| at > now)
+        .min()
 }
 
 /// Gives freed heap back to the kernel. Parsing and compiling a large

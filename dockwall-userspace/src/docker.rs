@@ -22,22 +22,32 @@ pub fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string())
 }
 
-/// Connects and negotiates the API version.
-pub async fn connect() -> anyhow::Result<Docker> {
-    let host = docker_host();
-    let unreachable =
-        || format!("cannot reach the Docker Engine at {host} (set DOCKER_HOST to use another)");
+fn unreachable(host: &str) -> String {
+    format!("cannot reach the Docker Engine at {host} (set DOCKER_HOST to use another)")
+}
+
+/// Refuses a `unix://` host whose path is missing or not a socket, before
+/// any connection is tried (bollard's own error names neither).
+pub fn check_socket(host: &str) -> anyhow::Result<()> {
     if let Some(path) = host.strip_prefix("unix://") {
         match std::fs::metadata(path) {
-            Err(e) => return Err(e).with_context(unreachable),
+            Err(e) => return Err(e).with_context(|| unreachable(host)),
             Ok(m) => {
                 use std::os::unix::fs::FileTypeExt as _;
                 if !m.file_type().is_socket() {
-                    anyhow::bail!("{}: {path} is not a socket", unreachable());
+                    anyhow::bail!("{}: {path} is not a socket", unreachable(host));
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// Connects and negotiates the API version.
+pub async fn connect() -> anyhow::Result<Docker> {
+    let host = docker_host();
+    let unreachable = || unreachable(&host);
+    check_socket(&host)?;
     let docker = Docker::connect_with_defaults().with_context(unreachable)?;
     tokio::time::timeout(API_TIMEOUT, docker.negotiate_version())
         .await

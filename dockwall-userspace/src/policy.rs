@@ -386,6 +386,104 @@ impl AllowEntry {
     }
 }
 
+impl AllowEntry {
+    /// (port, proto, ipv6): the entries one fallback rule and its set hold.
+    pub fn group(&self) -> (u16, Proto, bool) {
+        (self.port, self.proto, self.net.addr().is_ipv6())
+    }
+}
+
+/// A rule group's first and last entry in `AllowEntry` order: its /0, and
+/// the all-ones /32 or /128.
+pub fn group_bounds((port, proto, ipv6): (u16, Proto, bool)) -> (AllowEntry, AllowEntry) {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let (zero, ones, max) = if ipv6 {
+        (
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::from(u128::MAX)),
+            128,
+        )
+    } else {
+        (
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V4(Ipv4Addr::BROADCAST),
+            32,
+        )
+    };
+    // Both prefix lengths are in range for their family.
+    let entry = |addr, len| AllowEntry {
+        port,
+        proto,
+        net: IpNet::new_assert(addr, len),
+    };
+    (entry(zero, 0), entry(ones, max))
+}
+
+/// Whether the group lets everyone in (holds its /0): its rule has no set.
+pub fn group_has_everyone(entries: &BTreeSet<AllowEntry>, group: (u16, Proto, bool)) -> bool {
+    entries.contains(&group_bounds(group).0)
+}
+
+/// Whether applying `changes` (entry, held afterwards) to `applied` keeps
+/// every fallback rule as it is: no port gains its first or loses its last
+/// source, no /0 comes or goes. Then only set members change, in place.
+pub fn rules_unchanged(applied: &BTreeSet<AllowEntry>, changes: &[(AllowEntry, bool)]) -> bool {
+    let changed: BTreeMap<AllowEntry, bool> = changes.iter().copied().collect();
+    let groups: BTreeSet<_> = changes.iter().map(|(e, _)| e.group()).collect();
+    groups.into_iter().all(|g| {
+        let (zero, last) = group_bounds(g);
+        let members = || applied.range(zero..=last);
+        let after = |e: &AllowEntry| changed.get(e).copied().unwrap_or(true);
+        let before_any = members().next().is_some();
+        let after_any = members().any(after) || changed.iter().any(|(e, p)| *p && e.group() == g);
+        let before_all = applied.contains(&zero);
+        let after_all = changed.get(&zero).copied().unwrap_or(before_all);
+        before_any == after_any && before_all == after_all
+    })
+}
+
+/// The entries of `entries` strictly inside `outer` (same port and
+/// protocol, a longer prefix within its network), in order.
+pub fn inside<'a>(
+    entries: &'a BTreeSet<AllowEntry>,
+    outer: &AllowEntry,
+) -> impl Iterator<Item = &'a AllowEntry> + 'a {
+    let last = AllowEntry {
+        net: IpNet::new(outer.net.broadcast(), outer.net.max_prefix_len()).unwrap_or(outer.net),
+        ..*outer
+    };
+    let outer = *outer;
+    entries.range(outer..=last).filter(move |e| **e != outer)
+}
+
+/// Whether a shorter prefix of the same port and protocol covers `entry`.
+pub fn covered(entries: &BTreeSet<AllowEntry>, entry: &AllowEntry) -> bool {
+    (0..entry.net.prefix_len()).any(|len| {
+        IpNet::new(entry.net.addr(), len).is_ok_and(|wider| {
+            entries.contains(&AllowEntry {
+                net: wider.trunc(),
+                ..*entry
+            })
+        })
+    })
+}
+
+/// The networks of `nets` no other one of them covers: what an interval
+/// set without auto-merge may hold (it refuses overlaps).
+pub fn maximal<'a>(nets: impl Iterator<Item = &'a IpNet>) -> Vec<IpNet> {
+    let mut sorted: Vec<IpNet> = nets.copied().collect();
+    sorted.sort();
+    let mut out: Vec<IpNet> = Vec::new();
+    for net in sorted {
+        // Sorted by address, then prefix: a cover comes before what it covers.
+        if out.last().is_some_and(|last| last.contains(&net)) {
+            continue;
+        }
+        out.push(net);
+    }
+    out
+}
+
 /// (family, 16 bytes with IPv4 in the first four).
 pub fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
     let mut bytes = [0u8; 16];

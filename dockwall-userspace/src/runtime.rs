@@ -126,7 +126,9 @@ pub fn save_published(bindings: &[Binding]) -> anyhow::Result<()> {
 pub fn applied_policy(config: &std::path::Path) -> anyhow::Result<Option<crate::config::Policy>> {
     let path = run_dir().join(APPLIED_FILE);
     let mut policy = match fs::read_to_string(&path) {
-        Ok(text) => crate::config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?,
+        Ok(text) => {
+            crate::config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
@@ -185,7 +187,9 @@ impl Daemon {
     pub fn live_phase(&self) -> Phase {
         match self.pid {
             // SAFETY: signal 0 only checks the process exists.
-            Some(pid) if self.phase != Phase::Stopped && unsafe { libc::kill(pid as i32, 0) } == 0 => {
+            Some(pid)
+                if self.phase != Phase::Stopped && unsafe { libc::kill(pid as i32, 0) } == 0 =>
+            {
                 self.phase
             }
             _ => Phase::Stopped,

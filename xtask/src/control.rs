@@ -7,7 +7,14 @@
 //!   whole command);
 //! - the daemon's RSS once in force;
 //! - one `dockwall allow` on top: the time until a client that tries a new
-//!   connection every millisecond first gets in, and the command's time.
+//!   connection every millisecond first gets in, and the command's time;
+//! - 100 `allow`/`revoke` of single addresses on top, one after the other:
+//!   p50 and p99 of the command's time (it returns once every dataplane
+//!   holds the edit);
+//! - at 100k, both with /30 networks and with single addresses, since the
+//!   nftables fallback keeps them in different kinds of set.
+//!
+//! `DOCKWALL_BIN` runs another build (an older one, for a before/after).
 //!
 //! Writes `control.json` and `control.md` beside the other results.
 
@@ -27,6 +34,7 @@ use crate::{
 
 struct Row {
     allowances: usize,
+    sources: &'static str,
     dataplanes: &'static str,
     applied_ms: u64,
     load_ms: f64,
@@ -35,7 +43,12 @@ struct Row {
     idle_cpu_pct: f64,
     allow_in_force_ms: f64,
     allow_command_ms: f64,
+    edit_p50_ms: f64,
+    edit_p99_ms: f64,
 }
+
+/// Edits timed per row.
+const EDITS: usize = 100;
 
 const PLANES: [(&str, &[&str]); 4] = [
     ("ebpf + iptables (default)", &[]),
@@ -54,12 +67,21 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let ifaces = [a.host_if.as_str(), b.host_if.as_str()];
     let target: std::net::SocketAddr = format!("{}:8081", b.host4).parse()?;
     let mut rows = Vec::new();
-    for n in [10_000usize, 100_000] {
-        // a's address plus n-1 /30s clear of the lab's 10.99/16.
+    for (n, sources) in [
+        (10_000usize, "/30 networks"),
+        (100_000, "/30 networks"),
+        (100_000, "single addresses"),
+    ] {
+        // a's address plus n-1 /30s or addresses clear of the lab's 10.99/16.
         let mut toml = format!("[[allow]]\nsource = \"{}\"\nport = \"8081\"\n", a.addr4);
         for i in 1..n as u32 {
-            let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i * 4);
-            let _ = write!(toml, "[[allow]]\nsource = \"{ip}/30\"\nport = \"8081\"\n");
+            if sources == "single addresses" {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i);
+                let _ = write!(toml, "[[allow]]\nsource = \"{ip}\"\nport = \"8081\"\n");
+            } else {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i * 4);
+                let _ = write!(toml, "[[allow]]\nsource = \"{ip}/30\"\nport = \"8081\"\n");
+            }
         }
         for (name, flags) in PLANES {
             std::fs::write(&dw.config, &toml).context("writing the config")?;
@@ -101,12 +123,14 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
                 }
                 dw.ok(&["revoke", &b.addr4, "--port", "8081"])?;
             }
+            let (edit_p50, edit_p99) = crate::e2e::edit_latency(&dw, EDITS)?;
             let median = |v: &mut Vec<f64>| {
                 v.sort_by(f64::total_cmp);
                 v[v.len() / 2]
             };
             let row = Row {
                 allowances: n,
+                sources,
                 dataplanes: name,
                 applied_ms,
                 load_ms,
@@ -114,15 +138,19 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
                 idle_cpu_pct,
                 allow_in_force_ms: median(&mut in_force),
                 allow_command_ms: median(&mut command),
+                edit_p50_ms: edit_p50.as_secs_f64() * 1e3,
+                edit_p99_ms: edit_p99.as_secs_f64() * 1e3,
             };
             eprintln!(
-                "{n:>7} {name:<26} applied {:>5} ms, load {:>7.0} ms, RSS {:>6.1} MiB, idle CPU {:>4.1} %, one allow in force {:>7.1} ms (command {:>7.1} ms)",
+                "{n:>7} {sources:<16} {name:<26} applied {:>5} ms, load {:>7.0} ms, RSS {:>6.1} MiB, idle CPU {:>4.1} %, one allow in force {:>7.1} ms (command {:>7.1} ms), {EDITS} edits p50 {:.1} ms p99 {:.1} ms",
                 row.applied_ms,
                 row.load_ms,
                 row.rss_mib,
                 row.idle_cpu_pct,
                 row.allow_in_force_ms,
-                row.allow_command_ms
+                row.allow_command_ms,
+                row.edit_p50_ms,
+                row.edit_p99_ms
             );
             rows.push(row);
             drop(loaded);
@@ -158,15 +186,18 @@ fn write_results(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "    {{\"allowances\": {}, \"dataplanes\": \"{}\", \"applied_ms\": {}, \"load_to_in_force_ms\": {:.0}, \"daemon_rss_mib\": {:.1}, \"daemon_idle_cpu_pct\": {:.1}, \"one_allow_in_force_ms\": {:.1}, \"one_allow_command_ms\": {:.1}}}",
+                "    {{\"allowances\": {}, \"sources\": \"{}\", \"dataplanes\": \"{}\", \"applied_ms\": {}, \"load_to_in_force_ms\": {:.0}, \"daemon_rss_mib\": {:.1}, \"daemon_idle_cpu_pct\": {:.1}, \"one_allow_in_force_ms\": {:.1}, \"one_allow_command_ms\": {:.1}, \"edit_p50_ms\": {:.1}, \"edit_p99_ms\": {:.1}}}",
                 r.allowances,
+                r.sources,
                 r.dataplanes,
                 r.applied_ms,
                 r.load_ms,
                 r.rss_mib,
                 r.idle_cpu_pct,
                 r.allow_in_force_ms,
-                r.allow_command_ms
+                r.allow_command_ms,
+                r.edit_p50_ms,
+                r.edit_p99_ms
             )
         })
         .collect();
@@ -179,23 +210,29 @@ fn write_results(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
          \"applied\": the daemon's time to fill the dataplanes; \"load\": `dockwall load` started to \"filter in force\" printed; \
          \"one allow in force\": from starting `dockwall allow` to the first connection through, a client trying every millisecond.\n\n\
          \"idle CPU\": the daemon's CPU over 10 s with nothing changing (its 2 s resyncs only), % of one core.\n\n\
-         | allowances | dataplanes | applied ms | load ms | daemon RSS MiB | idle CPU % | one allow in force ms | allow command ms |\n\
-         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         \"edit p50/p99\": 100 `allow`/`revoke` of single addresses on top, one after the other, the command's time \
+         (it returns once every dataplane holds the edit).\n\n\
+         | allowances | sources | dataplanes | applied ms | load ms | daemon RSS MiB | idle CPU % | one allow in force ms | allow command ms | edit p50 ms | edit p99 ms |\n\
+         | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.allowances,
+            r.sources,
             r.dataplanes,
             r.applied_ms,
             r.load_ms,
             r.rss_mib,
             r.idle_cpu_pct,
             r.allow_in_force_ms,
-            r.allow_command_ms
+            r.allow_command_ms,
+            r.edit_p50_ms,
+            r.edit_p99_ms
         );
     }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("control.json"), json).context("writing control.json")?;
     std::fs::write(out.join("control.md"), md).context("writing control.md")?;
     println!("wrote {}/control.json, control.md", out.display());

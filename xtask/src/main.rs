@@ -53,6 +53,12 @@ enum Task {
         /// Small counts and few repeats (what CI runs), results in target/bench-quick
         #[arg(long)]
         quick: bool,
+        /// Only the control-plane part (full mode; `DOCKWALL_BIN` picks the build)
+        #[arg(long, conflicts_with = "quick")]
+        control_only: bool,
+        /// Where --control-only writes control.json and control.md (default bench/)
+        #[arg(long, requires = "control_only")]
+        out: Option<std::path::PathBuf>,
     },
     /// Setup, build, then install the binary, systemd unit, man pages and completions
     Install {
@@ -73,7 +79,14 @@ fn main() -> ExitCode {
         Task::Demo => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),
-        Task::Bench { quick } => setup::run()
+        Task::Bench {
+            control_only: true,
+            out,
+            ..
+        } => setup::run()
+            .and_then(|()| util::build_release())
+            .and_then(|()| control::run(&out.unwrap_or_else(|| util::root().join("bench")))),
+        Task::Bench { quick, .. } => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| util::bench(quick))
             .and_then(|out| {

@@ -73,7 +73,12 @@ enum Target {
 }
 
 impl Target {
-    const ALL: [Target; 4] = [Target::Web1, Target::Web2, Target::Dns, Target::ContainerWeb2];
+    const ALL: [Target; 4] = [
+        Target::Web1,
+        Target::Web2,
+        Target::Dns,
+        Target::ContainerWeb2,
+    ];
 
     fn args(self) -> [&'static str; 2] {
         match self {
@@ -209,7 +214,8 @@ pub fn run(
     let mut result = Ok(());
     for step in 0..opts.steps {
         // Docker restarts are slow: at most two, at fixed points.
-        let dockerd_now = opts.steps >= 200 && (step == opts.steps / 3 || step == 2 * opts.steps / 3);
+        let dockerd_now =
+            opts.steps >= 200 && (step == opts.steps / 3 || step == 2 * opts.steps / 3);
         result = w
             .step(step, dockerd_now)
             .and_then(|()| w.compare(step))
@@ -325,7 +331,13 @@ impl World<'_> {
     fn file_text(model: &BTreeSet<Allowance>) -> String {
         model
             .iter()
-            .map(|a| format!("[[allow]]\nsource = \"{}\"\n{}\n\n", a.source, a.target.toml()))
+            .map(|a| {
+                format!(
+                    "[[allow]]\nsource = \"{}\"\n{}\n\n",
+                    a.source,
+                    a.target.toml()
+                )
+            })
             .collect()
     }
 
@@ -437,7 +449,10 @@ impl World<'_> {
                     return Ok(());
                 };
                 let delay = Duration::from_micros(self.rng.below(8000) as u64);
-                self.note("kill-9-mid-edit", format!("{} after {delay:?}", args.join(" ")));
+                self.note(
+                    "kill-9-mid-edit",
+                    format!("{} after {delay:?}", args.join(" ")),
+                );
                 let child = self.spawn(&args)?;
                 thread::sleep(delay);
                 self.restart_daemon(true)?;
@@ -571,7 +586,11 @@ impl World<'_> {
         ];
         let source = self.rng.pick(&clients).clone();
         let port = *self.rng.pick(&ports);
-        let want = if self.allowed(&source, port) { "allow" } else { "drop" };
+        let want = if self.allowed(&source, port) {
+            "allow"
+        } else {
+            "drop"
+        };
         let arg = format!("{}/{}", port.0, port.1);
         let (code, out, err) = self.dw.run(&["explain", &source, &arg, "--json"])?;
         let e: serde_json::Value =
@@ -582,14 +601,35 @@ impl World<'_> {
         // A real connection for one client (TCP; the UDP port is left to
         // explain: its blocked probe costs a long timeout).
         let (c, addr, host) = match self.rng.below(4) {
-            0 => (self.a, self.a.addr4.clone(), format!("{}:8081", self.a.host4)),
-            1 => (self.b, self.b.addr4.clone(), format!("{}:8081", self.b.host4)),
-            2 => (self.a, self.a.addr4.clone(), format!("{}:8082", self.a.host4)),
-            _ => (self.b, self.b.addr4.clone(), format!("{}:8082", self.b.host4)),
+            0 => (
+                self.a,
+                self.a.addr4.clone(),
+                format!("{}:8081", self.a.host4),
+            ),
+            1 => (
+                self.b,
+                self.b.addr4.clone(),
+                format!("{}:8081", self.b.host4),
+            ),
+            2 => (
+                self.a,
+                self.a.addr4.clone(),
+                format!("{}:8082", self.a.host4),
+            ),
+            _ => (
+                self.b,
+                self.b.addr4.clone(),
+                format!("{}:8082", self.b.host4),
+            ),
         };
-        let port: u16 = host.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let port: u16 = host
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let want = self.allowed(&addr, (port, "tcp"));
-        let got = c.tcp_connects_within(&host, Duration::from_millis(if want { 2000 } else { 300 }))?;
+        let got =
+            c.tcp_connects_within(&host, Duration::from_millis(if want { 2000 } else { 300 }))?;
         if got != want {
             bail!("{} -> {host}: connected {got}, the model says {want}", c.ns);
         }

@@ -47,7 +47,12 @@ fn in_set(set: &str, addr: &str) -> bool {
 /// Before the fix the revoke printed "in force now" while the new daemon
 /// then applied the policy it had read before it, and kept letting the
 /// address in (5 of 5 tries).
-fn restart_then_revoke(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Result<()> {
+fn restart_then_revoke(
+    r: &mut Report,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
     reset(dw);
     let b8081 = format!("{}:8081", b.host4);
     let b8082 = format!("{}:8082", b.host4);
@@ -123,7 +128,12 @@ fn restart_then_revoke(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) ->
 
 /// The control socket: mode 0600, and a non-root peer that gets past the
 /// mode (chmod by hand) is still refused by its SO_PEERCRED check.
-fn socket_is_root_only(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Result<()> {
+fn socket_is_root_only(
+    r: &mut Report,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let loaded = dw.load(&ifaces(a, b))?;
     let socket = dw.run_dir.join("control.sock");
@@ -196,9 +206,18 @@ fn thousand_edits_across_restarts(
     let (mut o, mut n) = (old.iter(), new.iter());
     loop {
         let mut any = false;
-        for (verb, src) in [("allow", n.next()), ("revoke", o.next()), ("allow", n.next())] {
+        for (verb, src) in [
+            ("allow", n.next()),
+            ("revoke", o.next()),
+            ("allow", n.next()),
+        ] {
             if let Some(src) = src {
-                commands.push(vec![verb.into(), src.clone(), "--port".into(), "8081".into()]);
+                commands.push(vec![
+                    verb.into(),
+                    src.clone(),
+                    "--port".into(),
+                    "8081".into(),
+                ]);
                 any = true;
             }
         }

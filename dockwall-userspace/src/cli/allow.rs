@@ -74,12 +74,13 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         source,
         target: Target::Container(c.0.clone()),
     }));
-    let edit = Edit {
+    let mut edit = Edit {
         action,
         allowances,
         comment: args.comment,
         lifetime_secs: args.lifetime.map(|d| d.as_secs()),
         retried: false,
+        docker_host: None,
     };
     // What needs no policy is refused before anything else.
     if edit.allowances.is_empty() {
@@ -90,6 +91,13 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
     }
     edit::check_arguments(&edit)?;
     super::require_root(action.verb())?;
+    if edit.names_containers() {
+        // Names mean containers of this command's engine: an unreachable
+        // DOCKER_HOST is refused here, another engine by the daemon.
+        let host = crate::docker::docker_host();
+        crate::docker::check_socket(&host)?;
+        edit.docker_host = Some(host);
+    }
     config::check_readable(config_path)?;
     match client::route(config_path, &Request::Edit(edit.clone()))? {
         Route::Daemon(reply) => super::print_reply(reply),

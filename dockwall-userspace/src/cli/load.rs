@@ -4,10 +4,7 @@
 use std::{
     path::Path,
     process::ExitCode,
-    sync::{
-        Arc,
-        atomic::AtomicBool,
-    },
+    sync::{Arc, atomic::AtomicBool},
 };
 
 use anyhow::bail;

@@ -271,7 +271,11 @@ fn print_text(s: &Status) {
         println!(
             "  policy: revision {} saved; in force: {}",
             r.saved,
-            if held.is_empty() { "unknown".to_string() } else { held.join(", ") }
+            if held.is_empty() {
+                "unknown".to_string()
+            } else {
+                held.join(", ")
+            }
         );
         match (r.daemon, r.pid) {
             (runtime::Phase::Starting, Some(pid)) => println!(

@@ -68,7 +68,10 @@ impl Change {
 /// The base and the complete change lines of the journal; a last line
 /// without its newline is a write the crash cut short, never acknowledged,
 /// and is left out.
-fn lines(path: &Path) -> anyhow::Result<(Option<u64>, Vec<(usize, Line)>)> {
+/// A journal's base revision (from its header) and its numbered lines.
+type Parsed = (Option<u64>, Vec<(usize, Line)>);
+
+fn lines(path: &Path) -> anyhow::Result<Parsed> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, Vec::new())),
@@ -283,7 +286,11 @@ mod tests {
         replay_upto(&path(&config), &mut upto, 2).unwrap();
         assert_eq!(upto.allowances.len(), 2);
         // A damaged line in the middle is an error naming file and line.
-        fs::write(path(&config), "{\"base\":0}\n{\"rev\":1,\"allow\":{}}\n{}\n").unwrap();
+        fs::write(
+            path(&config),
+            "{\"base\":0}\n{\"rev\":1,\"allow\":{}}\n{}\n",
+        )
+        .unwrap();
         let err = replay(&path(&config), &mut Policy::default()).unwrap_err();
         assert!(err.to_string().contains("journal:2:"), "{err}");
         fs::remove_dir_all(&dir).unwrap();

@@ -525,7 +525,10 @@ mod tests {
     fn revision_line_is_set_in_place() {
         let hand = "# mine\n[[allow]]\nsource = \"any\"\nport = \"80\"\n";
         let set = with_revision(hand, 7);
-        assert!(set.starts_with("# mine\nrevision = 7\n\n[[allow]]"), "{set}");
+        assert!(
+            set.starts_with("# mine\nrevision = 7\n\n[[allow]]"),
+            "{set}"
+        );
         assert_eq!(parse(&set).unwrap().revision, 7);
         let again = with_revision(&set, 8);
         assert_eq!(again.matches("revision").count(), 1);

@@ -43,6 +43,11 @@ pub struct Edit {
     /// may have been saved, so a revoke finding nothing is done, not wrong.
     #[serde(default)]
     pub retried: bool,
+    /// The Docker Engine the command means when it names containers
+    /// (its `DOCKER_HOST`): a daemon following another engine refuses
+    /// rather than resolve the name to a different container.
+    #[serde(default)]
+    pub docker_host: Option<String>,
 }
 
 impl Edit {
@@ -246,6 +251,7 @@ mod tests {
             comment: None,
             lifetime_secs,
             retried: false,
+            docker_host: None,
         };
         let out = apply(&mut p, &edit(Action::Allow, None), &[], None, 1000).unwrap();
         assert_eq!(out.changes.len(), 1);
@@ -282,6 +288,7 @@ mod tests {
             comment: None,
             lifetime_secs: None,
             retried: false,
+            docker_host: None,
         };
         let before = p.clone();
         assert!(apply(&mut p, &c, &[], Some(&[]), 1000).is_err());

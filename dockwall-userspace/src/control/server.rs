@@ -63,7 +63,12 @@ pub fn serve(listener: UnixListener) -> mpsc::Receiver<Pending> {
 async fn connection(stream: UnixStream, queue: mpsc::Sender<Pending>) {
     let checked = check_peer(&stream);
     let (read, mut write) = stream.into_split();
-    let reply = match async { checked?; request(read).await }.await {
+    let reply = match async {
+        checked?;
+        request(read).await
+    }
+    .await
+    {
         Ok(request) => {
             let (tx, rx) = oneshot::channel();
             if queue.send((request, tx)).await.is_err() {

@@ -419,30 +419,6 @@ pub fn update_in_place(
     Ok(true)
 }
 
-/// The first and last network of a family in `AllowEntry` order: the /0,
-/// and the all-ones /32 or /128.
-fn family_bounds(ipv6: bool) -> (ipnet::IpNet, ipnet::IpNet) {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let (zero, ones, max) = if ipv6 {
-        (
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            IpAddr::V6(Ipv6Addr::from(u128::MAX)),
-            128,
-        )
-    } else {
-        (
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V4(Ipv4Addr::BROADCAST),
-            32,
-        )
-    };
-    // Both prefix lengths are in range for their family.
-    (
-        ipnet::IpNet::new_assert(zero, 0),
-        ipnet::IpNet::new_assert(ones, max),
-    )
-}
-
 /// The `ipset restore` input for [`update_in_place`], or None when a
 /// published port gains its first or loses its last source, or a /0 comes
 /// or goes (the rules change: the caller rewrites everything).
@@ -450,36 +426,21 @@ pub fn member_delta(
     applied: &BTreeSet<AllowEntry>,
     changes: &[(AllowEntry, bool)],
 ) -> Option<String> {
-    // (port, proto, ipv6) of one rule and its set.
-    let group = |e: &AllowEntry| (e.port, e.proto, e.net.addr().is_ipv6());
+    if !crate::policy::rules_unchanged(applied, changes) {
+        return None;
+    }
     let changed: BTreeMap<AllowEntry, bool> = changes.iter().copied().collect();
-    let groups: BTreeSet<_> = changes.iter().map(|(e, _)| group(e)).collect();
+    let groups: BTreeSet<_> = changes.iter().map(|(e, _)| e.group()).collect();
     let mut input = String::new();
     for g in groups {
         let (port, proto, ipv6) = g;
-        let (zero_net, last_net) = family_bounds(ipv6);
-        let bound = |net: ipnet::IpNet| AllowEntry { port, proto, net };
-        let zero = bound(zero_net);
-        let members = || applied.range(zero..=bound(last_net));
-        let before_any = members().next().is_some();
-        let before_all = applied.contains(&zero);
-        let after = |e: &AllowEntry| changed.get(e).copied().unwrap_or(true);
-        let after_any =
-            members().any(after) || changed.iter().any(|(e, p)| *p && group(e) == g);
-        let after_all = changed
-            .get(&zero)
-            .copied()
-            .unwrap_or(applied.contains(&zero));
-        if before_any != after_any || before_all != after_all {
-            return None;
-        }
-        if after_all {
+        if crate::policy::group_has_everyone(applied, g) {
             continue; // a rule without a set: members do not matter
         }
         let family = if ipv6 { Family::V6 } else { Family::V4 };
         let name = set_name(family, proto, port);
         // Adds first: no moment holds fewer members than both states.
-        let mine = || changed.iter().filter(|(e, _)| group(e) == g);
+        let mine = || changed.iter().filter(|(e, _)| e.group() == g);
         for (e, _) in mine().filter(|(e, p)| **p && !applied.contains(e)) {
             let _ = writeln!(input, "add {name} {} -exist", e.net);
         }
@@ -663,7 +624,10 @@ mod tests {
             "add dockwall-4-tcp-8081 192.0.2.7/32 -exist\ndel dockwall-4-tcp-8081 10.0.0.1/32 -exist\n"
         );
         // Re-adding a member already there writes nothing.
-        assert_eq!(member_delta(&applied, &[(e("10.0.0.1/32"), true)]).unwrap(), "");
+        assert_eq!(
+            member_delta(&applied, &[(e("10.0.0.1/32"), true)]).unwrap(),
+            ""
+        );
         // The last source goes, a port gets its first, a /0 comes: rewrite.
         assert!(
             member_delta(

@@ -142,10 +142,9 @@ pub fn entries_with_expiry(
 }
 
 /// Applies one edit's entry changes (from [`policy::Compiled::update`]) to
-/// every installed dataplane: O(change) for the eBPF map and the ipset
-/// members. The fallback is rewritten whole only when its rules change (a
-/// port's first or last source, a /0) or it is nftables, whose interval
-/// sets are replaced in one transaction. `compiled` is the policy after the
+/// every installed dataplane: O(change) for the eBPF map, the ipset
+/// members and the nftables set elements. The fallback is rewritten whole
+/// only when its rules change (a port's first or last source, a /0). `compiled` is the policy after the
 /// edit; an entry whose expiry has passed is left out of the fallback.
 pub fn apply_changes(
     dataplanes: &mut Dataplanes,
@@ -182,6 +181,18 @@ pub fn apply_changes(
         let in_place = match (&mut dataplanes.fallback_applied, fallback) {
             (Some(old), Fallback::Iptables(_)) if old.2 == dataplanes.audit => {
                 crate::dataplane::iptables::update_in_place(&mut old.0, &present)?
+            }
+            // A failed transaction changed nothing in the kernel: the
+            // table is replaced whole below.
+            (Some(old), Fallback::Nftables) if old.2 == dataplanes.audit => {
+                crate::dataplane::nftables::update_in_place(&mut old.0, &present).unwrap_or_else(
+                    |e| {
+                        eprintln!(
+                            "dockwall: nftables element update failed, replacing the table: {e:#}"
+                        );
+                        false
+                    },
+                )
             }
             _ => false,
         };
