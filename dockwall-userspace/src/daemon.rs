@@ -378,6 +378,12 @@ impl Daemon<'_, '_> {
             )?;
             self.note_file();
         }
+        if self.journal.len == 0 {
+            // New edits continue the file just read, at its revision now: a
+            // journal left with an older base would be skipped by every
+            // reader (and by the next start), losing those edits.
+            self.journal.restart(self.policy.revision)?;
+        }
         Ok(format!(
             "reloaded {}: {} allowance(s) in force (revision {})",
             path.display(),

@@ -519,14 +519,18 @@ fn concurrent_edits(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
         || failed.to_string(),
     );
     // The saved policy is the file plus the journal of the daemon's edits.
-    let (_, saved, _) = dw.run(&["list", "--json"])?;
+    let (code, saved, err) = dw.run(&["list", "--json"])?;
     let count = |needle: &str| saved.matches(needle).count();
     let added: usize = (0..50).map(|i| count(&format!("\"198.51.100.{i}\""))).sum();
     let revoked: usize = (0..50).map(|i| count(&format!("\"203.0.113.{i}\""))).sum();
     r.expect(
         "the file holds every allowance once and no revoked one",
-        added == 50 && revoked == 0,
-        || format!("added {added}, revoked left {revoked}"),
+        code == 0 && added == 50 && revoked == 0,
+        || {
+            format!(
+                "added {added}, revoked left {revoked}; list --json exit {code}: {err} {saved:.300}"
+            )
+        },
     );
     let set = capture(Command::new("ipset").args(["list", "dockwall-4-tcp-8081"]))?;
     let in_set = (0..50)

@@ -50,6 +50,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                     config::save(config_path, &policy, &lock)?;
                 } else {
                     config::write_text(config_path, &config::with_revision(&text, next), &lock)?;
+                    // A journal that continues no file is left from another
+                    // one; the next daemon starts its own.
+                    config::journal::truncate(&journal)?;
                 }
             }
             crate::runtime::note_saved_file(config_path)?;

@@ -295,4 +295,57 @@ mod tests {
         assert!(err.to_string().contains("journal:2:"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A reader that takes no lock (`list`, `status`) while the writer
+    /// appends and folds the journal into the file as the daemon does:
+    /// every read holds every change acknowledged before it began. Without
+    /// the re-read in `config::load`, the old file read with the new
+    /// journal loses the journal's changes.
+    #[test]
+    fn a_reader_racing_compaction_sees_every_acknowledged_change() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        };
+        let dir = std::env::temp_dir().join(format!("dockwall-race-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("dockwall.toml");
+        let acked = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (config, acked) = (config.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let lock = super::super::lock(&config).unwrap();
+                let mut policy = Policy::default();
+                super::super::save(&config, &policy, &lock).unwrap();
+                let mut j = Journal::create(&config, 0, &lock).unwrap();
+                for rev in 1..=400u64 {
+                    let change =
+                        Change::Allow(record(&format!("10.0.{}.{}", rev / 256, rev % 256), "80"));
+                    j.append(rev, std::slice::from_ref(&change)).unwrap();
+                    change.apply_to(&mut policy).unwrap();
+                    policy.revision = rev;
+                    acked.store(rev, Ordering::SeqCst);
+                    if rev % 3 == 0 {
+                        super::super::save(&config, &policy, &lock).unwrap();
+                        j.restart(rev).unwrap();
+                    }
+                }
+            })
+        };
+        let mut reads = 0;
+        while !writer.is_finished() {
+            let before = acked.load(Ordering::SeqCst);
+            let policy = super::super::load(&config).unwrap();
+            assert!(
+                policy.allowances.len() as u64 >= before,
+                "read {} allowances after {before} were acknowledged (revision {})",
+                policy.allowances.len(),
+                policy.revision
+            );
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 10, "only {reads} reads raced the writer");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -230,44 +230,106 @@ pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
 /// The journal's changes newer than the file are replayed on top, so the
 /// result is every acknowledged edit.
 pub fn load(path: &Path) -> anyhow::Result<Policy> {
-    let mut policy = load_file(path)?;
-    journal::replay(&journal::path(path), &mut policy)?;
-    Ok(policy)
+    check_ownership(path)?;
+    consistent(path, |text| {
+        let mut policy = parse_file(path, text)?;
+        journal::replay(&journal::path(path), &mut policy)?;
+        Ok(policy)
+    })
 }
 
 /// The file alone, without the journal.
 pub fn load_file(path: &Path) -> anyhow::Result<Policy> {
     check_ownership(path)?;
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Policy::default()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let (text, _) = read_stamped(path)?;
+    parse_file(path, text.as_deref())
+}
+
+fn parse_file(path: &Path, text: Option<&str>) -> anyhow::Result<Policy> {
+    match text {
+        None => Ok(Policy::default()),
+        Some(text) => parse(text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display())),
+    }
+}
+
+/// Which file is at a path: (device, inode), `None` when there is none.
+type Stamp = Option<(u64, u64)>;
+
+/// The file's text (`None`: no file) and the identity of the file it came
+/// from, taken from the open descriptor so the two belong together.
+fn read_stamped(path: &Path) -> anyhow::Result<(Option<String>, Stamp)> {
+    use std::{io::Read as _, os::unix::fs::MetadataExt as _};
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
-    parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
+    let meta = file
+        .metadata()
+        .with_context(|| format!("fstat({})", path.display()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok((Some(text), Some((meta.dev(), meta.ino()))))
+}
+
+fn stamp(path: &Path) -> anyhow::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("stat({})", path.display())),
+    }
+}
+
+/// Runs `read` on the file's text (then the journal) until the file was
+/// not replaced meanwhile. Readers take no lock, and the daemon folds the
+/// journal into the file (rename, then a new journal with another base)
+/// whenever it is idle: the old file read with the new journal would drop
+/// every change the journal held.
+fn consistent<T>(
+    path: &Path,
+    read: impl Fn(Option<&str>) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut tries = 0;
+    loop {
+        let (text, before) = read_stamped(path)?;
+        let result = read(text.as_deref());
+        if stamp(path)? == before {
+            return result;
+        }
+        tries += 1;
+        if tries == 100 {
+            bail!(
+                "{} was replaced 100 times while it was read; is something rewriting it in a loop?",
+                path.display()
+            );
+        }
+    }
 }
 
 /// The saved revision without parsing 100k allowances: the file's
 /// `revision = N` line, or the journal's last change when newer.
 pub fn saved_revision(path: &Path) -> anyhow::Result<u64> {
-    let file = file_revision(path)?;
-    Ok(file.max(journal::last_revision(&journal::path(path), file)?))
+    consistent(path, |text| {
+        let file = text.map_or(0, text_revision);
+        Ok(file.max(journal::last_revision(&journal::path(path), file)?))
+    })
 }
 
 /// The file's `revision = N` line (0 when it has none or does not exist).
 pub fn file_revision(path: &Path) -> anyhow::Result<u64> {
-    let file = match fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .take_while(|l| !l.starts_with("[[")) // top-level keys come first
-            .find_map(|l| {
-                let (key, value) = l.split_once('=')?;
-                (key.trim() == "revision").then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    Ok(file)
+    Ok(read_stamped(path)?.0.as_deref().map_or(0, text_revision))
+}
+
+fn text_revision(text: &str) -> u64 {
+    text.lines()
+        .take_while(|l| !l.starts_with("[[")) // top-level keys come first
+        .find_map(|l| {
+            let (key, value) = l.split_once('=')?;
+            (key.trim() == "revision").then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
 }
 
 /// `LINE:COLUMN` (1-based) of a byte offset.

@@ -107,9 +107,22 @@ fn exchange(
     stream
         .set_read_timeout(Some(REPLY_WAIT))
         .context("setting the socket's read timeout")?;
-    stream
-        .write_all(&line)
-        .with_context(|| format!("sending the request to {}", socket.display()))?;
+    match stream.write_all(&line) {
+        Ok(()) => {}
+        // The daemon died between accepting and reading: nothing was
+        // applied, the same as no answer (sent again).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("sending the request to {}", socket.display()));
+        }
+    }
     match BufReader::new(&stream).read_line(answer) {
         Ok(_) => Ok(()),
         // Reset by a dying daemon: the same as no answer.
