@@ -14,6 +14,12 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("{} is not UTF-8", ebpf_dir.display()))?;
+    // BPF ISA v2 for the kernels' verifiers; see the script for why.
+    let linker = ebpf_dir.join("tools/bpf-linker-v2");
+    println!("cargo:rerun-if-changed={}", linker.display());
+    // SAFETY: the build script is single-threaded; aya-build's cargo
+    // inherits the variable.
+    unsafe { std::env::set_var("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker) };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "dockwall-ebpf",

@@ -47,7 +47,11 @@ impl Report {
 
 /// `only`: run just this end-to-end phase after the common setup (a
 /// developer's shortcut; CI runs everything).
-pub fn run_all(only: Option<&str>, model: crate::model::Options) -> anyhow::Result<()> {
+pub fn run_all(
+    only: Option<&str>,
+    model: crate::model::Options,
+    matrix: Option<&[crate::matrix::Cell]>,
+) -> anyhow::Result<()> {
     let mut report = Report::default();
     let (mut cargo_passed, mut cargo_failed) = (0, 0);
     if only.is_none() {
@@ -59,6 +63,10 @@ pub fn run_all(only: Option<&str>, model: crate::model::Options) -> anyhow::Resu
     match end_to_end(&mut report, only, model) {
         Ok(()) => {}
         Err(e) => report.check("end-to-end setup", Err(e)),
+    }
+    // After the host's lab is gone: the cells start their own.
+    if let Some(cells) = matrix {
+        crate::matrix::run(&mut report, cells);
     }
     let passed = report.passed + cargo_passed;
     let failed = report.failed.len() + cargo_failed;
@@ -211,13 +219,7 @@ fn end_to_end(
         std::net::TcpListener::bind("0.0.0.0:2222").context("binding the host service on 2222")?;
     let _accepting = std::thread::spawn(move || for _ in host_service.incoming() {});
 
-    let a8081 = format!("{}:8081", a.host4);
     let b8081 = format!("{}:8081", b.host4);
-    let a8082 = format!("{}:8082", a.host4);
-    let b8082 = format!("{}:8082", b.host4);
-    let a5353 = format!("{}:5353", a.host4);
-    let b5353 = format!("{}:5353", b.host4);
-    let a6_8081 = format!("[{}]:8081", a.host6);
     if let Some(only) = only {
         // Comma-separated phases, in the order given.
         for phase in only.split(',') {
@@ -228,19 +230,80 @@ fn end_to_end(
                 "writer" => crate::writer::run(r, &dw, &a, &b)?,
                 "model" => crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?,
                 "scale" => scale(r, &dw, &a, &b)?,
+                "core" => core(r, &dockerd, &dw, &a, &b)?,
+                "fallback" => fallback_behaviour(r, &dw, &a, &b, true)?,
+                "fallback-alone" => fallback_behaviour(r, &dw, &a, &b, false)?,
                 other => bail!(
-                    "no end-to-end phase '{other}' (known: operations, durability, equivalence, writer, model, scale)"
+                    "no end-to-end phase '{other}' (known: {})",
+                    PHASES.join(", ")
                 ),
             }
         }
         return Ok(());
     }
 
+    core(r, &dockerd, &dw, &a, &b)?;
+
+    foreign_rules_survive(r, &dw, &a, &b)?;
+    netlink_path(r, &dw, &b, &b8081)?;
+    docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
+    bad_input(r, &dw, &b.host_if)?;
+    crate::durability::run(r, &dockerd, &dw, &a, &b)?;
+    crate::writer::run(r, &dw, &a, &b)?;
+    crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?;
+    crate::operations::run(r, &dockerd, &dw, &a, &b)?;
+    equivalence(r, &dockerd, &dw, &a, &b)?;
+    fallback_behaviour(r, &dw, &a, &b, true)?;
+    scale(r, &dw, &a, &b)?;
+    dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
+    iptables_legacy(r, &mut dockerd, &dw, &a, &b)?;
+    r.expect(
+        "at the end nothing of dockwall is left: no pins, rules, sets or tables",
+        !std::path::Path::new("/sys/fs/bpf/dockwall").exists()
+            && !iptables_has_dockwall()
+            && !ipsets_present()
+            && !nft_table_present(),
+        String::new,
+    );
+    Ok(())
+}
+
+/// The end-to-end phases `--only` knows.
+pub const PHASES: [&str; 9] = [
+    "core",
+    "fallback",
+    "fallback-alone",
+    "operations",
+    "durability",
+    "equivalence",
+    "writer",
+    "model",
+    "scale",
+];
+
+/// The core flow: before load, load, allow (TCP, UDP, IPv6, --container),
+/// blocked and allowed probes, container egress, container restart on a new
+/// address, revoke, SIGTERM and kill -9 (fail-closed), unload. What every
+/// kernel and every Docker Engine of the matrix runs.
+fn core(
+    r: &mut Report,
+    dockerd: &Dockerd,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+) -> anyhow::Result<()> {
+    let a8081 = format!("{}:8081", a.host4);
+    let b8081 = format!("{}:8081", b.host4);
+    let a8082 = format!("{}:8082", a.host4);
+    let b8082 = format!("{}:8082", b.host4);
+    let a5353 = format!("{}:5353", a.host4);
+    let b5353 = format!("{}:5353", b.host4);
+    let a6_8081 = format!("[{}]:8081", a.host6);
     // Without dockwall everyone gets in: proves the setup, so every
     // "blocked" below is dockwall's doing.
-    r.check("before load: a reaches web1", http_is(&a, &a8081, "web1"));
-    r.check("before load: b reaches web1", http_is(&b, &b8081, "web1"));
-    r.check("before load: b reaches the UDP port", udp_works(&b, &b5353));
+    r.check("before load: a reaches web1", http_is(a, &a8081, "web1"));
+    r.check("before load: b reaches web1", http_is(b, &b8081, "web1"));
+    r.check("before load: b reaches the UDP port", udp_works(b, &b5353));
 
     let (code, out, err) = dw.run(&["allow", &a.addr4, "--port", "8081"])?;
     r.expect(
@@ -251,28 +314,28 @@ fn end_to_end(
     let mut loaded = dw.load(&["dwa0", "dwb0"])?;
     r.check(
         "allowed source reaches its published port (8081 -> 8080)",
-        http_is(&a, &a8081, "web1"),
+        http_is(a, &a8081, "web1"),
     );
-    r.check("other source is blocked", blocked(&b, &b8081));
+    r.check("other source is blocked", blocked(b, &b8081));
     r.check(
         "second container, same container port on 8082, blocked for the allowed source",
-        blocked(&a, &a8082),
+        blocked(a, &a8082),
     );
     r.check(
         "host service on an unpublished port stays reachable (a)",
-        connects(&a, &format!("{}:2222", a.host4)),
+        connects(a, &format!("{}:2222", a.host4)),
     );
     r.check(
         "host service on an unpublished port stays reachable (b)",
-        connects(&b, &format!("{}:2222", b.host4)),
+        connects(b, &format!("{}:2222", b.host4)),
     );
     r.check(
         "UDP published port blocked without an allowance",
-        udp_blocked(&a, &a5353),
+        udp_blocked(a, &a5353),
     );
     r.check(
         "IPv6 client through Docker's userland proxy is blocked",
-        blocked(&a, &a6_8081),
+        blocked(a, &a6_8081),
     );
 
     // allow is in force when it returns: connect at once, no sleep.
@@ -280,11 +343,11 @@ fn end_to_end(
     r.expect("allow UDP port", code == 0, || err.clone());
     r.check(
         "UDP published port allowed right after `allow` returns",
-        udp_works(&a, &a5353),
+        udp_works(a, &a5353),
     );
     r.check(
         "UDP still blocked for the other source",
-        udp_blocked(&b, &b5353),
+        udp_blocked(b, &b5353),
     );
     let started = Instant::now();
     let (code, _, err) = dw.run(&["allow", &b.addr4, "--container", "web2"])?;
@@ -292,23 +355,20 @@ fn end_to_end(
     r.expect("allow --container", code == 0, || err.clone());
     r.check(
         "container allowance opens web2's published port",
-        http_is(&b, &b8082, "web2"),
+        http_is(b, &b8082, "web2"),
     );
-    r.check(
-        "container allowance does not open web1",
-        blocked(&b, &b8081),
-    );
+    r.check("container allowance does not open web1", blocked(b, &b8081));
     println!("e2e: note `dockwall allow --container` took {took:?} end to end");
     let (code, _, err) = dw.run(&["allow", &a.addr6, "--port", "8081"])?;
     r.expect("allow IPv6 source", code == 0, || err.clone());
     r.check(
         "IPv6 client allowed through the userland proxy",
-        http_is(&a, &a6_8081, "web1"),
+        http_is(a, &a6_8081, "web1"),
     );
 
     // Replies are never dropped: a container's outbound TCP, and outbound
     // UDP masqueraded onto source port 5353, itself a published UDP port.
-    let (tcp, udp) = crate::equivalence::container_egress(&dockerd, &a, &b);
+    let (tcp, udp) = crate::equivalence::container_egress(dockerd, a, b);
     r.check("container egress (TCP) keeps working", tcp);
     r.check(
         "reply to a container's UDP on a published port number passes",
@@ -326,11 +386,11 @@ fn end_to_end(
     });
     r.check(
         "after restart: allowed source still reaches web1",
-        retry(|| http_is(&a, &a8081, "web1")),
+        retry(|| http_is(a, &a8081, "web1")),
     );
     r.check(
         "after restart: other source blocked from the first packet",
-        blocked(&b, &b8081),
+        blocked(b, &b8081),
     );
 
     let (code, out, _) = dw.run(&["status"])?;
@@ -360,12 +420,12 @@ fn end_to_end(
 
     let (code, _, err) = dw.run(&["revoke", &a.addr4, "--port", "8081"])?;
     r.expect("revoke", code == 0, || err.clone());
-    r.check("revoked source is blocked at once", blocked(&a, &a8081));
+    r.check("revoked source is blocked at once", blocked(a, &a8081));
 
     r.expect("daemon exits on SIGTERM", loaded.stop()? == 0, String::new);
     r.check(
         "filter stays in force after the daemon exits",
-        blocked(&b, &b8081),
+        blocked(b, &b8081),
     );
     let (code, _, _) = dw.run(&["status"])?;
     r.expect("status still 0 with the daemon gone", code == 0, || {
@@ -390,7 +450,7 @@ fn end_to_end(
     );
     r.check(
         "after unload everyone gets in again",
-        http_is(&b, &b8081, "web1"),
+        http_is(b, &b8081, "web1"),
     );
     let (code, _, _) = dw.run(&["status"])?;
     r.expect(
@@ -406,27 +466,20 @@ fn end_to_end(
     );
     drop(loaded);
 
-    foreign_rules_survive(r, &dw, &a, &b)?;
-    netlink_path(r, &dw, &b, &b8081)?;
-    docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
-    bad_input(r, &dw, &b.host_if)?;
-    crate::durability::run(r, &dockerd, &dw, &a, &b)?;
-    crate::writer::run(r, &dw, &a, &b)?;
-    crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?;
-    crate::operations::run(r, &dockerd, &dw, &a, &b)?;
-    equivalence(r, &dockerd, &dw, &a, &b)?;
-    fallback_behaviour(r, &dw, &a, &b)?;
-    scale(r, &dw, &a, &b)?;
-    dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
-    iptables_legacy(r, &mut dockerd, &dw, &a, &b)?;
-    r.expect(
-        "at the end nothing of dockwall is left: no pins, rules, sets or tables",
-        !std::path::Path::new("/sys/fs/bpf/dockwall").exists()
-            && !iptables_has_dockwall()
-            && !ipsets_present()
-            && !nft_table_present(),
-        String::new,
+    // kill -9 of the daemon: the pinned filter stays, still fail-closed.
+    let mut loaded = dw.load(&[&a.host_if, &b.host_if])?;
+    loaded.kill9();
+    r.check(
+        "after kill -9 of the daemon: other source still blocked",
+        blocked(b, &b8081),
     );
+    r.check(
+        "after kill -9 of the daemon: an allowed UDP flow still works",
+        udp_works(a, &a5353),
+    );
+    let (code, _, err) = dw.run(&["unload"])?;
+    r.expect("unload after kill -9", code == 0, || err.clone());
+    drop(loaded);
     Ok(())
 }
 
@@ -494,7 +547,16 @@ fn dockerd_restart(
 
 /// Dry run, the documented UDP difference, and no wrong verdict while the
 /// policy changes 100 times under traffic, for each dataplane.
-fn fallback_behaviour(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Result<()> {
+/// Each dataplane alone: UDP flows across a revoke, then (with
+/// `under_load`) 100+ edits under continuous traffic. The VM cells skip
+/// the load: under QEMU's emulation each edit's processes take seconds.
+fn fallback_behaviour(
+    r: &mut Report,
+    dw: &Dockwall,
+    a: &Client,
+    b: &Client,
+    under_load: bool,
+) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&dw.config);
     let (code, _, err) = dw.run(&["allow", &a.addr4, "--port", "8081"])?;
     anyhow::ensure!(code == 0, "allow: {err}");
@@ -557,6 +619,18 @@ fn fallback_behaviour(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> 
             || format!("{fresh:?}"),
         );
         dw.run(&["allow", &a.addr4, "--port", "5353/udp"])?;
+        r.check(
+            &format!("{plane}: the allowed source reaches web1"),
+            http_is(a, &a8081, "web1"),
+        );
+        r.check(
+            &format!("{plane}: the other source is blocked"),
+            blocked(b, &b8081),
+        );
+        if !under_load {
+            drop(loaded);
+            continue;
+        }
 
         // 100 or more policy updates under continuous traffic: rounds of
         // 100 for at least 1.5 s, so the probes overlap them however fast

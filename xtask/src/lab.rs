@@ -67,6 +67,8 @@ impl Dockerd {
             original_alternatives: None,
         };
         dockerd.wait_ready()?;
+        let version = dockerd.cli(&["version", "--format", "{{.Server.Version}}"])?;
+        println!("e2e: note the lab's dockerd is Docker Engine {version}");
         // The data root is ours alone: clear what a crashed run left behind.
         dockerd.remove_all();
         Ok(dockerd)
@@ -226,9 +228,9 @@ impl Drop for Dockerd {
 /// netfilter, so a DROP policy left in the one Docker no longer uses would
 /// drop everything routed.
 fn flush_docker_chains() {
-    let _ = sh("iptables -P FORWARD ACCEPT; for t in filter nat; do
+    let _ = sh("iptables -P FORWARD ACCEPT; for t in filter nat raw; do
           iptables -t $t -S | grep -E '^-A .*(DOCKER|docker0|br-[0-9a-f]{12})' | sed 's/^-A/-D/' | while read -r r; do eval iptables -t $t $r; done
-          for c in DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER; do iptables -t $t -F $c 2>/dev/null; iptables -t $t -X $c 2>/dev/null; done
+          for c in DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER DOCKER-FORWARD DOCKER-CT DOCKER-BRIDGE DOCKER-INTERNAL; do iptables -t $t -F $c 2>/dev/null; iptables -t $t -X $c 2>/dev/null; done
         done; ip link del docker0 2>/dev/null; true")
     .output();
 }
@@ -252,7 +254,15 @@ fn spawn_dockerd(dir: &std::path::Path) -> anyhow::Result<Child> {
         .append(true)
         .open(dir.join("dockerd.log"))
         .context("opening dockerd.log")?;
+    // `--docker VERSION` (engine::ENV): that engine's dockerd, docker-proxy
+    // and docker-init first on PATH.
+    let mut path = std::env::var_os(crate::engine::ENV).unwrap_or_default();
+    if !path.is_empty() {
+        path.push(":");
+    }
+    path.push(std::env::var_os("PATH").unwrap_or_default());
     Command::new("dockerd")
+        .env("PATH", path)
         .arg("--host")
         .arg(format!("unix://{}", dir.join("docker.sock").display()))
         .arg("--data-root")

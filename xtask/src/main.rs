@@ -4,17 +4,21 @@
 //! `test` and `demo` run first (each step is skipped when already done).
 
 mod control;
+mod debian;
 mod demo;
 mod durability;
 mod e2e;
+mod engine;
 mod equivalence;
 mod install;
 mod lab;
+mod matrix;
 mod model;
 mod operations;
 mod readback;
 mod setup;
 mod util;
+mod vm;
 mod writer;
 
 use std::process::ExitCode;
@@ -45,6 +49,36 @@ enum Task {
         /// Seed of the model-based randomized test (printed on failure, to replay it)
         #[arg(long, default_value_t = model::DEFAULT_SEED)]
         seed: u64,
+        /// The lab's Docker Engine: 20.10 (the system's), 26.1 or 28.5 (Debian trixie's and sid's, fetched)
+        #[arg(long, value_name = "VERSION")]
+        docker: Option<String>,
+        /// Every kernel (VMs) with every Docker Engine, and the equivalence matrix per engine (long)
+        #[arg(long, conflicts_with = "only")]
+        matrix: bool,
+        /// Skip the platform matrix that a full run ends with (kernels in VMs, Docker 28.5)
+        #[arg(long, conflicts_with = "matrix")]
+        no_matrix: bool,
+    },
+    /// Boot one of Debian's kernels under QEMU and run COMMAND inside as root (the host's root filesystem, read-only, under a tmpfs overlay)
+    #[command(
+        after_help = "Examples:\n  cargo xtask vm --kernel 6.1 -- uname -r\n  cargo xtask vm --kernel 5.10 -- target/release/dockwall load --dry-run --iface lo\n\nKernels: 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie), 7.2 (sid); fetched once into /var/cache/dockwall-lab."
+    )]
+    Vm {
+        /// Debian kernel version: 5.10, 6.1, 6.12 or 7.2
+        #[arg(long)]
+        kernel: String,
+        /// Seconds before the VM counts as hung and is killed
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// The command (and its arguments) to run inside
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// End-to-end phases only, with the binaries already built (what runs inside a VM)
+    #[command(hide = true)]
+    E2e {
+        #[arg(long)]
+        only: String,
     },
     /// Setup, build, then a self-contained demo: local dockerd, a container, an outside client
     Demo,
@@ -68,14 +102,67 @@ enum Task {
     },
 }
 
+/// `--docker VERSION`: the lab's dockerd from that engine's binaries.
+fn use_engine(version: Option<&str>) -> anyhow::Result<()> {
+    if let Some(dir) = version.map(engine::bin_dir).transpose()?.flatten() {
+        // SAFETY: set before any thread is started.
+        unsafe { std::env::set_var(engine::ENV, dir) };
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| util::build_release()),
-        Task::Test { only, steps, seed } => setup::run()
+        Task::Test {
+            only,
+            steps,
+            seed,
+            docker,
+            matrix,
+            no_matrix,
+        } => setup::run()
             .and_then(|()| util::build_release())
-            .and_then(|()| e2e::run_all(only.as_deref(), model::Options { steps, seed })),
+            .and_then(|()| use_engine(docker.as_deref()))
+            .and_then(|()| {
+                let cells = if matrix {
+                    Some(matrix::full())
+                } else if only.is_none() && !no_matrix {
+                    Some(matrix::CI.to_vec())
+                } else {
+                    None
+                };
+                e2e::run_all(
+                    only.as_deref(),
+                    model::Options { steps, seed },
+                    cells.as_deref(),
+                )
+            }),
+        Task::Vm {
+            kernel,
+            timeout,
+            command,
+        } => setup::run().and_then(|()| {
+            let kernel = vm::Kernel::fetch(&kernel)?;
+            let cwd = std::env::current_dir()?;
+            let rc = vm::run(
+                &kernel,
+                &command,
+                &cwd,
+                std::time::Duration::from_secs(timeout),
+            )?;
+            std::process::exit(rc)
+        }),
+        Task::E2e { only } => e2e::run_all(
+            Some(&only),
+            model::Options {
+                steps: model::DEFAULT_STEPS,
+                seed: model::DEFAULT_SEED,
+            },
+            None,
+        ),
         Task::Demo => setup::run()
             .and_then(|()| util::build_release())
             .and_then(|()| demo::run()),

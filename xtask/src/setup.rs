@@ -30,6 +30,12 @@ const APT_PACKAGES: &[&str] = &[
     "groff-base",
     "curl",
     "conntrack",
+    // Kernels in VMs (xtask vm, the platform matrix).
+    "qemu-system-x86",
+    "cpio",
+    "kmod",
+    "xz-utils",
+    "zstd",
 ];
 /// Where the nightly's libLLVM is exposed to bpf-linker's build. It keeps an
 /// rpath to this folder, so it must stay put.

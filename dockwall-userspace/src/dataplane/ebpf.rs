@@ -101,9 +101,44 @@ fn link_pin(iface: &str, direction: &str) -> PathBuf {
     Path::new(PIN_DIR).join(format!("link_{direction}_{iface}"))
 }
 
+/// The oldest kernel dockwall supports: Debian 11's 5.10, the oldest one
+/// the platform matrix runs (`cargo xtask test --matrix`). The program needs
+/// 5.8 (ring buffer, bpf_ktime_get_boot_ns); nothing older was tried.
+pub const MIN_KERNEL: (u8, u8) = (5, 10);
+
+/// Refuses a kernel older than [`MIN_KERNEL`], or one without what the
+/// program uses, in one line that names what is missing.
+pub fn check_kernel() -> anyhow::Result<()> {
+    let current = KernelVersion::current().context("reading the kernel's version (uname)")?;
+    refuse_old_kernel(current)?;
+    // A kernel built without them (custom configs) fails the same way.
+    for (map, what) in [
+        (aya::maps::MapType::RingBuf, "BPF ring buffer maps"),
+        (aya::maps::MapType::LpmTrie, "BPF LPM trie maps"),
+    ] {
+        if matches!(aya::sys::is_map_supported(map), Ok(false)) {
+            bail!(
+                "this kernel has no {what}, which dockwall's eBPF filter needs; load with --no-ebpf to use only the iptables/nftables fallback"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn refuse_old_kernel(current: KernelVersion) -> anyhow::Result<()> {
+    let (major, minor) = MIN_KERNEL;
+    if current < KernelVersion::new(major, minor, 0) {
+        bail!(
+            "Linux {current} is older than {major}.{minor}, the oldest kernel dockwall supports (its eBPF filter needs ring buffer maps and bpf_ktime_get_boot_ns); upgrade the kernel, or load with --no-ebpf to use only the iptables/nftables fallback"
+        );
+    }
+    Ok(())
+}
+
 /// Loads the object, reusing maps already pinned by an earlier load (so
 /// allowances, counters and UDP flows survive a restart of the daemon).
 pub fn load_pinned() -> anyhow::Result<Ebpf> {
+    check_kernel()?;
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
     let mut loader = EbpfLoader::new();
@@ -566,6 +601,14 @@ impl Maps {
             if !old.contains_key(entry) {
                 // New to us, but another command may have added it already
                 // (with its counter running): only create, never overwrite.
+                // Looked up first: LPM tries ignore BPF_NOEXIST before Linux
+                // 6.13 (seen on Debian's 5.10; 6.1 has the backport) and overwrite
+                // the running counter.
+                match self.allow.get(&key, 0) {
+                    Ok(_) => continue,
+                    Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
+                }
                 match self.allow.insert(
                     &key,
                     AllowValue {
@@ -731,5 +774,21 @@ impl Maps {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_older_than_the_minimum_is_refused_in_one_line_naming_both() {
+        let err = refuse_old_kernel(KernelVersion::new(5, 4, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Linux 5.4.0") && err.contains("5.10"), "{err}");
+        assert!(err.contains("--no-ebpf") && !err.contains('\n'), "{err}");
+        refuse_old_kernel(KernelVersion::new(5, 10, 0)).unwrap();
+        refuse_old_kernel(KernelVersion::new(6, 18, 44)).unwrap();
     }
 }
