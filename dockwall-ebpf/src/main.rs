@@ -408,6 +408,16 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     ctx.load::<T>(offset).ok()
 }
 
+/// A read through bpf_skb_load_bytes only, for offsets summed from packet
+/// bytes (IPv6 extension headers). With a direct read there, the verifiers
+/// of Linux 6.12 and older follow an impossible "offset is small" branch
+/// with contradictory bounds and refuse the program ("math between pkt
+/// pointer and register with unbounded min value").
+#[inline(always)]
+fn load_copied<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    ctx.load::<T>(offset).ok()
+}
+
 #[inline(always)]
 fn load_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
     load::<u16>(ctx, offset).map(u16::from_be)
@@ -471,7 +481,7 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Parsed {
     if total_len != 0 && total_len < ihl {
         return Parsed::Malformed;
     }
-    parse_l4(ctx, l3 + ihl, end, FAMILY_V4, proto, src, dst)
+    parse_l4(ctx, l3 + ihl, end, FAMILY_V4, proto, src, dst, true)
 }
 
 #[inline(always)]
@@ -498,24 +508,28 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Parsed {
                 } else {
                     l3 + IPV6_HLEN + payload_len
                 };
-                return parse_l4(ctx, l4, end, FAMILY_V6, next, src, dst);
+                // Right after the fixed header the offset is small and
+                // direct reads verify; after extension headers it is the
+                // sum of packet bytes, so copy (see `load_copied`).
+                let direct = l4 == l3 + IPV6_HLEN;
+                return parse_l4(ctx, l4, end, FAMILY_V6, next, src, dst, direct);
             }
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let Some(ext) = load::<[u8; 2]>(ctx, l4) else {
+                let Some(ext) = load_copied::<[u8; 2]>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
                 next = ext[0];
                 l4 += (usize::from(ext[1]) + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let Some(ext) = load::<[u8; 2]>(ctx, l4) else {
+                let Some(ext) = load_copied::<[u8; 2]>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
                 next = ext[0];
                 l4 += (usize::from(ext[1]) + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let Some(ext) = load::<[u8; 4]>(ctx, l4) else {
+                let Some(ext) = load_copied::<[u8; 4]>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
                 if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
@@ -540,7 +554,22 @@ fn parse_l4(
     proto: u8,
     src: [u8; 16],
     dst: [u8; 16],
+    direct: bool,
 ) -> Parsed {
+    let read = |offset| {
+        if direct {
+            load::<[u8; TCP_NEEDED]>(ctx, offset)
+        } else {
+            load_copied::<[u8; TCP_NEEDED]>(ctx, offset)
+        }
+    };
+    let read_udp = |offset| {
+        if direct {
+            load::<[u8; UDP_NEEDED]>(ctx, offset)
+        } else {
+            load_copied::<[u8; UDP_NEEDED]>(ctx, offset)
+        }
+    };
     let needed = if proto == PROTO_TCP {
         TCP_NEEDED
     } else {
@@ -550,12 +579,12 @@ fn parse_l4(
         return Parsed::Malformed;
     }
     let (ports, tcp_flags) = if proto == PROTO_TCP {
-        let Some(hdr) = load::<[u8; TCP_NEEDED]>(ctx, l4) else {
+        let Some(hdr) = read(l4) else {
             return Parsed::Malformed;
         };
         ([hdr[0], hdr[1], hdr[2], hdr[3]], hdr[13])
     } else {
-        let Some(hdr) = load::<[u8; UDP_NEEDED]>(ctx, l4) else {
+        let Some(hdr) = read_udp(l4) else {
             return Parsed::Malformed;
         };
         (hdr, 0)

@@ -156,3 +156,11 @@ pub fn extract(deb: &Path, dir: &Path) -> anyhow::Result<()> {
     fs::write(&done, deb.display().to_string())
         .with_context(|| format!("writing {}", done.display()))
 }
+
+/// Extracts another .deb into a folder [`extract`] made (a package split
+/// in parts); dpkg-deb -x only adds files.
+pub fn extract_into(deb: &Path, dir: &Path) -> anyhow::Result<()> {
+    capture(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))
+        .map(|_| ())
+        .with_context(|| format!("dpkg-deb -x {}", deb.display()))
+}

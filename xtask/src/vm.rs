@@ -111,6 +111,24 @@ impl Kernel {
         let deb = apt.download(&image)?;
         let dir = Path::new(debian::CACHE).join("kernels").join(&release);
         debian::extract(&deb, &dir)?;
+        // From Debian 14 (sid's 7.x) linux-image is a meta package: the
+        // kernel and its modules come in linux-binary and linux-modules.
+        let boot = dir.join("boot").join(format!("vmlinuz-{release}"));
+        if !boot.exists() && !dir.join(".split-extracted").exists() {
+            for part in ["linux-binary", "linux-modules"] {
+                let package = format!("{part}-{release}");
+                let deb = apt.download(&package)?;
+                debian::extract_into(&deb, &dir)?;
+            }
+            fs::write(dir.join(".split-extracted"), "")
+                .with_context(|| format!("writing {}/.split-extracted", dir.display()))?;
+        }
+        // Debian 13 and later ship modules in /usr/lib/modules (merged /usr);
+        // depmod -b and the guest's bind mount want lib/modules.
+        if !dir.join("lib").exists() && dir.join("usr/lib/modules").exists() {
+            std::os::unix::fs::symlink("usr/lib", dir.join("lib"))
+                .with_context(|| format!("linking {}/lib to usr/lib", dir.display()))?;
+        }
         let kernel = Kernel {
             version,
             release,
@@ -125,9 +143,16 @@ impl Kernel {
     }
 
     fn vmlinuz(&self) -> PathBuf {
-        self.dir
+        let boot = self
+            .dir
             .join("boot")
-            .join(format!("vmlinuz-{}", self.release))
+            .join(format!("vmlinuz-{}", self.release));
+        if boot.exists() {
+            boot
+        } else {
+            // linux-binary (Debian 14) puts it beside the modules.
+            self.modules().join("vmlinuz")
+        }
     }
 
     /// modules.dep is made at install time, not shipped.
@@ -150,17 +175,32 @@ impl Kernel {
         let dep_file = self.modules().join("modules.dep");
         let deps = fs::read_to_string(&dep_file)
             .with_context(|| format!("reading {}", dep_file.display()))?;
+        // Built into the kernel (virtio_pci from 6.12): nothing to load.
+        let builtin =
+            fs::read_to_string(self.modules().join("modules.builtin")).unwrap_or_default();
+        let is_builtin = |wanted: &str| {
+            builtin.lines().any(|l| {
+                let name = l.rsplit('/').next().unwrap_or(l);
+                name.split(".ko").next() == Some(wanted)
+            })
+        };
         let mut order: Vec<String> = Vec::new();
         for wanted in BOOT_MODULES {
-            let line = deps
-                .lines()
-                .find(|l| {
-                    l.split(':').next().is_some_and(|m| {
-                        let name = m.rsplit('/').next().unwrap_or(m);
-                        name.split(".ko").next() == Some(wanted)
-                    })
+            if is_builtin(wanted) {
+                continue;
+            }
+            let line = deps.lines().find(|l| {
+                l.split(':').next().is_some_and(|m| {
+                    let name = m.rsplit('/').next().unwrap_or(m);
+                    name.split(".ko").next() == Some(wanted)
                 })
-                .with_context(|| format!("{wanted} is not a module of {}", self.release))?;
+            });
+            // Not a module: built in (sid ships no plain modules.builtin).
+            // A kernel without it at all fails to mount the root, and the
+            // console says so.
+            let Some(line) = line else {
+                continue;
+            };
             let (module, needs) = line.split_once(':').unwrap_or((line, ""));
             // modules.dep lists what a module needs, the last to load first.
             for m in needs.split_whitespace().rev().chain([module]) {
