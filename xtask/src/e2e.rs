@@ -215,9 +215,7 @@ fn end_to_end(
         "53",
     ])?;
     // A host service nobody published (think SSH).
-    let host_service =
-        std::net::TcpListener::bind("0.0.0.0:2222").context("binding the host service on 2222")?;
-    let _accepting = std::thread::spawn(move || for _ in host_service.incoming() {});
+    let _host_service = HostService::start(2222)?;
 
     let b8081 = format!("{}:8081", b.host4);
     if let Some(only) = only {
@@ -233,6 +231,7 @@ fn end_to_end(
                 "core" => core(r, &dockerd, &dw, &a, &b)?,
                 "fallback" => fallback_behaviour(r, &dw, &a, &b, true)?,
                 "fallback-alone" => fallback_behaviour(r, &dw, &a, &b, false)?,
+                "docker29-nft" => crate::docker29::run(r, &mut dockerd, &dw, &a, &b)?,
                 other => bail!(
                     "no end-to-end phase '{other}' (known: {})",
                     PHASES.join(", ")
@@ -268,11 +267,52 @@ fn end_to_end(
     Ok(())
 }
 
+/// A TCP service on the host that accepts and closes, until dropped (the
+/// port is free again for the platform cells that run after).
+struct HostService {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostService {
+    fn start(port: u16) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("binding the host service on {port}"))?;
+        listener
+            .set_nonblocking(true)
+            .context("making the host service non-blocking")?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                if listener.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        Ok(HostService {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HostService {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The end-to-end phases `--only` knows.
-pub const PHASES: [&str; 9] = [
+pub const PHASES: [&str; 10] = [
     "core",
     "fallback",
     "fallback-alone",
+    "docker29-nft",
     "operations",
     "durability",
     "equivalence",

@@ -106,8 +106,17 @@ impl Dockerd {
     /// Stops and starts our dockerd (same data root): Docker re-creates its
     /// chains, and containers without a restart policy stay stopped.
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.restart_with(&[])
+    }
+
+    /// Restarts dockerd with extra options (e.g. `--iptables=false`); its
+    /// old chains are cleared first, so only what it makes now is there.
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         self.stop();
-        self.child = spawn_dockerd(&PathBuf::from(LAB_DIR).join("docker"))?;
+        if !extra.is_empty() {
+            flush_docker_chains();
+        }
+        self.child = spawn_dockerd_with(&PathBuf::from(LAB_DIR).join("docker"), extra)?;
         self.wait_ready()
     }
 
@@ -249,6 +258,10 @@ fn set_alternative(name: &str, path: &str) -> anyhow::Result<()> {
 }
 
 fn spawn_dockerd(dir: &std::path::Path) -> anyhow::Result<Child> {
+    spawn_dockerd_with(dir, &[])
+}
+
+fn spawn_dockerd_with(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Child> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -271,6 +284,7 @@ fn spawn_dockerd(dir: &std::path::Path) -> anyhow::Result<Child> {
         .arg(dir.join("exec"))
         .arg("--pidfile")
         .arg(dir.join("dockerd.pid"))
+        .args(extra)
         .stdout(log.try_clone().context("dup log")?)
         .stderr(log)
         .spawn()

@@ -6,6 +6,7 @@
 mod control;
 mod debian;
 mod demo;
+mod docker29;
 mod durability;
 mod e2e;
 mod engine;

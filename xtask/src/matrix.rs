@@ -44,7 +44,7 @@ pub enum Cell {
 
 /// What every CI run covers: the two oldest kernels Debian still ships
 /// (kernel tests and core flow) and the newest Docker Engine (core flow).
-pub const CI: [Cell; 5] = [
+pub const CI: [Cell; 6] = [
     Cell::KernelTests { kernel: "6.1" },
     Cell::CoreInVm {
         kernel: "6.1",
@@ -58,6 +58,11 @@ pub const CI: [Cell; 5] = [
     Cell::OnHost {
         engine: "28.5",
         phases: CORE,
+    },
+    // Docker 29's nftables backend, reproduced (docker29.rs).
+    Cell::OnHost {
+        engine: "20.10",
+        phases: "docker29-nft",
     },
 ];
 
@@ -76,6 +81,10 @@ pub fn full() -> Vec<Cell> {
             phases: "core,fallback,equivalence",
         });
     }
+    cells.push(Cell::OnHost {
+        engine: "20.10",
+        phases: "docker29-nft",
+    });
     cells
 }
 

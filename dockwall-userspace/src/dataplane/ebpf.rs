@@ -601,14 +601,10 @@ impl Maps {
             if !old.contains_key(entry) {
                 // New to us, but another command may have added it already
                 // (with its counter running): only create, never overwrite.
-                // Looked up first: LPM tries ignore BPF_NOEXIST before Linux
-                // 6.13 (seen on Debian's 5.10; 6.1 has the backport) and overwrite
-                // the running counter.
-                match self.allow.get(&key, 0) {
-                    Ok(_) => continue,
-                    Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
-                }
+                // Linux before 6.13 (without the stable backport; Debian's
+                // 5.10 here) ignores BPF_NOEXIST for LPM tries and overwrites,
+                // resetting that entry's hit counter. No exact lookup exists
+                // to check first: a trie lookup answers the longest match.
                 match self.allow.insert(
                     &key,
                     AllowValue {
