@@ -22,8 +22,9 @@ const CORE_VM: &str = "core,fallback-alone";
 /// The same on this host's kernel, with the edits under load.
 const CORE: &str = "core,fallback";
 
-/// What a VM may take before it counts as hung (TCG is slow).
-const VM_TIMEOUT: Duration = Duration::from_secs(900);
+/// What a VM may take before it counts as hung (TCG is slow: the core
+/// flow takes 2.5–4.5 min here).
+const VM_TIMEOUT: Duration = Duration::from_secs(720);
 
 /// One cell: where it runs and what.
 #[derive(Clone, Copy)]
@@ -107,7 +108,18 @@ pub fn run(r: &mut Report, cells: &[Cell]) {
     let mut rows = Vec::new();
     for cell in cells {
         let started = Instant::now();
-        let result = run_cell(cell);
+        let mut result = run_cell(cell);
+        if let Err(e) = &result
+            && e.to_string().starts_with(vm::LOCKED_UP)
+        {
+            // A TCG guest that locked up says nothing about dockwall: once
+            // more, and the note says so.
+            println!(
+                "e2e: note matrix: {} locked up ({e:#}); trying once more",
+                cell.name()
+            );
+            result = run_cell(cell);
+        }
         let took = started.elapsed();
         println!(
             "e2e: note matrix: {} {} in {:.0} s",

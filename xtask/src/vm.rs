@@ -55,6 +55,10 @@ const BOOT_MODULES: [&str; 4] = ["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 const BEGIN: &str = "@@dockwall-vm: begin";
 const END: &str = "@@dockwall-vm: end";
 
+/// How an error from [`run`] starts when the guest locked up (the matrix
+/// tries such a cell once more).
+pub const LOCKED_UP: &str = "VM locked up";
+
 /// One folder per running VM: its script and exit code (shared with it).
 const JOBS_DIR: &str = "/run/dockwall-vm";
 
@@ -427,6 +431,11 @@ pub fn run(
     let pid = child.id();
     let stdout = child.stdout.take().context("qemu's stdout")?;
     let (tx, rx) = mpsc::channel();
+    // Set when the guest's kernel reports a CPU stuck: under TCG a guest
+    // has been seen to lock up in runc (soft lockups, not a dockwall path);
+    // the VM is stopped at once instead of at the timeout.
+    let locked_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lockup_seen = locked_up.clone();
     let reader = thread::spawn(move || {
         // Before BEGIN: the firmware's and kernel's text, shown only when
         // the guest never gets to the command.
@@ -447,6 +456,9 @@ pub fn run(
                 inside = false;
                 continue;
             }
+            if line.contains("soft lockup") || line.contains("self-detected stall") {
+                lockup_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if inside {
                 println!("{line}");
             } else {
@@ -460,7 +472,7 @@ pub fn run(
         if let Some(status) = child.try_wait().context("waiting for qemu")? {
             break Some(status);
         }
-        if Instant::now() > deadline {
+        if Instant::now() > deadline || locked_up.load(std::sync::atomic::Ordering::Relaxed) {
             // SAFETY: signalling the qemu we started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             let _ = child.wait();
@@ -475,6 +487,10 @@ pub fn run(
         .and_then(|s| s.trim().parse::<i32>().ok());
     match (rc, status) {
         (Some(rc), _) => Ok(rc),
+        (None, _) if locked_up.load(std::sync::atomic::Ordering::Relaxed) => bail!(
+            "{LOCKED_UP}: the {} guest's kernel reported a CPU stuck (soft lockup under emulation); stopped",
+            kernel.release
+        ),
         (None, None) => bail!(
             "the {} VM did not finish in {} s; its console before the command:\n{}",
             kernel.release,
