@@ -159,7 +159,7 @@ pub fn run(
         );
         r.check(
             &format!("docker 29 reproduction, {plane}: the container's egress works (masqueraded)"),
-            egress(dockerd, a),
+            crate::equivalence::tcp_egress(dockerd, "web29", a, 8091),
         );
         drop(loaded);
         dw.ok(&["unload"])?;
@@ -173,20 +173,4 @@ pub fn run(
     dw.ok(&["revoke", &a.addr4, "--port", &PORT.to_string()])?;
     let _ = dockerd.cli(&["rm", "-f", "web29"]);
     Ok(())
-}
-
-/// web29 fetches a page from a server in `a`'s namespace: out through the
-/// reproduced masquerade, the answer back through the filter.
-fn egress(dockerd: &Dockerd, a: &Client) -> anyhow::Result<()> {
-    let server = a.http_server_once(8091, "egress-ok")?;
-    let request = format!(
-        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8091",
-        a.addr4
-    );
-    let got = dockerd.cli(&["exec", "web29", "/bin/busybox", "sh", "-c", &request]);
-    let _ = server.join();
-    match got {
-        Ok(body) if body.contains("egress-ok") => Ok(()),
-        other => anyhow::bail!("container TCP egress: {other:?}"),
-    }
 }

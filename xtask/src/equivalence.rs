@@ -289,6 +289,27 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
     Ok(matrix)
 }
 
+/// `container` fetches a page from a server on `port` in `a`'s namespace:
+/// out through Docker's masquerade, the answer back through the filter.
+pub(crate) fn tcp_egress(
+    dockerd: &Dockerd,
+    container: &str,
+    a: &Client,
+    port: u16,
+) -> anyhow::Result<()> {
+    let server = a.http_server_once(port, "egress-ok")?;
+    let request = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} {port}",
+        a.addr4
+    );
+    let got = dockerd.cli(&["exec", container, "/bin/busybox", "sh", "-c", &request]);
+    let _ = server.join();
+    match got {
+        Ok(body) if body.contains("egress-ok") => Ok(()),
+        other => anyhow::bail!("container TCP egress: {other:?}"),
+    }
+}
+
 /// Replies to container egress must come back whatever the dataplane: a
 /// container's TCP connection out, and a container's UDP datagram that
 /// masquerading sends from source port 5353, itself a published UDP port.
@@ -297,19 +318,7 @@ pub(crate) fn container_egress(
     a: &Client,
     b: &Client,
 ) -> (anyhow::Result<()>, anyhow::Result<()>) {
-    let tcp = (|| {
-        let server = a.http_server_once(8090, "egress-ok")?;
-        let request = format!(
-            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {} 8090",
-            a.addr4
-        );
-        let got = dockerd.cli(&["exec", "web2", "/bin/busybox", "sh", "-c", &request]);
-        let _ = server.join();
-        match got {
-            Ok(body) if body.contains("egress-ok") => Ok(()),
-            other => anyhow::bail!("container TCP egress: {other:?}"),
-        }
-    })();
+    let tcp = tcp_egress(dockerd, "web2", a, 8090);
     let udp = (|| {
         let server = b.udp_server(5300)?;
         let got = dockerd.cli(&[
