@@ -274,8 +274,21 @@ fn spawn_dockerd_with(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<C
         path.push(":");
     }
     path.push(std::env::var_os("PATH").unwrap_or_default());
+    // Engine 28 drops packets from outside addressed straight to a
+    // container (raw PREROUTING) unless told otherwise. The lab keeps that
+    // path open, as routed setups do, so the suite still proves dockwall
+    // guards it (the equivalence matrix's "endpoint, direct" cases).
+    let help = output(Command::new("dockerd").env("PATH", &path).arg("--help"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let direct_routing: &[&str] = if help.contains("--allow-direct-routing") {
+        &["--allow-direct-routing"]
+    } else {
+        &[]
+    };
     Command::new("dockerd")
         .env("PATH", path)
+        .args(direct_routing)
         .arg("--host")
         .arg(format!("unix://{}", dir.join("docker.sock").display()))
         .arg("--data-root")
