@@ -258,10 +258,18 @@ type Stamp = Option<(u64, u64)>;
 /// The file's text (`None`: no file) and the identity of the file it came
 /// from, taken from the open descriptor so the two belong together.
 fn read_stamped(path: &Path) -> anyhow::Result<(Option<String>, Stamp)> {
+    read_held(path).map(|(text, stamp, _)| (text, stamp))
+}
+
+/// [`read_stamped`], and the file still open: while it is held its inode
+/// cannot be freed and reused by a newer file, so "the path still names
+/// this inode" means "it is still this file" (a file closed at once could
+/// be replaced twice meanwhile, its inode number reused by the second).
+fn read_held(path: &Path) -> anyhow::Result<(Option<String>, Stamp, Option<File>)> {
     use std::{io::Read as _, os::unix::fs::MetadataExt as _};
     let mut file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None, None)),
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
     let meta = file
@@ -270,7 +278,7 @@ fn read_stamped(path: &Path) -> anyhow::Result<(Option<String>, Stamp)> {
     let mut text = String::new();
     file.read_to_string(&mut text)
         .with_context(|| format!("reading {}", path.display()))?;
-    Ok((Some(text), Some((meta.dev(), meta.ino()))))
+    Ok((Some(text), Some((meta.dev(), meta.ino())), Some(file)))
 }
 
 fn stamp(path: &Path) -> anyhow::Result<Stamp> {
@@ -293,9 +301,11 @@ fn consistent<T>(
 ) -> anyhow::Result<T> {
     let mut tries = 0;
     loop {
-        let (text, before) = read_stamped(path)?;
+        let (text, before, held) = read_held(path)?;
         let result = read(text.as_deref());
-        if stamp(path)? == before {
+        let same = stamp(path)? == before;
+        drop(held);
+        if same {
             return result;
         }
         tries += 1;
