@@ -27,7 +27,7 @@ use dockwall_common::stat;
 use crate::{
     clock,
     config::{self, Policy, journal::Change, journal::Journal},
-    control::{self, Reply, Request, edit::Edit, server::Pending},
+    control::{self, Reply, Request, edit::Edit, server::Pending, sets::SetEdit},
     dataplane::{
         ebpf::{self, AttachMode},
         sync::{self, BindingsSource, Dataplanes},
@@ -89,6 +89,8 @@ pub struct Daemon<'a, 'k> {
     pub last_edit: Option<Instant>,
     /// A hand edit is waiting for `reload` and was reported.
     pub hand_edit_noted: bool,
+    /// Containers whose labels fail, as last reported (each is logged once).
+    pub label_errors: std::collections::BTreeMap<String, String>,
 }
 
 impl Daemon<'_, '_> {
@@ -185,6 +187,7 @@ impl Daemon<'_, '_> {
     async fn answer(&mut self, request: Request) -> Reply {
         let result = match request {
             Request::Edit(edit) => self.edit(edit).await,
+            Request::Set(edit) => self.set_edit(&edit),
             Request::Reload => self.reload().await.map(|line| vec![line]),
         };
         match result {
@@ -240,9 +243,12 @@ impl Daemon<'_, '_> {
                 // for its ports now, not a difference against stale ones.
                 Some(snap) => self.apply_full(snap.bindings, BindingsSource::Docker),
                 None => {
-                    let changes =
-                        self.compiled
-                            .update(&outcome.removed, &outcome.added, &self.bindings);
+                    let changes = self.compiled.update(
+                        &outcome.removed,
+                        &outcome.added,
+                        &self.policy.sets,
+                        &self.bindings,
+                    );
                     sync::apply_changes(self.dataplanes, &changes, &self.compiled, &self.bindings)
                         .map(|_| ())
                 }
@@ -260,6 +266,32 @@ impl Daemon<'_, '_> {
         Ok(lines)
     }
 
+    /// One `set add|remove|load`: saved, then the whole policy applied
+    /// once (every allowance and label naming the set changes with it).
+    fn set_edit(&mut self, edit: &SetEdit) -> anyhow::Result<Vec<String>> {
+        let outcome = control::sets::apply(&mut self.policy, edit)?;
+        let mut lines = outcome.lines.clone();
+        if let Some(change) = &outcome.change {
+            let revision = self.policy.revision + 1;
+            if let Err(e) = self.journal.append(revision, std::slice::from_ref(change)) {
+                outcome.undo(&mut self.policy);
+                return Err(e.context("not saved, nothing changed"));
+            }
+            self.policy.revision = revision;
+            self.last_edit = Some(Instant::now());
+            let started = Instant::now();
+            let bindings = self.bindings.clone();
+            self.apply_full(bindings, BindingsSource::Snapshot).map_err(|e| {
+                e.context(format!(
+                    "saved as revision {revision}, but applying it to the loaded filter failed (the daemon retries at its next resync)"
+                ))
+            })?;
+            lines.push(format!("applied in {} ms", started.elapsed().as_millis()));
+        }
+        lines.push("in force now".to_string());
+        Ok(lines)
+    }
+
     /// The whole policy for `bindings` to every dataplane (start, reload,
     /// Docker changed, lapsed allowances, drift, a failed apply).
     fn apply_full(&mut self, bindings: Vec<Binding>, source: BindingsSource) -> anyhow::Result<()> {
@@ -267,6 +299,7 @@ impl Daemon<'_, '_> {
         self.compiled = Compiled::new(
             &self.policy.allowances,
             |a| expires.get(a).copied(),
+            &self.policy.sets,
             &bindings,
         );
         let result = sync::apply(self.dataplanes, &self.policy, &bindings, source);
@@ -281,6 +314,7 @@ impl Daemon<'_, '_> {
                         p.added, p.removed, a.added, a.removed
                     );
                 }
+                self.report_label_errors(&bindings);
                 self.bindings = bindings;
                 self.needs_full = false;
                 self.next_expiry = next_expiry(&self.policy, clock::now_unix());
@@ -294,6 +328,23 @@ impl Daemon<'_, '_> {
                 Err(e)
             }
         }
+    }
+
+    /// Logs a container whose labels fail once (and once more should the
+    /// reason change), and when they are fixed.
+    pub fn report_label_errors(&mut self, bindings: &[Binding]) {
+        let now = crate::labels::labelled(bindings, &self.policy.sets).invalid;
+        for (container, reason) in &now {
+            if self.label_errors.get(container) != Some(reason) {
+                eprintln!(
+                    "dockwall: labels of container {container} fail, its published ports are closed to everyone: {reason}"
+                );
+            }
+        }
+        for container in self.label_errors.keys().filter(|c| !now.contains_key(*c)) {
+            println!("dockwall: labels of container {container} no longer fail (or it is gone)");
+        }
+        self.label_errors = now;
     }
 
     /// Tells `status` which revision every dataplane holds now.

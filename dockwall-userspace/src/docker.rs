@@ -83,12 +83,17 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
             .map(|n| n.trim_start_matches('/').to_string())
             .unwrap_or_else(|| id.chars().take(12).collect());
         snap.containers.push((name.clone(), id.clone()));
+        let labels = c.labels.clone().unwrap_or_default();
         if c.state.as_ref().map(|s| s.to_string()).as_deref() != Some("running") {
             // A stopped container keeps its fixed published ports in scope,
             // so the port is filtered from the first packet when it starts
             // again (docker restart, restart policies, reboots).
-            snap.bindings
-                .extend(configured_bindings(docker, &name, &id).await?);
+            snap.bindings.extend(
+                configured_bindings(docker, &name, &id)
+                    .await?
+                    .into_iter()
+                    .map(|b| b.with_labels(&labels)),
+            );
             continue;
         }
         let container_ips: Vec<IpAddr> = c
@@ -115,7 +120,8 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
             };
             snap.bindings.push(
                 Binding::new(&name, &id, host_ip, host_port, port.private_port, proto)
-                    .with_container_ips(container_ips.clone()),
+                    .with_container_ips(container_ips.clone())
+                    .with_labels(&labels),
             );
         }
     }

@@ -61,6 +61,8 @@ pub struct Explanation {
     pub decided_by: Option<Decision>,
     /// Lapsed allowances that would have matched (`SOURCE -> TARGET`).
     pub expired: Vec<String>,
+    /// Why the port is closed to everyone: its container's labels fail.
+    pub closed_by_labels: Option<String>,
 }
 
 /// The policy's answer for a new connection from `source` to published
@@ -87,7 +89,9 @@ pub fn decide(
         })
         .collect();
     let live = policy.in_force(now);
-    let compiled = policy::compile_allowances(&live.allowances, bindings);
+    let compiled = policy::compile_allowances(&live.allowances, &live.sets, bindings);
+    let labelled = crate::labels::labelled(bindings, &live.sets);
+    let described = crate::labels::describe_all(&live.allowances, &labelled);
     // The longest matching entry, as the kernel's LPM lookup finds it.
     let best = compiled
         .iter()
@@ -96,12 +100,14 @@ pub fn decide(
     // Expiries as the kernel gets them: an entry lives as long as the
     // longest-lived allowance covering it.
     let expiries = policy::entry_expiries(&compiled, |i| {
-        live.expires.get(&live.allowances[i]).copied()
+        live.allowances
+            .get(i)
+            .and_then(|a| live.expires.get(a).copied())
     });
     let decided_by = best.map(|(entry, owners)| Decision {
         allowances: owners
             .iter()
-            .map(|&i| live.allowances[i].to_string())
+            .filter_map(|&i| described.get(i).cloned())
             .collect(),
         entry: entry.net.to_string(),
         expires_at: expiries.get(entry).copied().flatten().map(clock::rfc3339),
@@ -112,10 +118,19 @@ pub fn decide(
         .filter(|a| policy.expired(a, now))
         .filter(|a| {
             policy::resolve_target(&a.target, bindings).contains(&pp)
-                && a.source.nets().iter().any(|n| n.contains(&source))
+                && a.source
+                    .nets(&policy.sets)
+                    .iter()
+                    .any(|n| n.contains(&source))
         })
         .map(|a| a.to_string())
         .collect();
+    // A port of a container whose labels fail is closed to everyone.
+    let closed_by_labels = labelled
+        .invalid
+        .iter()
+        .find(|(container, _)| reaches.iter().any(|r| r.container == **container))
+        .map(|(container, reason)| format!("the labels of {container} fail: {reason}"));
     let verdict = match (in_scope, decided_by.is_some()) {
         (false, _) => Verdict::NotInScope,
         (true, true) => Verdict::Allow,
@@ -126,6 +141,7 @@ pub fn decide(
         reaches,
         decided_by,
         expired,
+        closed_by_labels,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod droplog;
 pub mod explain;
+pub mod labels;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

@@ -289,12 +289,24 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
 
         let hits = maps.allow_hits()?;
         let per_allowance = Family::<Labels, Counter>::default();
-        let sums = policy::hits_per_allowance(&policy.allowances, &bindings, &hits);
-        for (a, sum) in policy.allowances.iter().zip(sums) {
+        let sums = policy::hits_per_allowance(&policy.allowances, &policy.sets, &bindings, &hits);
+        let labelled = crate::labels::labelled(&bindings, &policy.sets);
+        let origins = policy
+            .allowances
+            .iter()
+            .map(|a| (a, "file".to_string()))
+            .chain(
+                labelled
+                    .allowances
+                    .iter()
+                    .map(|a| (a, crate::labels::origin(a))),
+            );
+        for ((a, origin), sum) in origins.zip(sums) {
             per_allowance
                 .get_or_create(&labels(&[
                     ("source", &a.source.to_string()),
                     ("target", &a.target.to_string()),
+                    ("origin", &origin),
                 ]))
                 .inc_by(sum);
         }

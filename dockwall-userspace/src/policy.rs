@@ -66,6 +66,101 @@ impl FromStr for Proto {
     }
 }
 
+/// The longest name a named source set may have.
+pub const SET_NAME_MAX: usize = 31;
+
+/// The name of a named source set (`@office`): 1 to 31 of `A-Z a-z 0-9 _ . -`,
+/// starting with a letter or digit. Held inline so a [`Source`] stays `Copy`
+/// (sources are copied into every compiled entry).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SetName {
+    len: u8,
+    bytes: [u8; SET_NAME_MAX],
+}
+
+impl SetName {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (checked in from_str).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl PartialOrd for SetName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SetName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "@{}", self.as_str())
+    }
+}
+
+impl fmt::Display for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SetName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let name = s.strip_prefix('@').unwrap_or(s);
+        let valid = (1..=SET_NAME_MAX).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            return Err(format!(
+                "invalid set name '{s}': 1 to {SET_NAME_MAX} letters, digits, '_', '.' or '-', \
+                 starting with a letter or digit (e.g. office, cdn-v4)"
+            ));
+        }
+        let mut bytes = [0u8; SET_NAME_MAX];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(SetName {
+            len: name.len() as u8,
+            bytes,
+        })
+    }
+}
+
+impl Serialize for SetName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SetName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The named source sets: each name with its networks.
+pub type Sets = BTreeMap<SetName, BTreeSet<IpNet>>;
+
+/// One member of a named set: an address or a CIDR (`any` and other sets
+/// are not members).
+pub fn parse_member(s: &str) -> Result<IpNet, String> {
+    match s.parse::<Source>()? {
+        Source::Net(net) => Ok(net),
+        Source::Any | Source::Set(_) => Err(format!(
+            "invalid set member '{s}': a set holds addresses and CIDRs (203.0.113.7, 198.51.100.0/24)"
+        )),
+    }
+}
+
 /// Who an allowance lets in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {
@@ -73,17 +168,32 @@ pub enum Source {
     Any,
     /// One address (a /32 or /128) or a network.
     Net(IpNet),
+    /// The members of a named set (`@office`), whatever they are now.
+    Set(SetName),
 }
 
 impl Source {
-    /// The networks this source stands for.
-    pub fn nets(self) -> Vec<IpNet> {
+    /// The networks this source stands for now (a set that does not exist
+    /// stands for none: edits and the file are checked against that).
+    pub fn nets(self, sets: &Sets) -> Vec<IpNet> {
         match self {
             Source::Any => vec![
                 IpNet::new(IpAddr::from([0u8; 4]), 0).expect("/0 is a valid prefix"),
                 IpNet::new(IpAddr::from([0u8; 16]), 0).expect("/0 is a valid prefix"),
             ],
             Source::Net(net) => vec![net],
+            Source::Set(name) => sets
+                .get(&name)
+                .map(|m| m.iter().copied().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The set it names, if any.
+    pub fn set(self) -> Option<SetName> {
+        match self {
+            Source::Set(name) => Some(name),
+            _ => None,
         }
     }
 }
@@ -96,6 +206,7 @@ impl fmt::Display for Source {
                 write!(f, "{}", net.addr())
             }
             Source::Net(net) => write!(f, "{net}"),
+            Source::Set(name) => write!(f, "@{name}"),
         }
     }
 }
@@ -107,13 +218,16 @@ impl FromStr for Source {
         if s.eq_ignore_ascii_case("any") {
             return Ok(Source::Any);
         }
+        if s.starts_with('@') {
+            return s.parse().map(Source::Set);
+        }
         if let Ok(addr) = s.parse::<IpAddr>() {
             return Ok(Source::Net(IpNet::from(addr)));
         }
         let net: IpNet = s.parse().map_err(|_| {
             format!(
                 "invalid source '{s}': expected an IPv4/IPv6 address (203.0.113.7, 2001:db8::7), \
-                 a CIDR (203.0.113.0/24, 2001:db8::/48) or 'any'"
+                 a CIDR (203.0.113.0/24, 2001:db8::/48), a named set (@office) or 'any'"
             )
         })?;
         if net.trunc() != net {
@@ -296,6 +410,10 @@ pub struct Binding {
     /// routed straight to it. Empty while it is stopped.
     #[serde(default)]
     pub container_ips: Vec<IpAddr>,
+    /// The container's `dockwall.*` labels (see [`crate::labels`]); the
+    /// others are not kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Binding {
@@ -317,11 +435,25 @@ impl Binding {
             container_port,
             proto,
             container_ips: Vec::new(),
+            labels: BTreeMap::new(),
         }
     }
 
     pub fn with_container_ips(mut self, ips: Vec<IpAddr>) -> Self {
         self.container_ips = ips;
+        self
+    }
+
+    /// Keeps the container's `dockwall.*` labels.
+    pub fn with_labels<'a>(
+        mut self,
+        labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Self {
+        self.labels = labels
+            .into_iter()
+            .filter(|(k, _)| crate::labels::ours(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         self
     }
 
@@ -520,15 +652,24 @@ pub fn resolve_target(target: &Target, bindings: &[Binding]) -> BTreeSet<PortPro
 }
 
 /// Every allowance trie entry the policy needs, and which allowances need
-/// each (for hit counters per allowance).
+/// each (for hit counters per allowance). The containers' labels add
+/// allowances of their own: index `allowances.len() + i` is the label
+/// allowance `labels::labelled(bindings, sets).allowances[i]`. A port of a
+/// container whose labels fail gets no entry at all: closed to everyone.
 pub fn compile_allowances(
     allowances: &[Allowance],
+    sets: &Sets,
     bindings: &[Binding],
 ) -> BTreeMap<AllowEntry, Vec<usize>> {
+    let labelled = crate::labels::labelled(bindings, sets);
+    let closed = labelled.closed_ports(bindings);
     let mut entries: BTreeMap<AllowEntry, Vec<usize>> = BTreeMap::new();
-    for (index, allowance) in allowances.iter().enumerate() {
+    for (index, allowance) in allowances.iter().chain(&labelled.allowances).enumerate() {
         for pp in resolve_target(&allowance.target, bindings) {
-            for net in allowance.source.nets() {
+            if closed.contains(&pp) {
+                continue;
+            }
+            for net in allowance.source.nets(sets) {
                 entries
                     .entry(AllowEntry {
                         port: pp.port,
@@ -544,15 +685,18 @@ pub fn compile_allowances(
 }
 
 /// New connections each allowance let in, from the kernel's per-entry
-/// counters (`hits`). An entry two allowances need counts for both; an
-/// entry the kernel does not hold counts 0. Linear in the entries.
+/// counters (`hits`): the file's allowances, then the labels' (in the order
+/// of [`compile_allowances`]). An entry two allowances need counts for
+/// both; an entry the kernel does not hold counts 0. Linear in the entries.
 pub fn hits_per_allowance(
     allowances: &[Allowance],
+    sets: &Sets,
     bindings: &[Binding],
     hits: &BTreeMap<AllowEntry, u64>,
 ) -> Vec<u64> {
-    let mut sums = vec![0u64; allowances.len()];
-    for (entry, owners) in compile_allowances(allowances, bindings) {
+    let labels = crate::labels::labelled(bindings, sets).allowances.len();
+    let mut sums = vec![0u64; allowances.len() + labels];
+    for (entry, owners) in compile_allowances(allowances, sets, bindings) {
         let h = hits.get(&entry).copied().unwrap_or(0);
         for owner in owners {
             sums[owner] += h;
@@ -779,16 +923,19 @@ impl Compiled {
     pub fn new(
         allowances: &[Allowance],
         expiry: impl Fn(&Allowance) -> Option<u64>,
+        sets: &Sets,
         bindings: &[Binding],
     ) -> Self {
-        let compiled = compile_allowances(allowances, bindings);
-        let effective = entry_expiries(&compiled, |i| expiry(&allowances[i]));
+        let compiled = compile_allowances(allowances, sets, bindings);
+        // Label allowances (indices past the file's) never lapse.
+        let expiry_of = |i: usize| allowances.get(i).and_then(&expiry);
+        let effective = entry_expiries(&compiled, expiry_of);
         let own = compiled
             .into_iter()
             .map(|(entry, owners)| {
                 let mut o = Owners::default();
                 for i in owners {
-                    match expiry(&allowances[i]) {
+                    match expiry_of(i) {
                         None => o.permanent += 1,
                         Some(at) => o.expiring.push(at),
                     }
@@ -810,13 +957,16 @@ impl Compiled {
         &mut self,
         removed: &[(Allowance, Option<u64>)],
         added: &[(Allowance, Option<u64>)],
+        sets: &Sets,
         bindings: &[Binding],
     ) -> EntryChanges {
         let mut touched = BTreeSet::new();
+        let closed = crate::labels::labelled(bindings, sets).closed_ports(bindings);
         let entries = |a: &Allowance| {
-            let nets = a.source.nets();
+            let nets = a.source.nets(sets);
             resolve_target(&a.target, bindings)
                 .into_iter()
+                .filter(|pp| !closed.contains(pp))
                 .flat_map(move |pp| {
                     nets.clone().into_iter().map(move |net| AllowEntry {
                         port: pp.port,
@@ -1052,7 +1202,7 @@ mod tests {
                 target: Target::Port("8081".parse().unwrap()),
             },
         ];
-        let entries = compile_allowances(&allowances, &[]);
+        let entries = compile_allowances(&allowances, &Sets::new(), &[]);
         assert_eq!(entries.len(), 2);
         let v4 = entries
             .iter()
@@ -1162,7 +1312,10 @@ mod tests {
             (entry("0.0.0.0/0", 443), 2),
             (entry("::/0", 443), 1),
         ]);
-        assert_eq!(hits_per_allowance(&allowances, &[], &hits), vec![5, 5, 3]);
+        assert_eq!(
+            hits_per_allowance(&allowances, &Sets::new(), &[], &hits),
+            vec![5, 5, 3]
+        );
     }
 
     #[test]
@@ -1208,7 +1361,7 @@ mod tests {
                     vec![(a.clone(), expiry)],
                 )
             };
-            let changes = compiled.update(&removed, &added, &[]);
+            let changes = compiled.update(&removed, &added, &Sets::new(), &[]);
             for (e, c) in changes {
                 match c {
                     Some(at) => mirror.insert(e, at),
@@ -1216,7 +1369,7 @@ mod tests {
                 };
             }
             let all: Vec<Allowance> = policy.keys().cloned().collect();
-            let whole = Compiled::new(&all, |x| policy[x], &[]);
+            let whole = Compiled::new(&all, |x| policy[x], &Sets::new(), &[]);
             assert_eq!(compiled.effective(), whole.effective(), "step {step}");
             assert_eq!(&mirror, whole.effective(), "changes at step {step}");
         }

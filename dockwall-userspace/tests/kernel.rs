@@ -67,9 +67,10 @@ impl Harness {
                 target: Target::Port(port.parse().unwrap()),
             })
             .collect();
-        let entries: BTreeSet<AllowEntry> = policy::compile_allowances(&allowances, &bindings)
-            .into_keys()
-            .collect();
+        let entries: BTreeSet<AllowEntry> =
+            policy::compile_allowances(&allowances, &Default::default(), &bindings)
+                .into_keys()
+                .collect();
         maps.sync_allow(&permanent(&entries)).unwrap();
         Harness { ebpf, maps }
     }

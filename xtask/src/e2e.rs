@@ -225,6 +225,7 @@ fn end_to_end(
                 "operations" => crate::operations::run(r, &dockerd, &dw, &a, &b)?,
                 "durability" => crate::durability::run(r, &dockerd, &dw, &a, &b)?,
                 "equivalence" => equivalence(r, &dockerd, &dw, &a, &b)?,
+                "labels" => crate::labels::run(r, &dockerd, &dw, &a, &b)?,
                 "writer" => crate::writer::run(r, &dw, &a, &b)?,
                 "model" => crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?,
                 "scale" => scale(r, &dw, &a, &b)?,
@@ -252,6 +253,7 @@ fn end_to_end(
     crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?;
     crate::operations::run(r, &dockerd, &dw, &a, &b)?;
     equivalence(r, &dockerd, &dw, &a, &b)?;
+    crate::labels::run(r, &dockerd, &dw, &a, &b)?;
     fallback_behaviour(r, &dw, &a, &b, true)?;
     scale(r, &dw, &a, &b)?;
     dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
@@ -308,7 +310,7 @@ impl Drop for HostService {
 }
 
 /// The end-to-end phases `--only` knows.
-pub const PHASES: [&str; 10] = [
+pub const PHASES: [&str; 11] = [
     "core",
     "fallback",
     "fallback-alone",
@@ -316,6 +318,7 @@ pub const PHASES: [&str; 10] = [
     "operations",
     "durability",
     "equivalence",
+    "labels",
     "writer",
     "model",
     "scale",

@@ -13,6 +13,7 @@ mod engine;
 mod equivalence;
 mod install;
 mod lab;
+mod labels;
 mod matrix;
 mod model;
 mod operations;

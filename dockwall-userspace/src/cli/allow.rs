@@ -25,7 +25,7 @@ running, and the daemon removes it from the saved file and the fallback rules. A
 again without --for makes it permanent."
 )]
 pub struct AllowArgs {
-    /// Source address, CIDR (203.0.113.0/24, 2001:db8::/48) or `any`
+    /// Source address, CIDR (203.0.113.0/24, 2001:db8::/48), a named set (@office, see `dockwall set`) or `any`
     #[arg(value_parser = clap::value_parser!(SourceArg))]
     pub source: SourceArg,
     /// Published port, PORT[/tcp|/udp]; repeatable
@@ -104,7 +104,7 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         Route::Direct(lock, request) => {
             let edit = match request {
                 Request::Edit(retried) => retried,
-                Request::Reload => edit,
+                Request::Reload | Request::Set(_) => edit,
             };
             direct(config_path, &edit, &lock)
         }

@@ -192,6 +192,10 @@ fn print_text(o: &Output) {
                 d.entry
             );
         }
+        None if e.closed_by_labels.is_some() => println!(
+            "  decided by: closed to everyone, {} (fix the labels and recreate the container)",
+            e.closed_by_labels.as_deref().unwrap_or_default()
+        ),
         None if e.verdict == Verdict::Drop => println!(
             "  decided by: no allowance matches {} on {}/{}: new connections are dropped",
             o.source, o.port, o.proto

@@ -18,6 +18,8 @@ pub struct ListArgs {
 struct Row {
     source: String,
     target: String,
+    /// `file` (saved by `allow`), or `label on NAME` (a container's label).
+    origin: String,
     /// Published port/proto pairs the allowance covers now.
     resolves_to: Vec<String>,
     /// The comment saved with it, if any.
@@ -42,13 +44,25 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let hits = hits.map(|hits| policy::hits_per_allowance(&policy.allowances, &bindings, &hits));
+    let hits = hits
+        .map(|hits| policy::hits_per_allowance(&policy.allowances, &policy.sets, &bindings, &hits));
+    let labelled = crate::labels::labelled(&bindings, &policy.sets);
     let now = crate::clock::now_unix();
-    let rows: Vec<Row> = policy
+    // The file's allowances, then the containers' labels' (compile order).
+    let all = policy
         .allowances
         .iter()
+        .map(|a| (a, "file".to_string()))
+        .chain(
+            labelled
+                .allowances
+                .iter()
+                .map(|a| (a, crate::labels::origin(a))),
+        );
+    let rows: Vec<Row> = all
         .enumerate()
-        .map(|(index, a)| Row {
+        .map(|(index, (a, origin))| Row {
+            origin,
             comment: policy.comments.get(a).cloned(),
             expires_at: policy.expires.get(a).map(|&at| crate::clock::rfc3339(at)),
             expires_in_secs: policy.expires.get(a).map(|&at| at.saturating_sub(now)),
@@ -72,6 +86,11 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    for (container, reason) in &labelled.invalid {
+        println!(
+            "labels of {container} fail, its published ports are closed to everyone: {reason}"
+        );
     }
     if rows.is_empty() {
         println!(
@@ -103,7 +122,11 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
             published,
             hits,
             expires,
-            row.comment.as_deref().unwrap_or("")
+            match (row.origin.as_str(), row.comment.as_deref()) {
+                ("file", comment) => comment.unwrap_or("").to_string(),
+                (origin, None) => format!("({origin})"),
+                (origin, Some(comment)) => format!("({origin}) {comment}"),
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

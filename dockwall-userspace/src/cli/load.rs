@@ -267,7 +267,12 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let expires = &policy.expires;
-        let compiled = Compiled::new(&policy.allowances, |a| expires.get(a).copied(), &bindings);
+        let compiled = Compiled::new(
+            &policy.allowances,
+            |a| expires.get(a).copied(),
+            &policy.sets,
+            &bindings,
+        );
         // Edits are taken from here on; until now they waited on the lock.
         let requests = control::server::serve(control::server::bind(&control::socket_path())?);
         runtime::record_applied(&dataplanes.names(), policy.revision)?;
@@ -293,7 +298,10 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             resyncs: 0,
             last_edit: None,
             hand_edit_noted: false,
+            label_errors: Default::default(),
         };
+        let bindings = daemon.bindings.clone();
+        daemon.report_label_errors(&bindings);
         let result = daemon.follow(drop_log, requests).await;
         let _ = notify::notify("STOPPING=1");
         result

@@ -10,6 +10,7 @@ mod generate;
 mod list;
 mod load;
 mod reload;
+mod set;
 mod status;
 mod unload;
 
@@ -26,6 +27,8 @@ Examples:
   sudo dockwall allow any --container web              everyone to every port `web` publishes
   sudo dockwall allow 198.51.100.9 --port 22022 --for 2h  lapses on time, even with no daemon
   sudo dockwall revoke 203.0.113.7 --port 8081
+  sudo dockwall set load office office.txt             a named list, one address or CIDR per line
+  sudo dockwall allow @office --port 8081              everyone on it; follows edits of the list
   sudo dockwall reload                                 apply a hand edit of the saved file
   dockwall list
   dockwall status --json
@@ -61,6 +64,8 @@ pub enum Command {
     Allow(AllowArgs),
     /// Remove an allowance given with the same arguments as `allow`
     Revoke(AllowArgs),
+    /// Named source lists (@NAME) that allowances and container labels use: add, remove, load, list
+    Set(set::SetArgs),
     /// Apply the saved file after a hand edit (refused whole if it fails; SIGHUP to `load` does the same)
     Reload,
     /// Show the saved allowances, what each resolves to now, and hit counters
@@ -83,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => load::run(&config, args),
         Command::Allow(args) => allow::run(&config, args, allow::Action::Allow),
         Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke),
+        Command::Set(args) => set::run(&config, args),
         Command::Reload => reload::run(&config),
         Command::List(args) => list::run(&config, args),
         Command::Status(args) => status::run(&config, args),

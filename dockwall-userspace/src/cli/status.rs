@@ -121,6 +121,15 @@ struct Status {
     repairs: Vec<String>,
     /// Saved policy revision vs what each dataplane holds; null when not loaded.
     revision: Option<Revision>,
+    /// Containers whose `dockwall.*` labels fail: their published ports
+    /// are closed to everyone until the labels are fixed.
+    label_errors: Vec<LabelError>,
+}
+
+#[derive(Serialize)]
+struct LabelError {
+    container: String,
+    reason: String,
 }
 
 pub fn run(config: &std::path::Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -192,7 +201,21 @@ pub fn run(config: &std::path::Path, args: StatusArgs) -> anyhow::Result<ExitCod
         Some(r)
     };
     let in_sync = revision.as_ref().is_none_or(Revision::in_sync);
+    // Sets only matter (and the file is only read) when a label names one.
+    let label_errors = if published.iter().any(|b| !b.labels.is_empty()) {
+        let sets = crate::config::load(config)
+            .map(|p| p.sets)
+            .unwrap_or_default();
+        crate::labels::labelled(&published, &sets)
+            .invalid
+            .into_iter()
+            .map(|(container, reason)| LabelError { container, reason })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let status = Status {
+        label_errors,
         revision,
         in_force,
         audit,
@@ -297,6 +320,12 @@ fn print_text(s: &Status) {
                 r.saved
             );
         }
+    }
+    for e in &s.label_errors {
+        println!(
+            "  LABELS FAIL on container {}: {}; its published ports are closed to everyone (fix the labels and recreate the container)",
+            e.container, e.reason
+        );
     }
     if !s.published.is_empty() {
         println!("published ports:");

@@ -1,7 +1,8 @@
 //! The append-only journal beside the saved file: a first line naming the
 //! file revision it continues, `{"base":N}`, then one JSON line per saved
-//! change, `{"rev":N,"allow":{...}}` or `{"rev":N,"revoke":{...}}`, each
-//! carrying the allowance's whole resulting state. A journal whose base is
+//! change, `{"rev":N,"allow":{...}}`, `{"rev":N,"revoke":{...}}`,
+//! `{"rev":N,"set":{"name":...,"members":[...]}}` or `{"rev":N,"unset":NAME}`,
+//! each carrying the allowance's or set's whole resulting state. A journal whose base is
 //! not the file's revision belongs to another file (deleted, restored from
 //! a backup) and is not replayed onto this one.
 //!
@@ -21,7 +22,8 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::{Lock, Policy, Record};
+use super::{Lock, Policy, Record, SetRecord};
+use crate::policy::SetName;
 
 /// The journal of the saved file at `config`.
 pub fn path(config: &Path) -> PathBuf {
@@ -36,6 +38,10 @@ pub enum Change {
     Allow(Record),
     /// The allowance is removed.
     Revoke(Record),
+    /// The named set now has exactly these members (created if new).
+    Set(SetRecord),
+    /// The named set is gone.
+    Unset(SetName),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +65,14 @@ impl Change {
             Change::Revoke(record) => {
                 let (allowance, _, _) = record.clone().into_allowance()?;
                 policy.remove(&allowance);
+                Ok(())
+            }
+            Change::Set(record) => {
+                policy.put_set(record.name, Some(record.nets()?));
+                Ok(())
+            }
+            Change::Unset(name) => {
+                policy.put_set(*name, None);
                 Ok(())
             }
         }

@@ -27,7 +27,7 @@
 //! every reader sees every acknowledged edit.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
     io::Write as _,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
@@ -37,7 +37,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Allowance, ContainerSpec, PortProto, Source, Target};
+use crate::policy::{Allowance, ContainerSpec, PortProto, SetName, Sets, Source, Target};
 
 pub mod journal;
 
@@ -50,6 +50,9 @@ struct FileFormat {
     /// Bumped by every saved change; absent in a file written by hand = 0.
     #[serde(default)]
     revision: u64,
+    /// Named source sets: `office = ["203.0.113.0/24", "198.51.100.7"]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    sets: BTreeMap<SetName, Vec<Source>>,
     #[serde(default)]
     allow: Vec<Record>,
 }
@@ -60,7 +63,40 @@ struct FileSpanned {
     #[serde(default)]
     revision: u64,
     #[serde(default)]
+    sets: BTreeMap<toml::Spanned<String>, toml::Spanned<Vec<toml::Spanned<String>>>>,
+    #[serde(default)]
     allow: Vec<toml::Spanned<Record>>,
+}
+
+/// A named set as saved in the journal: its whole membership after a change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetRecord {
+    pub name: SetName,
+    pub members: Vec<Source>,
+}
+
+impl SetRecord {
+    pub fn new(name: SetName, members: &BTreeSet<ipnet::IpNet>) -> Self {
+        SetRecord {
+            name,
+            members: members.iter().map(|n| Source::Net(*n)).collect(),
+        }
+    }
+
+    /// The members as networks (a record only ever holds networks).
+    pub fn nets(&self) -> Result<BTreeSet<ipnet::IpNet>, String> {
+        self.members
+            .iter()
+            .map(|m| match m {
+                Source::Net(n) => Ok(*n),
+                other => Err(format!(
+                    "set @{}: '{other}' is not an address or CIDR",
+                    self.name
+                )),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -141,6 +177,8 @@ pub struct Policy {
     pub comments: BTreeMap<Allowance, String>,
     /// Unix seconds from which an allowance lets no one in; absent = never.
     pub expires: BTreeMap<Allowance, u64>,
+    /// Named source sets (`@office`), which allowances and labels may name.
+    pub sets: Sets,
 }
 
 impl Policy {
@@ -203,6 +241,21 @@ impl Policy {
         };
         self.add(allowance);
         Ok(())
+    }
+
+    /// The saved allowances that name set `name`.
+    pub fn users_of(&self, name: SetName) -> impl Iterator<Item = &Allowance> {
+        self.allowances
+            .iter()
+            .filter(move |a| a.source.set() == Some(name))
+    }
+
+    /// Puts a set in with exactly these members, or takes it out (`None`).
+    pub fn put_set(&mut self, name: SetName, members: Option<BTreeSet<ipnet::IpNet>>) {
+        match members {
+            Some(m) => self.sets.insert(name, m),
+            None => self.sets.remove(&name),
+        };
     }
 
     /// Removes the allowances that lapsed by `now`; returns them.
@@ -334,7 +387,7 @@ pub fn file_revision(path: &Path) -> anyhow::Result<u64> {
 
 fn text_revision(text: &str) -> u64 {
     text.lines()
-        .take_while(|l| !l.starts_with("[[")) // top-level keys come first
+        .take_while(|l| !l.starts_with('[')) // top-level keys come first
         .find_map(|l| {
             let (key, value) = l.split_once('=')?;
             (key.trim() == "revision").then(|| value.trim().parse().ok())?
@@ -365,6 +418,21 @@ pub fn parse(text: &str) -> Result<Policy, String> {
         revision: file.revision,
         ..Policy::default()
     };
+    for (name, members) in file.sets {
+        let at = line_col(text, name.span().start);
+        let name: SetName = name
+            .into_inner()
+            .parse()
+            .map_err(|e| format!("{at}: [sets]: {e}"))?;
+        let mut nets = BTreeSet::new();
+        for member in members.into_inner() {
+            let at = line_col(text, member.span().start);
+            let net = crate::policy::parse_member(member.get_ref())
+                .map_err(|e| format!("{at}: set {name}: {e}"))?;
+            nets.insert(net);
+        }
+        policy.sets.insert(name, nets);
+    }
     // A set, not `Policy::add`: linear for 100k allowances, not quadratic.
     let mut seen = std::collections::HashSet::new();
     for spanned in file.allow {
@@ -379,6 +447,14 @@ pub fn parse(text: &str) -> Result<Policy, String> {
         }
         if let Some(at) = expires {
             policy.expires.insert(allowance.clone(), at);
+        }
+        if let Some(name) = allowance.source.set()
+            && !policy.sets.contains_key(&name)
+        {
+            return Err(format!(
+                "{}: no set named @{name}: define it under [sets] (or `dockwall set add {name} SRC...`)",
+                line_col(text, start)
+            ));
         }
         if seen.insert(allowance.clone()) {
             policy.allowances.push(allowance);
@@ -429,6 +505,11 @@ fn check_ownership(path: &Path) -> anyhow::Result<()> {
 pub fn render(policy: &Policy) -> anyhow::Result<String> {
     let file = FileFormat {
         revision: policy.revision,
+        sets: policy
+            .sets
+            .iter()
+            .map(|(name, nets)| (*name, nets.iter().map(|n| Source::Net(*n)).collect()))
+            .collect(),
         allow: policy
             .allowances
             .iter()
@@ -591,6 +672,33 @@ mod tests {
         let text = render(&policy).unwrap();
         assert!(text.contains("expires = \"2026-11-18T11:06:40Z"), "{text}");
         assert_eq!(parse(&text).unwrap(), policy);
+    }
+
+    #[test]
+    fn sets_roundtrip_and_are_checked() {
+        let text = "revision = 4\n\n[sets]\noffice = [\"203.0.113.0/24\", \"198.51.100.7\"]\n\n[[allow]]\nsource = \"@office\"\nport = \"8081\"\n";
+        let policy = parse(text).unwrap();
+        let office: SetName = "office".parse().unwrap();
+        assert_eq!(policy.sets[&office].len(), 2);
+        assert_eq!(policy.allowances[0].source, Source::Set(office));
+        assert_eq!(parse(&render(&policy).unwrap()).unwrap(), policy);
+        assert_eq!(text_revision(&render(&policy).unwrap()), 4);
+        // An allowance naming a set that is not there, a bad member, a bad name.
+        let err = parse("[[allow]]\nsource = \"@cdn\"\nport = \"80\"\n").unwrap_err();
+        assert!(err.starts_with("1:1: no set named @cdn"), "{err}");
+        let err = parse("[sets]\noffice = [\"10.0.0.1/8\"]\n").unwrap_err();
+        assert!(err.starts_with("2:11: set office: invalid source"), "{err}");
+        let err = parse("[sets]\n\"no way\" = []\n").unwrap_err();
+        assert!(err.contains("invalid set name"), "{err}");
+        // The journal carries a set's whole membership.
+        let mut p = Policy::default();
+        let change = journal::Change::Set(SetRecord::new(office, &policy.sets[&office]));
+        let line = serde_json::to_string(&change).unwrap();
+        let back: journal::Change = serde_json::from_str(&line).unwrap();
+        back.apply_to(&mut p).unwrap();
+        assert_eq!(p.sets, policy.sets);
+        journal::Change::Unset(office).apply_to(&mut p).unwrap();
+        assert!(p.sets.is_empty());
     }
 
     #[test]

@@ -47,8 +47,10 @@ pub fn route(config: &Path, request: &Request) -> anyhow::Result<Route> {
                 Ok(reply) => return Ok(Route::Daemon(reply)),
                 Err(Lost::Unanswered(_)) if retries < RETRIES => {
                     retries += 1;
-                    if let Request::Edit(edit) = &mut request {
-                        edit.retried = true;
+                    match &mut request {
+                        Request::Edit(edit) => edit.retried = true,
+                        Request::Set(edit) => edit.retried = true,
+                        Request::Reload => {}
                     }
                     continue;
                 }

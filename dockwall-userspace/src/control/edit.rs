@@ -136,6 +136,17 @@ pub fn apply(
             }
         }
     }
+    if edit.action == Action::Allow
+        && let Some(name) = edit
+            .allowances
+            .iter()
+            .filter_map(|a| a.source.set())
+            .find(|name| !policy.sets.contains_key(name))
+    {
+        bail!(
+            "no set named @{name}: create it first with `dockwall set add {name} SRC...` or `dockwall set load {name} FILE` (see `dockwall set list`)"
+        );
+    }
     if edit.action == Action::Revoke
         && !edit.retried
         && let Some(missing) = edit

@@ -1,5 +1,5 @@
 //! The control plane: while `dockwall load` runs it is the only writer of
-//! the saved policy and of every dataplane. `allow`, `revoke` and `reload`
+//! the saved policy and of every dataplane. `allow`, `revoke`, `set` and `reload`
 //! are requests to it over a Unix socket in the runtime dir (root only),
 //! one JSON line each way; it serialises them, saves each change (journal,
 //! fsync), applies the difference and answers only once every dataplane
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod client;
 pub mod edit;
 pub mod server;
+pub mod sets;
 
 /// The socket's name in the runtime dir.
 pub const SOCKET: &str = "control.sock";
@@ -29,6 +30,8 @@ pub fn socket_path() -> PathBuf {
 #[serde(rename_all = "lowercase")]
 pub enum Request {
     Edit(edit::Edit),
+    /// `dockwall set add|remove|load`.
+    Set(sets::SetEdit),
     /// Apply the saved file as it is now (after a hand edit).
     Reload,
 }

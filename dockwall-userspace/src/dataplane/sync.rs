@@ -125,7 +125,7 @@ pub struct Applied {
 /// The allowance entries the policy compiles to for these bindings (the
 /// policy as it is in force: expired allowances already left out).
 pub fn entries(policy: &Policy, bindings: &[Binding]) -> BTreeSet<AllowEntry> {
-    policy::compile_allowances(&policy.allowances, bindings)
+    policy::compile_allowances(&policy.allowances, &policy.sets, bindings)
         .into_keys()
         .collect()
 }
@@ -135,9 +135,13 @@ pub fn entries_with_expiry(
     policy: &Policy,
     bindings: &[Binding],
 ) -> BTreeMap<AllowEntry, Option<u64>> {
-    let compiled = policy::compile_allowances(&policy.allowances, bindings);
+    let compiled = policy::compile_allowances(&policy.allowances, &policy.sets, bindings);
+    // Past the file's allowances come the labels', which never lapse.
     policy::entry_expiries(&compiled, |i| {
-        policy.expires.get(&policy.allowances[i]).copied()
+        policy
+            .allowances
+            .get(i)
+            .and_then(|a| policy.expires.get(a).copied())
     })
 }
 
