@@ -226,6 +226,8 @@ fn end_to_end(
                 "durability" => crate::durability::run(r, &dockerd, &dw, &a, &b)?,
                 "equivalence" => equivalence(r, &dockerd, &dw, &a, &b)?,
                 "labels" => crate::labels::run(r, &dockerd, &dw, &a, &b)?,
+                // Needs IPVS: run in a VM by the matrix (matrix.rs).
+                "swarm" => crate::swarm::run(r, &dockerd, &dw, &a, &b)?,
                 "writer" => crate::writer::run(r, &dw, &a, &b)?,
                 "model" => crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?,
                 "scale" => scale(r, &dw, &a, &b)?,
@@ -310,7 +312,7 @@ impl Drop for HostService {
 }
 
 /// The end-to-end phases `--only` knows.
-pub const PHASES: [&str; 11] = [
+pub const PHASES: [&str; 12] = [
     "core",
     "fallback",
     "fallback-alone",
@@ -319,6 +321,7 @@ pub const PHASES: [&str; 11] = [
     "durability",
     "equivalence",
     "labels",
+    "swarm",
     "writer",
     "model",
     "scale",

@@ -19,6 +19,7 @@ mod model;
 mod operations;
 mod readback;
 mod setup;
+mod swarm;
 mod util;
 mod vm;
 mod writer;

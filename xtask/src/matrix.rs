@@ -31,10 +31,11 @@ const VM_TIMEOUT: Duration = Duration::from_secs(720);
 pub enum Cell {
     /// The kernel tests (BPF_PROG_TEST_RUN) inside a VM of that kernel.
     KernelTests { kernel: &'static str },
-    /// The core end-to-end flow inside a VM, with the given Docker Engine.
-    CoreInVm {
+    /// End-to-end phases inside a VM, with the given Docker Engine.
+    InVm {
         kernel: &'static str,
         engine: &'static str,
+        phases: &'static str,
     },
     /// End-to-end phases on this host's kernel with that Docker Engine.
     OnHost {
@@ -45,16 +46,24 @@ pub enum Cell {
 
 /// What every CI run covers: the two oldest kernels Debian still ships
 /// (kernel tests and core flow) and the newest Docker Engine (core flow).
-pub const CI: [Cell; 6] = [
+pub const CI: [Cell; 7] = [
     Cell::KernelTests { kernel: "6.1" },
-    Cell::CoreInVm {
+    Cell::InVm {
         kernel: "6.1",
         engine: "20.10",
+        phases: CORE_VM,
     },
     Cell::KernelTests { kernel: "5.10" },
-    Cell::CoreInVm {
+    Cell::InVm {
         kernel: "5.10",
         engine: "20.10",
+        phases: CORE_VM,
+    },
+    // Swarm's routing mesh needs IPVS, which this host's kernel lacks.
+    Cell::InVm {
+        kernel: "6.1",
+        engine: "20.10",
+        phases: "swarm",
     },
     Cell::OnHost {
         engine: "28.5",
@@ -73,8 +82,19 @@ pub fn full() -> Vec<Cell> {
     for (kernel, _) in vm::KERNELS {
         cells.push(Cell::KernelTests { kernel });
         for (engine, _) in engine::ENGINES {
-            cells.push(Cell::CoreInVm { kernel, engine });
+            cells.push(Cell::InVm {
+                kernel,
+                engine,
+                phases: CORE_VM,
+            });
         }
+    }
+    for (engine, _) in engine::ENGINES {
+        cells.push(Cell::InVm {
+            kernel: "6.1",
+            engine,
+            phases: "swarm",
+        });
     }
     for (engine, _) in engine::ENGINES {
         cells.push(Cell::OnHost {
@@ -93,9 +113,11 @@ impl Cell {
     fn name(&self) -> String {
         match self {
             Cell::KernelTests { kernel } => format!("kernel {kernel} (VM): kernel tests"),
-            Cell::CoreInVm { kernel, engine } => {
-                format!("kernel {kernel} (VM), Docker {engine}: {CORE_VM}")
-            }
+            Cell::InVm {
+                kernel,
+                engine,
+                phases,
+            } => format!("kernel {kernel} (VM), Docker {engine}: {phases}"),
             Cell::OnHost { engine, phases } => {
                 format!("host kernel, Docker {engine}: {phases}")
             }
@@ -154,7 +176,11 @@ fn run_cell(cell: &Cell) -> anyhow::Result<()> {
             )?;
             exit_ok(rc, "the kernel tests")
         }
-        Cell::CoreInVm { kernel, engine } => {
+        Cell::InVm {
+            kernel,
+            engine,
+            phases,
+        } => {
             let kernel = vm::Kernel::fetch(kernel)?;
             let xtask = std::env::current_exe().context("finding the xtask binary")?;
             let mut command = Vec::new();
@@ -168,10 +194,10 @@ fn run_cell(cell: &Cell) -> anyhow::Result<()> {
                 xtask.display().to_string(),
                 "e2e".into(),
                 "--only".into(),
-                CORE_VM.into(),
+                phases.into(),
             ]);
             let rc = vm::run(&kernel, &command, &util::root(), VM_TIMEOUT)?;
-            exit_ok(rc, "the core flow")
+            exit_ok(rc, phases)
         }
         Cell::OnHost { engine, phases } => {
             let xtask = std::env::current_exe().context("finding the xtask binary")?;
