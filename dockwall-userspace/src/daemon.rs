@@ -213,19 +213,14 @@ impl Daemon<'_, '_> {
             Some(
                 sync::live()
                     .await
-                    .context("--container needs Docker to know the container")?,
+                    .context("--container and --service need Docker to know the name")?,
             )
         } else {
             None
         };
         let now = clock::now_unix();
-        let outcome = control::edit::apply(
-            &mut self.policy,
-            &edit,
-            &self.bindings,
-            live.as_ref().map(|s| s.containers.as_slice()),
-            now,
-        )?;
+        let outcome =
+            control::edit::apply(&mut self.policy, &edit, &self.bindings, live.as_ref(), now)?;
         let mut lines = outcome.lines.clone();
         if !outcome.changes.is_empty() {
             let revision = self.policy.revision + 1;

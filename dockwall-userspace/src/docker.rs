@@ -8,8 +8,13 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 use anyhow::Context as _;
 use bollard::{
     Docker,
-    models::{EventMessage, PortTypeEnum},
-    query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
+    models::{
+        EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, EventMessage,
+        PortTypeEnum,
+    },
+    query_parameters::{
+        EventsOptions, InspectContainerOptions, ListContainersOptions, ListServicesOptions,
+    },
 };
 use futures_util::Stream;
 
@@ -62,6 +67,8 @@ pub async fn connect() -> anyhow::Result<Docker> {
 pub struct Snapshot {
     pub bindings: Vec<Binding>,
     pub containers: Vec<(String, String)>,
+    /// Swarm services' names and IDs (none outside swarm mode).
+    pub services: Vec<(String, String)>,
 }
 
 pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
@@ -125,9 +132,84 @@ pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
             );
         }
     }
+    services(docker, &mut snap).await?;
     snap.bindings.sort();
     snap.bindings.dedup();
     Ok(snap)
+}
+
+/// Swarm services' published ports, from the services API: a port published
+/// through the routing mesh (ingress) has no binding on any task container,
+/// so nothing else says it is published. Filtered like a container's port,
+/// on the host port, before the mesh's DNAT. Host-mode ports are listed too
+/// (their task containers also bind them), for `--service`.
+///
+/// Only a manager answers; a worker or a daemon outside swarm mode says
+/// 503, and has no services to read.
+async fn services(docker: &Docker, snap: &mut Snapshot) -> anyhow::Result<()> {
+    let listed = tokio::time::timeout(
+        API_TIMEOUT,
+        docker.list_services(None::<ListServicesOptions>),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("Docker API: listing services timed out"))?;
+    let services = match listed {
+        Ok(s) => s,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 503, ..
+        }) => return Ok(()),
+        Err(e) => return Err(e).context("Docker API: GET /services"),
+    };
+    for service in services {
+        let id = service.id.unwrap_or_default();
+        let name = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.name.clone())
+            .unwrap_or_else(|| id.chars().take(12).collect());
+        let labels = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.labels.clone())
+            .unwrap_or_default();
+        snap.services.push((name.clone(), id.clone()));
+        let ports = service.endpoint.and_then(|e| e.ports).unwrap_or_default();
+        for port in ports {
+            let proto = match port.protocol {
+                Some(EndpointPortConfigProtocolEnum::TCP) => Proto::Tcp,
+                Some(EndpointPortConfigProtocolEnum::UDP) => Proto::Udp,
+                _ => continue,
+            };
+            let (Some(published), Some(target)) = (
+                port.published_port.and_then(|p| u16::try_from(p).ok()),
+                port.target_port.and_then(|p| u16::try_from(p).ok()),
+            ) else {
+                continue;
+            };
+            if published == 0 {
+                continue;
+            }
+            // The routing mesh is IPv4 (Docker's ingress network); a
+            // host-mode port binds both families like `-p`.
+            let ingress = port.publish_mode != Some(EndpointPortConfigPublishModeEnum::HOST);
+            let families: &[IpAddr] = if ingress {
+                &[IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)]
+            } else {
+                &[
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                ]
+            };
+            for &ip in families {
+                snap.bindings.push(
+                    Binding::new(&name, &id, ip, published, target, proto)
+                        .with_labels(&labels)
+                        .for_service(),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fixed host ports a (stopped) container is configured to publish.
@@ -193,7 +275,11 @@ pub fn events(
 ) -> impl Stream<Item = Result<EventMessage, bollard::errors::Error>> + use<> {
     let filters = HashMap::from([(
         "type".to_string(),
-        vec!["container".to_string(), "network".to_string()],
+        vec![
+            "container".to_string(),
+            "network".to_string(),
+            "service".to_string(),
+        ],
     )]);
     docker.events(Some(EventsOptions {
         filters: Some(filters),

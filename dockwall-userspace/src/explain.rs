@@ -129,7 +129,11 @@ pub fn decide(
     let closed_by_labels = labelled
         .invalid
         .iter()
-        .find(|(container, _)| reaches.iter().any(|r| r.container == **container))
+        .find(|(owner, _)| {
+            bindings.iter().any(|b| {
+                b.host_port == pp.port && b.proto == pp.proto && crate::labels::owner(b) == **owner
+            })
+        })
         .map(|(container, reason)| format!("the labels of {container} fail: {reason}"));
     let verdict = match (in_scope, decided_by.is_some()) {
         (false, _) => Verdict::NotInScope,

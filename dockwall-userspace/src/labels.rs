@@ -13,7 +13,9 @@
 //! `dockwall.allow=SRC[,SRC...]` allows those sources on every port the
 //! container publishes; `dockwall.allow.CPORT[/proto]=SRC[,...]` on the one
 //! publishing its port CPORT. Sources are addresses, CIDRs, `any` or
-//! `@set`. They follow the container as `--container` allowances do and
+//! `@set`. A swarm service's labels (`docker service create --label`) work
+//! the same on the ports it publishes. They follow the container as
+//! `--container` allowances do and
 //! add to the file's allowances. Labels that fail to parse (or name a set
 //! that does not exist) fail closed: every port of that container is
 //! closed to everyone, file allowances included, until the labels are
@@ -53,7 +55,7 @@ impl Labelled {
         }
         bindings
             .iter()
-            .filter(|b| self.invalid.contains_key(&b.container))
+            .filter(|b| self.invalid.contains_key(&owner(b)))
             .map(|b| PortProto {
                 port: b.host_port,
                 proto: b.proto,
@@ -62,10 +64,20 @@ impl Labelled {
     }
 }
 
-/// Where a label allowance comes from: `label on NAME`.
+/// Who carries a binding's labels: the container's name, or `service NAME`.
+pub fn owner(b: &Binding) -> String {
+    match &b.service {
+        Some(name) => format!("service {name}"),
+        None => b.container.clone(),
+    }
+}
+
+/// Where a label allowance comes from: `label on NAME` (a container's) or
+/// `label on service NAME`.
 pub fn origin(allowance: &Allowance) -> String {
     match &allowance.target {
         Target::Container(spec) => format!("label on {}", spec.name),
+        Target::Service(spec) => format!("label on service {}", spec.name),
         Target::Port(_) => "label".to_string(),
     }
 }
@@ -90,23 +102,27 @@ pub fn labelled(bindings: &[Binding], sets: &Sets) -> Labelled {
     let mut out = Labelled::default();
     let mut seen = BTreeSet::new();
     for b in bindings {
-        if b.labels.is_empty() || !seen.insert(b.container.as_str()) {
+        let owner = owner(b);
+        if b.labels.is_empty() || seen.contains(&owner) {
             continue;
         }
-        match parse(&b.container, &b.labels, sets) {
+        match parse(&b.container, b.service.is_some(), &b.labels, sets) {
             Ok(allowances) => out.allowances.extend(allowances),
             Err(reason) => {
-                out.invalid.insert(b.container.clone(), reason);
+                out.invalid.insert(owner.clone(), reason);
             }
         }
+        seen.insert(owner);
     }
     out
 }
 
-/// One container's `dockwall.*` labels as allowances; the first label that
-/// fails is the error (one line naming the label, the value and why).
+/// One container's (or, `service`, one swarm service's) `dockwall.*`
+/// labels as allowances; the first label that fails is the error (one line
+/// naming the label, the value and why).
 pub fn parse(
     container: &str,
+    service: bool,
     labels: &BTreeMap<String, String>,
     sets: &Sets,
 ) -> Result<Vec<Allowance>, String> {
@@ -138,12 +154,17 @@ pub fn parse(
                     "label {key}: no set named @{name} (create it with `dockwall set add {name} SRC...`)"
                 ));
             }
+            let spec = ContainerSpec {
+                name: container.to_string(),
+                port,
+            };
             let allowance = Allowance {
                 source,
-                target: Target::Container(ContainerSpec {
-                    name: container.to_string(),
-                    port,
-                }),
+                target: if service {
+                    Target::Service(spec)
+                } else {
+                    Target::Container(spec)
+                },
             };
             if !out.contains(&allowance) {
                 out.push(allowance);
@@ -210,6 +231,27 @@ mod tests {
             .collect();
         assert_eq!(ports, vec![8443]);
         assert_eq!(b[0].labels.len(), 2, "only dockwall.* labels are kept");
+    }
+
+    #[test]
+    fn a_service_is_not_a_container_of_the_same_name() {
+        let svc = binding("web", 8098, 8080, &[("dockwall.allow", "any")]).for_service();
+        let ctr = binding("web", 8081, 8080, &[]);
+        let b = [svc, ctr];
+        let l = labelled(&b, &Sets::new());
+        assert_eq!(l.allowances.len(), 1);
+        assert_eq!(origin(&l.allowances[0]), "label on service web");
+        let ports =
+            |t: &Target| -> Vec<u16> { resolve_target(t, &b).iter().map(|p| p.port).collect() };
+        assert_eq!(ports(&l.allowances[0].target), vec![8098]);
+        assert_eq!(
+            ports(&Target::Container("web".parse().unwrap())),
+            vec![8081]
+        );
+        assert_eq!(
+            ports(&Target::Service("web:8080".parse().unwrap())),
+            vec![8098]
+        );
     }
 
     #[test]

@@ -363,6 +363,17 @@ impl FromStr for ContainerSpec {
     }
 }
 
+impl ContainerSpec {
+    /// `NAME[:TARGET_PORT[/proto]]` naming a swarm service (same syntax).
+    pub fn parse_service(s: &str) -> Result<Self, String> {
+        s.parse::<ContainerSpec>().map_err(|_| {
+            format!(
+                "invalid service '{s}': expected NAME[:TARGET_PORT[/tcp|/udp]], e.g. web or web:8080/tcp"
+            )
+        })
+    }
+}
+
 /// What an allowance opens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -371,6 +382,9 @@ pub enum Target {
     Port(PortProto),
     /// Every published port of a container, or the one publishing its port.
     Container(ContainerSpec),
+    /// Every port a swarm service publishes (routing mesh or host mode), or
+    /// the one publishing its target port.
+    Service(ContainerSpec),
 }
 
 impl fmt::Display for Target {
@@ -378,6 +392,7 @@ impl fmt::Display for Target {
         match self {
             Target::Port(p) => write!(f, "port {p}"),
             Target::Container(c) => write!(f, "container {c}"),
+            Target::Service(s) => write!(f, "service {s}"),
         }
     }
 }
@@ -414,6 +429,10 @@ pub struct Binding {
     /// others are not kept.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Published by a swarm service (the services API), not by a container's
+    /// port binding: `container` and `container_id` are the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 impl Binding {
@@ -436,7 +455,14 @@ impl Binding {
             proto,
             container_ips: Vec::new(),
             labels: BTreeMap::new(),
+            service: None,
         }
+    }
+
+    /// A port a swarm service publishes.
+    pub fn for_service(mut self) -> Self {
+        self.service = Some(self.container.clone());
+        self
     }
 
     pub fn with_container_ips(mut self, ips: Vec<IpAddr>) -> Self {
@@ -466,6 +492,14 @@ impl Binding {
     }
 
     fn matches(&self, spec: &ContainerSpec) -> bool {
+        self.service.is_none() && self.named(spec)
+    }
+
+    fn matches_service(&self, spec: &ContainerSpec) -> bool {
+        self.service.is_some() && self.named(spec)
+    }
+
+    fn named(&self, spec: &ContainerSpec) -> bool {
         let named = self.container == spec.name
             || (spec.name.len() >= 12 && self.container_id.starts_with(&spec.name));
         named
@@ -643,6 +677,14 @@ pub fn resolve_target(target: &Target, bindings: &[Binding]) -> BTreeSet<PortPro
         Target::Container(spec) => bindings
             .iter()
             .filter(|b| b.matches(spec))
+            .map(|b| PortProto {
+                port: b.host_port,
+                proto: b.proto,
+            })
+            .collect(),
+        Target::Service(spec) => bindings
+            .iter()
+            .filter(|b| b.matches_service(spec))
             .map(|b| PortProto {
                 port: b.host_port,
                 proto: b.proto,

@@ -20,6 +20,8 @@ use crate::{
 #[command(
     after_help = "PORT is the published port (8081 in `-p 8081:8080`); tcp unless /udp is given.\n\
 CONTAINER is NAME or NAME:CONTAINER_PORT[/proto] (8080 in `-p 8081:8080`).\n\
+SERVICE is a swarm service, NAME or NAME:TARGET_PORT[/proto] (8080 in `--publish 8081:8080`); \
+its ports are filtered before the routing mesh, like a container's.\n\
 With --for the allowance lapses on time: the kernel stops matching it even if the daemon is not \
 running, and the daemon removes it from the saved file and the fallback rules. Allowing it \
 again without --for makes it permanent."
@@ -34,6 +36,9 @@ pub struct AllowArgs {
     /// Every port a container publishes, or the one publishing CONTAINER_PORT; repeatable
     #[arg(long = "container", value_name = "NAME[:CPORT[/PROTO]]")]
     pub containers: Vec<ContainerArg>,
+    /// Every port a swarm service publishes (routing mesh or host mode), or the one publishing TPORT; repeatable
+    #[arg(long = "service", value_name = "NAME[:TPORT[/PROTO]]", value_parser = ContainerSpec::parse_service)]
+    pub services: Vec<ContainerSpec>,
     /// A note saved with the allowance (who, why), shown by `list`
     #[arg(long)]
     pub comment: Option<String>,
@@ -74,6 +79,10 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         source,
         target: Target::Container(c.0.clone()),
     }));
+    allowances.extend(args.services.iter().map(|s| Allowance {
+        source,
+        target: Target::Service(s.clone()),
+    }));
     let mut edit = Edit {
         action,
         allowances,
@@ -85,7 +94,7 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
     // What needs no policy is refused before anything else.
     if edit.allowances.is_empty() {
         bail!(
-            "`dockwall {} {source}` needs at least one --port PORT[/proto] or --container NAME",
+            "`dockwall {} {source}` needs at least one --port PORT[/proto], --container NAME or --service NAME",
             action.verb()
         );
     }
@@ -132,18 +141,12 @@ fn direct(config_path: &Path, edit: &Edit, lock: &config::Lock) -> anyhow::Resul
         Some(snap) => Some(snap),
         None if edit.names_containers() => Some(
             rt.block_on(sync::live())
-                .context("--container needs Docker to know the container")?,
+                .context("--container and --service need Docker to know the name")?,
         ),
         None => None,
     };
     let now = crate::clock::now_unix();
-    let outcome = edit::apply(
-        &mut policy,
-        edit,
-        &bindings,
-        snapshot.as_ref().map(|s| s.containers.as_slice()),
-        now,
-    )?;
+    let outcome = edit::apply(&mut policy, edit, &bindings, snapshot.as_ref(), now)?;
     // Read before the save empties the journal that completes it.
     let installed = sync::Dataplanes::installed(config_path)?;
     if !outcome.changes.is_empty() {

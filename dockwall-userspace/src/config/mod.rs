@@ -107,6 +107,9 @@ pub struct Record {
     port: Option<PortProto>,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<ContainerSpec>,
+    /// A swarm service: `NAME[:TARGET_PORT[/proto]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<ContainerSpec>,
     /// Free text for the admin: who, why, until when.
     #[serde(skip_serializing_if = "Option::is_none")]
     comment: Option<String>,
@@ -137,10 +140,15 @@ impl<'de> Deserialize<'de> for Expiry {
 
 impl Record {
     pub fn into_allowance(self) -> Result<(Allowance, Option<String>, Option<u64>), String> {
-        let target = match (self.port, self.container) {
-            (Some(port), None) => Target::Port(port),
-            (None, Some(container)) => Target::Container(container),
-            _ => return Err("each [[allow]] needs exactly one of 'port' or 'container'".into()),
+        let target = match (self.port, self.container, self.service) {
+            (Some(port), None, None) => Target::Port(port),
+            (None, Some(container), None) => Target::Container(container),
+            (None, None, Some(service)) => Target::Service(service),
+            _ => {
+                return Err(
+                    "each [[allow]] needs exactly one of 'port', 'container' or 'service'".into(),
+                );
+            }
         };
         Ok((
             Allowance {
@@ -153,14 +161,16 @@ impl Record {
     }
 
     pub fn from_allowance(a: &Allowance, comment: Option<&String>, expires: Option<u64>) -> Self {
-        let (port, container) = match &a.target {
-            Target::Port(p) => (Some(*p), None),
-            Target::Container(c) => (None, Some(c.clone())),
+        let (port, container, service) = match &a.target {
+            Target::Port(p) => (Some(*p), None, None),
+            Target::Container(c) => (None, Some(c.clone()), None),
+            Target::Service(s) => (None, None, Some(s.clone())),
         };
         Record {
             source: a.source,
             port,
             container,
+            service,
             comment: comment.cloned(),
             expires: expires.map(Expiry),
         }

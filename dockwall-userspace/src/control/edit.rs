@@ -51,13 +51,14 @@ pub struct Edit {
 }
 
 impl Edit {
-    /// Whether validating it needs Docker's word on container names.
+    /// Whether validating it needs Docker's word on container (or
+    /// service) names.
     pub fn names_containers(&self) -> bool {
         self.action == Action::Allow
             && self
                 .allowances
                 .iter()
-                .any(|a| matches!(a.target, Target::Container(_)))
+                .any(|a| matches!(a.target, Target::Container(_) | Target::Service(_)))
     }
 }
 
@@ -110,29 +111,38 @@ pub fn check_arguments(edit: &Edit) -> anyhow::Result<()> {
 }
 
 /// Validates the whole edit, then applies it to `policy` (not its
-/// revision). `containers`: the names and ids Docker knows, needed when
-/// [`Edit::names_containers`]. Nothing changes when it fails.
+/// revision). `known`: Docker's view, with the names and ids of its
+/// containers and services, needed when [`Edit::names_containers`].
+/// Nothing changes when it fails.
 pub fn apply(
     policy: &mut Policy,
     edit: &Edit,
     bindings: &[Binding],
-    containers: Option<&[(String, String)]>,
+    known: Option<&docker::Snapshot>,
     now: u64,
 ) -> anyhow::Result<Outcome> {
     check_arguments(edit)?;
     if edit.names_containers() {
-        let Some(known) = containers else {
-            bail!("--container needs Docker to know the container");
+        let Some(known) = known else {
+            bail!("--container and --service need Docker to know the name");
         };
         for a in &edit.allowances {
-            if let Target::Container(spec) = &a.target
-                && !policy::container_known(spec, known)
-            {
-                bail!(
-                    "unknown container '{}': Docker ({}) has no container by that name (see `docker ps -a`)",
-                    spec.name,
-                    docker::docker_host()
-                );
+            match &a.target {
+                Target::Container(spec) if !policy::container_known(spec, &known.containers) => {
+                    bail!(
+                        "unknown container '{}': Docker ({}) has no container by that name (see `docker ps -a`)",
+                        spec.name,
+                        docker::docker_host()
+                    );
+                }
+                Target::Service(spec) if !policy::container_known(spec, &known.services) => {
+                    bail!(
+                        "unknown service '{}': Docker ({}) has no swarm service by that name (see `docker service ls`; only a swarm manager lists services)",
+                        spec.name,
+                        docker::docker_host()
+                    );
+                }
+                _ => {}
             }
         }
     }
@@ -222,7 +232,7 @@ pub fn apply(
             ),
             _ => String::new(),
         };
-        let ports = if matches!(allowance.target, Target::Container(_)) {
+        let ports = if matches!(allowance.target, Target::Container(_) | Target::Service(_)) {
             let resolved: Vec<String> = policy::resolve_target(&allowance.target, bindings)
                 .iter()
                 .map(|p| p.to_string())
@@ -302,7 +312,7 @@ mod tests {
             docker_host: None,
         };
         let before = p.clone();
-        assert!(apply(&mut p, &c, &[], Some(&[]), 1000).is_err());
+        assert!(apply(&mut p, &c, &[], Some(&docker::Snapshot::default()), 1000).is_err());
         assert_eq!(p, before);
     }
 }
