@@ -91,6 +91,8 @@ pub struct Daemon<'a, 'k> {
     pub hand_edit_noted: bool,
     /// Containers whose labels fail, as last reported (each is logged once).
     pub label_errors: std::collections::BTreeMap<String, String>,
+    /// The node was a swarm worker at the last resync (warned once).
+    pub swarm_worker_noted: bool,
 }
 
 impl Daemon<'_, '_> {
@@ -485,7 +487,14 @@ impl Daemon<'_, '_> {
     }
 
     async fn try_resync(&mut self) -> anyhow::Result<()> {
-        let (bindings, source, _) = sync::bindings().await;
+        let (bindings, source, snapshot) = sync::bindings().await;
+        let worker = snapshot.as_ref().is_some_and(|s| s.swarm_worker);
+        if worker && !self.swarm_worker_noted {
+            eprintln!(
+                "dockwall: WARNING: this node is a swarm worker; only managers list services, so ports published through the routing mesh are NOT filtered here (container ports are); see README, Swarm"
+            );
+        }
+        self.swarm_worker_noted = worker;
         self.docker_up
             .store(source == BindingsSource::Docker, Ordering::Relaxed);
         let now = clock::now_unix();

@@ -10,7 +10,7 @@ use bollard::{
     Docker,
     models::{
         EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, EventMessage,
-        PortTypeEnum,
+        LocalNodeState, PortTypeEnum,
     },
     query_parameters::{
         EventsOptions, InspectContainerOptions, ListContainersOptions, ListServicesOptions,
@@ -69,6 +69,9 @@ pub struct Snapshot {
     pub containers: Vec<(String, String)>,
     /// Swarm services' names and IDs (none outside swarm mode).
     pub services: Vec<(String, String)>,
+    /// This node is a swarm worker: the services API is a manager's, so
+    /// ports published through the routing mesh cannot be seen here.
+    pub swarm_worker: bool,
 }
 
 pub async fn snapshot(docker: &Docker) -> anyhow::Result<Snapshot> {
@@ -157,7 +160,18 @@ async fn services(docker: &Docker, snap: &mut Snapshot) -> anyhow::Result<()> {
         Ok(s) => s,
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 503, ..
-        }) => return Ok(()),
+        }) => {
+            let info = tokio::time::timeout(API_TIMEOUT, docker.info())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let swarm = info.and_then(|i| i.swarm);
+            snap.swarm_worker = swarm.is_some_and(|s| {
+                s.local_node_state == Some(LocalNodeState::ACTIVE)
+                    && s.control_available != Some(true)
+            });
+            return Ok(());
+        }
         Err(e) => return Err(e).context("Docker API: GET /services"),
     };
     for service in services {

@@ -299,6 +299,7 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             last_edit: None,
             hand_edit_noted: false,
             label_errors: Default::default(),
+            swarm_worker_noted: false,
         };
         let bindings = daemon.bindings.clone();
         daemon.report_label_errors(&bindings);
