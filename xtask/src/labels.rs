@@ -37,11 +37,22 @@ fn run_two_ports(dockerd: &Dockerd, name: &str, extra: &[&str]) -> anyhow::Resul
     dockerd.cli(&args).map(|_| ())
 }
 
-/// A list file of `LARGE_SET` networks in 100.64.0.0/10, and `member`.
-fn write_list(path: &std::path::Path, member: &str) -> anyhow::Result<()> {
+/// A list file of `LARGE_SET` networks, and `member`: /24s in
+/// 100.64.0.0/10, or (`other`) single addresses in 198.18.0.0/15.
+fn write_list(path: &std::path::Path, member: &str, other: bool) -> anyhow::Result<()> {
     let mut text = String::from("# provider ranges, as published\n");
     for i in 0..LARGE_SET {
-        let _ = writeln!(text, "100.{}.{}.0/24", 64 + i / 256, i % 256);
+        let _ = if other {
+            writeln!(
+                text,
+                "198.{}.{}.{}",
+                18 + i / 65536,
+                (i / 256) % 256,
+                i % 256
+            )
+        } else {
+            writeln!(text, "100.{}.{}.0/24", 64 + i / 256, i % 256)
+        };
     }
     let _ = writeln!(text, "{member}   # the lab's client");
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
@@ -115,10 +126,13 @@ pub fn run(
 
     let dir = dw.config.parent().context("the lab config dir")?;
     let (list_b, list_a) = (dir.join("cdn-b.txt"), dir.join("cdn-a.txt"));
-    write_list(&list_b, &b.addr4)?;
-    write_list(&list_a, &a.addr4)?;
+    let list_other = dir.join("cdn-other.txt");
+    write_list(&list_b, &b.addr4, false)?;
+    write_list(&list_a, &a.addr4, false)?;
+    write_list(&list_other, &b.addr4, true)?;
     let list_b = list_b.display().to_string();
     let list_a = list_a.display().to_string();
+    let list_other = list_other.display().to_string();
 
     // Bad input first: each refused in one line, nothing saved.
     let bad = [
@@ -202,12 +216,24 @@ pub fn run(
             code == 0 && wrong.is_empty(),
             || format!("exit {code}: {out}{err} {}", wrong.join("; ")),
         );
-        let applied = out
-            .lines()
-            .find_map(|l| l.strip_prefix("applied in "))
-            .and_then(|l| l.strip_suffix(" ms"))
-            .and_then(|ms| ms.parse::<u64>().ok());
-        timings.push((plane, took, applied));
+        let applied = |out: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix("applied in "))
+                .and_then(|l| l.strip_suffix(" ms"))
+                .and_then(|ms| ms.parse::<u64>().ok())
+        };
+        timings.push((plane, "one member swapped", took, applied(&out)));
+        // Every member replaced: 2 x 10k entries out, 2 x 10k in.
+        let started = Instant::now();
+        let (code, out, err) = dw.run(&["set", "load", "cdn", &list_other])?;
+        let took = started.elapsed();
+        let wrong = mismatches(&table(false));
+        r.expect(
+            &format!("labels/sets, {plane} alone: `set load` replacing every one of {LARGE_SET} members is in force at once"),
+            code == 0 && wrong.is_empty(),
+            || format!("exit {code}: {out}{err} {}", wrong.join("; ")),
+        );
+        timings.push((plane, "every member replaced", took, applied(&out)));
         dw.ok(&["set", "load", "cdn", &list_b])?;
 
         if plane == "ebpf" {
@@ -218,10 +244,10 @@ pub fn run(
     let mut line = String::from(
         "labels/sets: `set load` of a 10k-CIDR list used by two allowances, whole command (daemon apply):",
     );
-    for (plane, took, applied) in &timings {
+    for (plane, what, took, applied) in &timings {
         let _ = write!(
             line,
-            " {plane} {} ms ({} ms)",
+            " {plane}, {what}: {} ms ({} ms);",
             took.as_millis(),
             applied.map_or("?".to_string(), |ms| ms.to_string())
         );
