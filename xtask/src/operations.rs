@@ -580,7 +580,7 @@ fn metrics(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Res
     let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
     let web1_drops = "dockwall_port_drops_total{port=\"8081\",proto=\"tcp\",container=\"web1\"}";
     let hits = format!(
-        "dockwall_allowance_hits_total{{source=\"{}\",target=\"port 8081/tcp\"}}",
+        "dockwall_allowance_hits_total{{source=\"{}\",target=\"port 8081/tcp\",origin=\"file\"}}",
         a.addr4
     );
     let up = format!(
