@@ -54,6 +54,21 @@ const COMPACT_IDLE: Duration = Duration::from_secs(1);
 /// ... or once it holds this many changes, busy or not.
 const COMPACT_MAX: usize = 20_000;
 
+/// With `--store`: where the policy comes from, and the follower's view.
+pub struct StoreLink {
+    pub spec: crate::store::StoreSpec,
+    /// The last policy applied from the store (fail-static across restarts).
+    pub cache: std::path::PathBuf,
+    /// The follower's latest view (taken by `follow`).
+    pub rx: Option<tokio::sync::watch::Receiver<crate::store::etcd::View>>,
+    /// Warnings about store values already printed.
+    pub warned: std::collections::BTreeSet<String>,
+    /// The store answered at the last report.
+    pub reachable: bool,
+    /// The revision the cache file holds.
+    pub cached: Option<u64>,
+}
+
 /// What the daemon needs to repair the eBPF side.
 pub struct Kernel<'a> {
     pub obj: &'a mut aya::Ebpf,
@@ -93,6 +108,8 @@ pub struct Daemon<'a, 'k> {
     pub label_errors: std::collections::BTreeMap<String, String>,
     /// The node was a swarm worker at the last resync (warned once).
     pub swarm_worker_noted: bool,
+    /// With `--store`: the policy is the store's, not the file's.
+    pub store: Option<StoreLink>,
 }
 
 impl Daemon<'_, '_> {
@@ -112,6 +129,16 @@ impl Daemon<'_, '_> {
         let mut log_tick = tokio::time::interval(LOG_SUMMARY_INTERVAL);
         let mut events = None;
         let mut names = runtime::published().unwrap_or_default();
+        let mut store_rx = self.store.as_mut().and_then(|s| s.rx.take());
+        if let Some(link) = &self.store {
+            self.record_store(&crate::store::etcd::Health {
+                url: link.spec.url.clone(),
+                reachable: link.reachable,
+                since: clock::now_unix(),
+                error: (!link.reachable).then(|| "not reached at start".to_string()),
+                revision: self.policy.revision,
+            });
+        }
         self.log_seen = self.log_counters();
         self.next_expiry = next_expiry(&self.policy, clock::now_unix());
         loop {
@@ -133,7 +160,20 @@ impl Daemon<'_, '_> {
                     None => std::future::pending().await,
                 }
             };
+            let store_changed = async {
+                match store_rx.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                alive = store_changed => match store_rx.as_mut() {
+                    Some(rx) if alive => {
+                        let view = rx.borrow_and_update().clone();
+                        self.store_view(view);
+                    }
+                    _ => store_rx = None,
+                },
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = sighup.recv() => match self.reload().await {
@@ -187,6 +227,14 @@ impl Daemon<'_, '_> {
     }
 
     async fn answer(&mut self, request: Request) -> Reply {
+        if let Some(link) = &self.store {
+            return Reply::Failed {
+                error: format!(
+                    "this host's allowances come from the store {url}: run the command with --store {url} (or DOCKWALL_STORE); nothing was changed",
+                    url = link.spec.url
+                ),
+            };
+        }
         let result = match request {
             Request::Edit(edit) => self.edit(edit).await,
             Request::Set(edit) => self.set_edit(&edit),
@@ -344,6 +392,77 @@ impl Daemon<'_, '_> {
         self.label_errors = now;
     }
 
+    /// The store follower's news: its health, and a policy newer than the
+    /// one in force, applied whole (a difference per dataplane) and cached.
+    fn store_view(&mut self, view: crate::store::etcd::View) {
+        let Some(link) = self.store.as_mut() else {
+            return;
+        };
+        for w in &view.warnings {
+            if link.warned.insert(w.clone()) {
+                eprintln!("dockwall: store: {w}");
+            }
+        }
+        if link.reachable != view.health.reachable {
+            link.reachable = view.health.reachable;
+            if view.health.reachable {
+                println!("dockwall: store {} reachable again", link.spec.url);
+            } else {
+                eprintln!(
+                    "dockwall: store {} unreachable ({}): enforcing revision {} as applied; edits are refused until it is back",
+                    link.spec.url,
+                    view.health.error.as_deref().unwrap_or("no member answers"),
+                    self.policy.revision
+                );
+            }
+        }
+        let cache = link.cache.clone();
+        if let Some(policy) = view.policy.filter(|p| **p != self.policy) {
+            let started = Instant::now();
+            self.policy = (*policy).clone();
+            let bindings = self.bindings.clone();
+            match self.apply_full(bindings, BindingsSource::Snapshot) {
+                Ok(()) => println!(
+                    "dockwall: store revision {} applied in {} ms: {} allowance(s)",
+                    self.policy.revision,
+                    started.elapsed().as_millis(),
+                    self.policy.allowances.len()
+                ),
+                Err(e) => eprintln!(
+                    "dockwall: applying store revision {} failed (retried at the next resync): {e:#}",
+                    self.policy.revision
+                ),
+            }
+        }
+        // What a restart without the store enforces.
+        if let Some(link) = self.store.as_mut()
+            && link.cached != Some(self.policy.revision)
+        {
+            let cached = config::render(&self.policy)
+                .and_then(|text| config::write_text(&cache, &text, &self.lock));
+            match cached {
+                Ok(()) => link.cached = Some(self.policy.revision),
+                Err(e) => eprintln!(
+                    "dockwall: caching the store's policy in {} failed: {e:#}",
+                    cache.display()
+                ),
+            }
+        }
+        self.record_store(&crate::store::etcd::Health {
+            revision: self.policy.revision,
+            ..view.health
+        });
+    }
+
+    /// Tells `status` and the metrics how the store is.
+    fn record_store(&self, health: &crate::store::etcd::Health) {
+        let mut d = runtime::daemon().unwrap_or_default();
+        d.store = Some(health.clone());
+        if let Err(e) = runtime::save_daemon(&d) {
+            eprintln!("dockwall: recording the store's health failed: {e:#}");
+        }
+    }
+
     /// Tells `status` which revision every dataplane holds now.
     fn record_applied(&self) {
         if let Err(e) = runtime::record_applied(&self.dataplanes.names(), self.policy.revision) {
@@ -384,6 +503,13 @@ impl Daemon<'_, '_> {
     /// changes on top) becomes the policy in force. A file that fails is
     /// refused whole and the policy in force stays.
     async fn reload(&mut self) -> anyhow::Result<String> {
+        if let Some(link) = &self.store {
+            anyhow::bail!(
+                "the policy comes from the store {}, followed continuously (revision {} applied); there is no file to reload",
+                link.spec.url,
+                self.policy.revision
+            );
+        }
         let path = self.config_path;
         config::check_readable(path)?;
         if !path.exists() {
@@ -562,6 +688,11 @@ impl Daemon<'_, '_> {
     /// Takes lapsed allowances out of the saved policy (they are out of
     /// force in the kernel already); returns whether any were.
     fn prune_expired(&mut self, now: u64) -> bool {
+        // The store's keys lapse by their lease; the kernel and the
+        // fallback already leave them out (see next_expiry).
+        if self.store.is_some() {
+            return false;
+        }
         let lapsed: Vec<Change> = self
             .policy
             .allowances

@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod runtime;
+pub mod store;

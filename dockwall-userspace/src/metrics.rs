@@ -185,6 +185,26 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
         "Allowances in force (expired ones left out)",
         policy.allowances.len() as i64,
     );
+    if let Some(store) = runtime::daemon()?.store {
+        gauge(
+            &mut registry,
+            "store_reachable",
+            "With --store: 1 when an etcd member answers the daemon's watch",
+            i64::from(store.reachable),
+        );
+        gauge(
+            &mut registry,
+            "store_applied_revision",
+            "With --store: the store revision of the policy this host enforces",
+            i64::try_from(store.revision).unwrap_or(i64::MAX),
+        );
+        gauge(
+            &mut registry,
+            "store_state_since_seconds",
+            "With --store: unix time since which store_reachable has held",
+            i64::try_from(store.since).unwrap_or(i64::MAX),
+        );
+    }
     gauge(
         &mut registry,
         "published_ports",

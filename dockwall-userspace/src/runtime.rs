@@ -174,6 +174,9 @@ pub struct Daemon {
     /// means a hand edit that `reload` has not applied yet.
     #[serde(default)]
     pub file_stamp: Option<Stamp>,
+    /// With `--store`: the store as the daemon last found it.
+    #[serde(default)]
+    pub store: Option<crate::store::etcd::Health>,
 }
 
 impl Daemon {

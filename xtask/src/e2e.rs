@@ -226,6 +226,7 @@ fn end_to_end(
                 "durability" => crate::durability::run(r, &dockerd, &dw, &a, &b)?,
                 "equivalence" => equivalence(r, &dockerd, &dw, &a, &b)?,
                 "labels" => crate::labels::run(r, &dockerd, &dw, &a, &b)?,
+                "fleet" => crate::fleet::run(r, &dw)?,
                 // Needs IPVS: run in a VM by the matrix (matrix.rs).
                 "swarm" => crate::swarm::run(r, &dockerd, &dw, &a, &b)?,
                 "writer" => crate::writer::run(r, &dw, &a, &b)?,
@@ -256,6 +257,7 @@ fn end_to_end(
     crate::operations::run(r, &dockerd, &dw, &a, &b)?;
     equivalence(r, &dockerd, &dw, &a, &b)?;
     crate::labels::run(r, &dockerd, &dw, &a, &b)?;
+    crate::fleet::run(r, &dw)?;
     fallback_behaviour(r, &dw, &a, &b, true)?;
     scale(r, &dw, &a, &b)?;
     dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
@@ -312,7 +314,7 @@ impl Drop for HostService {
 }
 
 /// The end-to-end phases `--only` knows.
-pub const PHASES: [&str; 12] = [
+pub const PHASES: [&str; 13] = [
     "core",
     "fallback",
     "fallback-alone",
@@ -322,6 +324,7 @@ pub const PHASES: [&str; 12] = [
     "equivalence",
     "labels",
     "swarm",
+    "fleet",
     "writer",
     "model",
     "scale",

@@ -496,7 +496,7 @@ fn probe(case: &Case) -> Outcome {
     }
 }
 
-fn probe_tcp(src: IpAddr, dst: SocketAddr) -> Outcome {
+pub(crate) fn probe_tcp(src: IpAddr, dst: SocketAddr) -> Outcome {
     let domain = if dst.is_ipv4() {
         Domain::IPV4
     } else {

@@ -496,7 +496,7 @@ impl Drop for Client {
 
 /// Moves the calling thread into network namespace `ns` (sockets it opens
 /// afterwards live there).
-fn enter_netns(ns: &str) -> anyhow::Result<()> {
+pub(crate) fn enter_netns(ns: &str) -> anyhow::Result<()> {
     let path = format!("/run/netns/{ns}");
     let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
     // SAFETY: setns on the calling thread only, with an fd we own.

@@ -11,6 +11,7 @@ mod durability;
 mod e2e;
 mod engine;
 mod equivalence;
+mod fleet;
 mod install;
 mod lab;
 mod labels;

@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "groff-base",
     "curl",
     "conntrack",
+    // etcd-client generates its gRPC code with protoc at build time.
+    "protobuf-compiler",
     // Kernels in VMs (xtask vm, the platform matrix).
     "qemu-system-x86",
     "cpio",

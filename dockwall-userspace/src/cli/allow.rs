@@ -45,6 +45,9 @@ pub struct AllowArgs {
     /// Lapse after DURATION (90s, 30m, 2h, 7d), checked by the kernel even with no daemon running
     #[arg(long = "for", value_name = "DURATION", value_parser = crate::clock::parse_duration)]
     pub lifetime: Option<std::time::Duration>,
+    /// With --store: only host NAME applies it (NAME left out: this host); default every host
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    pub host: Option<String>,
 }
 
 macro_rules! arg_newtype {
@@ -65,8 +68,24 @@ arg_newtype!(ContainerArg, ContainerSpec);
 
 pub use crate::control::edit::Action;
 
-pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Result<ExitCode> {
+pub fn run(
+    config_path: &Path,
+    args: AllowArgs,
+    action: Action,
+    store: Option<&crate::store::StoreSpec>,
+) -> anyhow::Result<ExitCode> {
     let source = args.source.0;
+    let scope = match (args.host.as_deref(), store) {
+        (Some(_), None) => {
+            bail!("--host only goes with --store: without a store every allowance is this host's")
+        }
+        (None, _) => crate::store::Scope::All,
+        (Some(""), _) => crate::store::Scope::Host(crate::store::this_host()),
+        (Some(name), _) => {
+            crate::store::check_host(name)?;
+            crate::store::Scope::Host(name.to_string())
+        }
+    };
     let mut allowances: Vec<Allowance> = args
         .ports
         .iter()
@@ -99,6 +118,9 @@ pub fn run(config_path: &Path, args: AllowArgs, action: Action) -> anyhow::Resul
         );
     }
     edit::check_arguments(&edit)?;
+    if let Some(spec) = store {
+        return super::store::edit(spec, &edit, &scope);
+    }
     super::require_root(action.verb())?;
     if edit.names_containers() {
         // Names mean containers of this command's engine: an unreachable

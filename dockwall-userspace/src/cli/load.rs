@@ -14,7 +14,7 @@ use dockwall_common::{CONFIG_AUDIT, Config, DEFAULT_LOG_RATE, MAP_EVENTS};
 
 use crate::{
     clock, config, control,
-    daemon::{Daemon, Kernel, release_heap},
+    daemon::{Daemon, Kernel, StoreLink, release_heap},
     dataplane::ebpf::{self, AttachMode, Maps},
     dataplane::fallback,
     dataplane::iptables,
@@ -23,6 +23,7 @@ use crate::{
     metrics, notify,
     policy::Compiled,
     runtime::{self, ManagedIface, State},
+    store::{self, StoreSpec},
 };
 
 /// Above this the log is a flood of its own.
@@ -80,7 +81,57 @@ pub struct LoadArgs {
     pub metrics_public: bool,
 }
 
-pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
+/// With a store: the policy to start from, and the store's keys when it
+/// answered. A store that does not answer leaves the cache of what this
+/// host last applied from it (fail-static), or nothing at all.
+fn store_start(
+    spec: &StoreSpec,
+    config_path: &Path,
+) -> anyhow::Result<(config::Policy, Option<(store::etcd::Kvs, i64)>)> {
+    let host = store::this_host();
+    let read = super::runtime()?.block_on(async {
+        let mut client = store::etcd::connect(spec).await?;
+        store::etcd::read_all(&mut client, spec).await
+    });
+    let cache = store::cache_path(config_path);
+    match read {
+        Ok((kvs, revision)) => {
+            let (policy, warnings) =
+                store::policy_for(spec, &host, kvs.iter(), revision.max(0) as u64);
+            for w in warnings {
+                eprintln!("dockwall: store: {w}");
+            }
+            println!(
+                "dockwall: store {} (host {host}): revision {revision}, {} allowance(s) for this host",
+                spec.url,
+                policy.allowances.len()
+            );
+            Ok((policy, Some((kvs, revision))))
+        }
+        Err(e) if cache.exists() => {
+            let policy = config::load_file(&cache)?;
+            eprintln!(
+                "dockwall: {e:#}; enforcing the last revision this host applied, {}, from {} until it answers",
+                policy.revision,
+                cache.display()
+            );
+            Ok((policy, None))
+        }
+        Err(e) => {
+            eprintln!(
+                "dockwall: {e:#}, and this host has no cache of it ({}): every new connection to a published port is dropped until the store answers",
+                cache.display()
+            );
+            Ok((config::Policy::default(), None))
+        }
+    }
+}
+
+pub fn run(
+    config_path: &Path,
+    args: LoadArgs,
+    store: Option<&StoreSpec>,
+) -> anyhow::Result<ExitCode> {
     if args.no_ebpf && args.no_iptables {
         bail!("--no-ebpf and --no-iptables together would enforce nothing; drop one of them");
     }
@@ -102,10 +153,16 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     }
     config::check_readable(config_path)?;
     if args.dry_run {
-        return dry_run(&args, &config::load(config_path)?);
+        let policy = match store {
+            Some(spec) => store_start(spec, config_path)?.0,
+            None => config::load(config_path)?,
+        };
+        return dry_run(&args, &policy);
     }
     // Refuse a file that does not parse before waiting for any lock.
-    config::load(config_path)?;
+    if store.is_none() {
+        config::load(config_path)?;
+    }
     super::require_root("load")?;
     if !args.no_ebpf {
         ebpf::check_bpffs()?;
@@ -121,6 +178,67 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     // is read: an edit applied directly by a command finishes first, and no
     // edit can fall between this read and the apply below.
     let lock = config::lock(config_path)?;
+    let (policy, journal, store_state) = match store {
+        Some(spec) => {
+            let (policy, state) = store_start(spec, config_path)?;
+            // Edits come from the store, never from this journal; it sits
+            // beside the cache so the file's own journal stays untouched.
+            let journal = config::journal::Journal::create(
+                &store::cache_path(config_path),
+                policy.revision,
+                &lock,
+            )?;
+            (policy, journal, Some(state))
+        }
+        None => {
+            let (policy, journal) = file_start(config_path, &previous_daemon, &lock)?;
+            (policy, journal, None)
+        }
+    };
+    // Bound before anything is installed: a taken port changes nothing.
+    let metrics_listener = args.metrics.map(metrics::bind).transpose()?;
+    let store_link = store.map(|spec| StoreLink {
+        spec: spec.clone(),
+        cache: store::cache_path(config_path),
+        rx: None,
+        warned: Default::default(),
+        reachable: store_state.as_ref().is_some_and(Option::is_some),
+        cached: None,
+    });
+
+    let rt = super::runtime()?;
+    rt.block_on(async move {
+        let mut store_link = store_link;
+        if let (Some(link), Some(state)) = (store_link.as_mut(), store_state) {
+            let (tx, rx) = tokio::sync::watch::channel(store::etcd::View::default());
+            tokio::spawn(store::etcd::follow(
+                link.spec.clone(),
+                store::this_host(),
+                state,
+                tx,
+            ));
+            link.rx = Some(rx);
+        }
+        run_loaded(
+            config_path,
+            args,
+            mode,
+            lock,
+            policy,
+            journal,
+            metrics_listener,
+            store_link,
+        )
+        .await
+    })
+}
+
+/// The file's policy, with the journal folded in when it continues it.
+fn file_start(
+    config_path: &Path,
+    previous_daemon: &runtime::Daemon,
+    lock: &config::Lock,
+) -> anyhow::Result<(config::Policy, config::journal::Journal)> {
     let mut policy = config::load(config_path)?;
     if !config_path.exists() {
         eprintln!(
@@ -136,14 +254,25 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     {
         // Start from one file that holds everything the journal had.
         policy.revision = policy.revision.max(floor);
-        config::save(config_path, &policy, &lock)?;
+        config::save(config_path, &policy, lock)?;
     }
-    let journal = config::journal::Journal::create(config_path, policy.revision, &lock)?;
-    // Bound before anything is installed: a taken port changes nothing.
-    let metrics_listener = args.metrics.map(metrics::bind).transpose()?;
+    let journal = config::journal::Journal::create(config_path, policy.revision, lock)?;
+    Ok((policy, journal))
+}
 
-    let rt = super::runtime()?;
-    rt.block_on(async move {
+/// Installs everything, then runs the daemon until it is stopped.
+#[allow(clippy::too_many_arguments)]
+async fn run_loaded(
+    config_path: &Path,
+    args: LoadArgs,
+    mode: AttachMode,
+    lock: config::Lock,
+    policy: config::Policy,
+    journal: config::journal::Journal,
+    metrics_listener: Option<std::net::TcpListener>,
+    store: Option<StoreLink>,
+) -> anyhow::Result<ExitCode> {
+    {
         let (bindings, source, _) = sync::bindings().await;
         if source != BindingsSource::Docker {
             eprintln!(
@@ -230,7 +359,11 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         }
         let summary = format!(
             "filter {} on {} ({}): {} published port(s), {} allowance(s)",
-            if args.audit { "in AUDIT MODE" } else { "in force" },
+            if args.audit {
+                "in AUDIT MODE"
+            } else {
+                "in force"
+            },
             args.ifaces.join(", "),
             planes.join(" + "),
             bindings.len(),
@@ -241,7 +374,9 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             apply_time.as_millis()
         );
         if args.audit {
-            println!("dockwall: AUDIT MODE: nothing is dropped; every would-be drop is counted and logged as `audit: would drop ...`");
+            println!(
+                "dockwall: AUDIT MODE: nothing is dropped; every would-be drop is counted and logged as `audit: would drop ...`"
+            );
         }
         let docker_up = Arc::new(AtomicBool::new(source == BindingsSource::Docker));
         if let (Some(listener), Some(addr)) = (metrics_listener, args.metrics) {
@@ -300,13 +435,14 @@ pub fn run(config_path: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
             hand_edit_noted: false,
             label_errors: Default::default(),
             swarm_worker_noted: false,
+            store,
         };
         let bindings = daemon.bindings.clone();
         daemon.report_label_errors(&bindings);
         let result = daemon.follow(drop_log, requests).await;
         let _ = notify::notify("STOPPING=1");
         result
-    })
+    }
 }
 
 /// `--dry-run`: everything `load` would install, from the same compile step.

@@ -12,6 +12,7 @@ mod load;
 mod reload;
 mod set;
 mod status;
+mod store;
 mod unload;
 
 pub use allow::AllowArgs;
@@ -36,6 +37,9 @@ Examples:
   sudo dockwall load --iface eth0 --audit              try a policy: count and log, drop nothing
   sudo dockwall load --iface eth0 --metrics 127.0.0.1:9464
   sudo dockwall unload                                 detach; saved allowances stay
+  sudo dockwall --store etcd://10.0.0.5:2379/dw load --iface eth0   one policy for a fleet, in etcd
+  dockwall --store etcd://10.0.0.5:2379/dw allow 203.0.113.0/24 --port 8081          every host
+  dockwall --store etcd://10.0.0.5:2379/dw allow 198.51.100.7 --port 22022 --host   this host only
 
 PORT is the published port, the one clients connect to: 8081 in `docker run -p 8081:8080`.";
 
@@ -52,6 +56,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "DOCKWALL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub store: crate::store::StoreArgs,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,6 +73,8 @@ pub enum Command {
     Revoke(AllowArgs),
     /// Named source lists (@NAME) that allowances and container labels use: add, remove, load, list
     Set(set::SetArgs),
+    /// Move a host's saved file into the store (--store) and back: import FILE, export
+    Store(store::StoreCmdArgs),
     /// Apply the saved file after a hand edit (refused whole if it fails; SIGHUP to `load` does the same)
     Reload,
     /// Show the saved allowances, what each resolves to now, and hit counters
@@ -84,13 +93,19 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = crate::config::config_path(cli.config);
+    let store = cli.store.spec()?;
+    let store = store.as_ref();
     match cli.command {
-        Command::Load(args) => load::run(&config, args),
-        Command::Allow(args) => allow::run(&config, args, allow::Action::Allow),
-        Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke),
-        Command::Set(args) => set::run(&config, args),
+        Command::Load(args) => load::run(&config, args, store),
+        Command::Allow(args) => allow::run(&config, args, allow::Action::Allow, store),
+        Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke, store),
+        Command::Set(args) => set::run(&config, args, store),
+        Command::Store(args) => store::run(&config, args, store),
         Command::Reload => reload::run(&config),
-        Command::List(args) => list::run(&config, args),
+        Command::List(args) => match store {
+            Some(spec) => store::list(spec, args.json),
+            None => list::run(&config, args),
+        },
         Command::Status(args) => status::run(&config, args),
         Command::Unload => unload::run(&config),
         Command::Explain(args) => explain::run(&config, args),

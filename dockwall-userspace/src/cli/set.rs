@@ -61,9 +61,18 @@ fn parse_member(s: &str) -> Result<Source, String> {
     crate::policy::parse_member(s).map(Source::Net)
 }
 
-pub fn run(config_path: &Path, args: SetArgs) -> anyhow::Result<ExitCode> {
+pub fn run(
+    config_path: &Path,
+    args: SetArgs,
+    store: Option<&crate::store::StoreSpec>,
+) -> anyhow::Result<ExitCode> {
     let edit = match args.command {
-        SetCommand::List { name, json } => return list(config_path, name, json),
+        SetCommand::List { name, json } if store.is_none() => {
+            return list(config_path, name, json);
+        }
+        SetCommand::List { name, json } => {
+            return super::store::set_list(store.context("a store")?, name, json);
+        }
         SetCommand::Add { name, members } => SetEdit {
             action: SetAction::Add,
             name,
@@ -87,6 +96,9 @@ pub fn run(config_path: &Path, args: SetArgs) -> anyhow::Result<ExitCode> {
             retried: false,
         },
     };
+    if let Some(spec) = store {
+        return super::store::set_edit(spec, &edit);
+    }
     super::require_root("set")?;
     config::check_readable(config_path)?;
     match client::route(config_path, &Request::Set(edit.clone()))? {

@@ -83,13 +83,19 @@ impl Revision {
     fn read(config: &std::path::Path) -> anyhow::Result<Self> {
         let d = runtime::daemon()?;
         let phase = d.live_phase();
+        // With a store, the revision saved is the store's the daemon saw.
+        let saved = match &d.store {
+            Some(store) => store.revision,
+            None => crate::config::saved_revision(config)?,
+        };
         Ok(Revision {
-            saved: crate::config::saved_revision(config)?,
+            saved,
             applied: d.applied.clone(),
             daemon: phase,
             pid: d.pid.filter(|_| phase != runtime::Phase::Stopped),
             // A file that appeared or vanished is a hand edit too.
             hand_edit_pending: phase == runtime::Phase::Running
+                && d.store.is_none()
                 && d.file_stamp != runtime::stamp(config),
         })
     }
@@ -124,6 +130,8 @@ struct Status {
     /// Containers whose `dockwall.*` labels fail: their published ports
     /// are closed to everyone until the labels are fixed.
     label_errors: Vec<LabelError>,
+    /// With `--store`: how the daemon last found the store; null without.
+    store: Option<crate::store::etcd::Health>,
 }
 
 #[derive(Serialize)]
@@ -214,7 +222,14 @@ pub fn run(config: &std::path::Path, args: StatusArgs) -> anyhow::Result<ExitCod
     } else {
         Vec::new()
     };
+    let store = if state.interfaces.is_empty() {
+        None
+    } else {
+        runtime::daemon()?.store
+    };
+    let store_ok = store.as_ref().is_none_or(|s| s.reachable);
     let status = Status {
+        store,
         label_errors,
         revision,
         in_force,
@@ -232,7 +247,7 @@ pub fn run(config: &std::path::Path, args: StatusArgs) -> anyhow::Result<ExitCod
     } else {
         print_text(&status);
     }
-    Ok(match (in_force && in_sync, audit) {
+    Ok(match (in_force && in_sync && store_ok, audit) {
         (true, false) => ExitCode::SUCCESS,
         (true, true) => ExitCode::from(EXIT_AUDIT),
         (false, _) => ExitCode::FAILURE,
@@ -318,6 +333,22 @@ fn print_text(s: &Status) {
             println!(
                 "  NOT IN FORCE: {plane} holds revision {rev}, not the saved {} (see the daemon's log; `dockwall reload` applies the saved file)",
                 r.saved
+            );
+        }
+    }
+    if let Some(store) = &s.store {
+        let since = crate::clock::rfc3339(store.since);
+        if store.reachable {
+            println!(
+                "  store: {} reachable since {since}; revision {} applied",
+                store.url, store.revision
+            );
+        } else {
+            println!(
+                "  STORE UNREACHABLE since {since}: {} ({}); enforcing the last revision applied, {}; edits are refused until it is back",
+                store.url,
+                store.error.as_deref().unwrap_or("no member answers"),
+                store.revision
             );
         }
     }
