@@ -1,13 +1,9 @@
 //! A fleet on one machine: a real etcd cluster (Debian's etcd-server, three
 //! members on addresses the lab makes) and three dockwall hosts, each a
-//! network namespace of its own (its own tc, netfilter and bpffs: a holder
-//! process keeps a mount namespace with a private bpffs), with an outside
-//! client namespace. The hosts take Docker's published ports from the lab's
-//! dockerd (one engine for all three: see the README for what that leaves).
-//!
-//! A new connection to published port 8081 on a host either meets its
-//! filter (dropped: times out) or passes to a host with nothing listening
-//! there (refused): allowed and blocked are told apart without a container.
+//! network namespace of its own with its own dockerd (publishing a web
+//! container on 8081), tc, netfilter and bpffs (a holder process keeps a
+//! mount namespace with the namespace's sysfs, a private bpffs and the
+//! cgroup2 hierarchy), and an outside client namespace.
 
 use std::{
     fmt::Write as _,
@@ -24,7 +20,7 @@ use crate::{
     debian::{self, Suite},
     e2e::Report,
     equivalence::{Outcome, probe_tcp},
-    lab::{Dockwall, LAB_DIR, enter_netns},
+    lab::{Dockwall, IMAGE, LAB_DIR, enter_netns},
     util::{self, output, sh},
 };
 
@@ -209,12 +205,15 @@ struct Host {
     store_link: String,
     holder: Child,
     dir: PathBuf,
+    /// This host's own dockerd.
     docker_host: String,
+    dockerd: Option<Child>,
+    data_root: PathBuf,
     daemon: Option<Child>,
 }
 
 impl Host {
-    fn new(n: usize, docker_host: &str) -> anyhow::Result<Self> {
+    fn new(n: usize, lab_docker: &str) -> anyhow::Result<Self> {
         let name = format!("h{n}");
         let (ns, client_ns) = (format!("dwf-{name}"), format!("dwf-c{n}"));
         let (iface, store_link) = (format!("dwf{n}"), format!("dwf{n}s"));
@@ -251,7 +250,7 @@ impl Host {
                 &ns,
                 "sh",
                 "-c",
-                "mount -t bpf bpf /sys/fs/bpf && exec sleep 100000",
+                "mount -t bpf bpf /sys/fs/bpf && mount -t cgroup2 none /sys/fs/cgroup && exec sleep 100000",
             ])
             .stdin(Stdio::null())
             .spawn()
@@ -259,16 +258,20 @@ impl Host {
         let dir = PathBuf::from(LAB_DIR).join("fleet").join(&name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
-        let host = Host {
+        let data_root = PathBuf::from("/var/lib/dockwall-fleet").join(&name);
+        let _ = fs::remove_dir_all(&data_root);
+        let mut host = Host {
             n,
             name,
             ns,
             client_ns,
             iface,
             store_link,
+            docker_host: format!("unix://{}", dir.join("docker.sock").display()),
             holder,
             dir,
-            docker_host: docker_host.to_string(),
+            dockerd: None,
+            data_root,
             daemon: None,
         };
         // Wait for the holder's bpffs.
@@ -283,7 +286,81 @@ impl Host {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        host.start_dockerd(lab_docker)?;
         Ok(host)
+    }
+
+    /// This host's own dockerd (its managed containerd beside it, in the
+    /// same namespaces), the lab's image, and a web container on 8081.
+    fn start_dockerd(&mut self, lab_docker: &str) -> anyhow::Result<()> {
+        let log = fs::File::create(self.dir.join("dockerd.log"))?;
+        let sock = self.docker_host.clone();
+        let data_root = self.data_root.display().to_string();
+        let exec_root = self.dir.join("exec").display().to_string();
+        let pidfile = self.dir.join("dockerd.pid").display().to_string();
+        let child = self
+            .cmd(&[
+                "dockerd",
+                "--host",
+                &sock,
+                "--data-root",
+                &data_root,
+                "--exec-root",
+                &exec_root,
+                "--pidfile",
+                &pidfile,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the host's dockerd")?;
+        self.dockerd = Some(child);
+        let docker = |args: &[&str]| {
+            let mut c = Command::new("docker");
+            c.env("DOCKER_HOST", &sock).args(args);
+            c
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !output(&mut docker(&["info"]))?.status.success() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: dockerd did not answer in 60 s (log in {})",
+                    self.name,
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        util::run(&mut sh(&format!(
+            "DOCKER_HOST={lab_docker} docker save {IMAGE} | DOCKER_HOST={sock} docker load -q"
+        )))
+        .context("copying the lab's image")?;
+        let page = format!(
+            "/bin/busybox mkdir -p /w && echo {} > /w/index.html && exec /bin/busybox httpd -f -p 8080 -h /w",
+            self.name
+        );
+        let out = output(&mut docker(&[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            "8081:8080",
+            IMAGE,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &page,
+        ]))?;
+        if !out.status.success() {
+            bail!(
+                "{}: docker run: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     fn url(&self) -> String {
@@ -400,10 +477,10 @@ impl Host {
         })
     }
 
-    /// Allowed (the host's stack answers: refused) or blocked (times out).
+    /// Allowed (the host's container answers) or blocked (times out).
     fn expect(&self, last: u8, allowed: bool) -> anyhow::Result<()> {
         let want = if allowed {
-            Outcome::Refused
+            Outcome::Connected
         } else {
             Outcome::TimedOut
         };
@@ -445,6 +522,16 @@ impl Drop for Host {
             let _ = c.wait();
         }
         let _ = self.dockwall(&["unload"]).output();
+        if let Some(mut d) = self.dockerd.take() {
+            // SAFETY: signalling our own child by PID.
+            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         let _ = sh(&format!(
@@ -452,6 +539,9 @@ impl Drop for Host {
             self.ns, self.client_ns, self.store_link
         ))
         .output();
+        // The holder's mounts (overlays, the container's) went with its
+        // mount namespace.
+        let _ = fs::remove_dir_all(&self.data_root);
     }
 }
 
@@ -726,5 +816,171 @@ pub fn run(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
     );
     drop(hosts);
     drop(etcd);
-    Ok(())
+    tls_and_auth(r, dw, &etcd_bin()?)
+}
+
+/// A TLS etcd member of its own (server certificate, client certificates
+/// required), then the same with etcd's auth enabled: dockwall's
+/// `--store-ca/--store-cert/--store-key` and `--store-user` with a password.
+fn tls_and_auth(r: &mut Report, dw: &Dockwall, bin: &Path) -> anyhow::Result<()> {
+    let dir = PathBuf::from(LAB_DIR).join("etcd-tls");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let cert = |name: &str, cn: &str, ext: &str| {
+        format!(
+            "openssl req -newkey rsa:2048 -nodes -keyout {d}/{name}.key -out {d}/{name}.csr -subj /CN={cn} 2>/dev/null
+             printf '{ext}' > {d}/{name}.ext
+             openssl x509 -req -in {d}/{name}.csr -CA {d}/ca.pem -CAkey {d}/ca.key -CAcreateserial -out {d}/{name}.pem -days 1 -extfile {d}/{name}.ext 2>/dev/null"
+        )
+    };
+    let script = format!(
+        "set -e
+         openssl req -x509 -newkey rsa:2048 -nodes -keyout {d}/ca.key -out {d}/ca.pem -days 1 -subj /CN=dockwall-lab-ca 2>/dev/null
+         {}
+         {}
+         {}",
+        // clientAuth too: etcd's JSON gateway dials the member with it.
+        cert("server", "etcd", "subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n"),
+        cert("client", "client", "extendedKeyUsage=clientAuth\\n"),
+        cert("admin", "root", "extendedKeyUsage=clientAuth\\n"),
+    );
+    util::run(&mut sh(&script)).context("making the lab's certificates")?;
+    let port = CLIENT_PORT + 9;
+    let url = format!("https://127.0.0.1:{port}");
+    let log = fs::File::create(dir.join("etcd.log"))?;
+    let mut member = Command::new(bin)
+        .args(["--name", "tls", "--data-dir"])
+        .arg(dir.join("data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", PEER_PORT + 9),
+        ])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{}", PEER_PORT + 9),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("tls=http://127.0.0.1:{}", PEER_PORT + 9),
+        ])
+        .arg("--cert-file")
+        .arg(dir.join("server.pem"))
+        .arg("--key-file")
+        .arg(dir.join("server.key"))
+        .arg("--trusted-ca-file")
+        .arg(dir.join("ca.pem"))
+        .arg("--client-cert-auth")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the TLS etcd member")?;
+    let result = (|| -> anyhow::Result<()> {
+        let gateway = |path: &str, body: &str| -> anyhow::Result<String> {
+            let out = output(
+                Command::new("curl")
+                    .args(["-sf", "-m", "3", "--cacert"])
+                    .arg(dir.join("ca.pem"))
+                    .arg("--cert")
+                    .arg(dir.join("admin.pem"))
+                    .arg("--key")
+                    .arg(dir.join("admin.key"))
+                    .args(["-X", "POST", &format!("{url}{path}"), "-d", body]),
+            )?;
+            if !out.status.success() {
+                bail!("etcd {path}: {}", String::from_utf8_lossy(&out.stdout));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gateway("/v3/kv/range", r#"{"key": "AA=="}"#).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the TLS etcd member did not answer (log in {})",
+                    dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let store = format!("etcd://127.0.0.1:{port}/tls");
+        let ca = dir.join("ca.pem").display().to_string();
+        let (ccert, ckey) = (
+            dir.join("client.pem").display().to_string(),
+            dir.join("client.key").display().to_string(),
+        );
+        let with_tls = |extra: &[&str], args: &[&str]| -> anyhow::Result<(i32, String, String)> {
+            let mut all = vec!["--store", store.as_str(), "--store-ca", &ca];
+            all.extend_from_slice(extra);
+            all.extend_from_slice(args);
+            dw.run(&all)
+        };
+        let certs = ["--store-cert", ccert.as_str(), "--store-key", ckey.as_str()];
+        let (code, out, err) = with_tls(&certs, &["allow", "192.0.2.1", "--port", "8081"])?;
+        r.expect(
+            "fleet TLS: an edit over TLS with a client certificate is saved",
+            code == 0 && out.contains("saved to"),
+            || format!("exit {code}: {out}{err}"),
+        );
+        let (code, out, err) = with_tls(&[], &["list"])?;
+        r.expect(
+            "fleet TLS: without the client certificate the member refuses (one line, nothing read)",
+            code != 0 && err.contains("is unreachable") && err.lines().count() == 1,
+            || format!("exit {code}: {out}{err}"),
+        );
+        // etcd's auth: root (for the admin certificate) and dockwall.
+        for (path, body) in [
+            ("/v3/auth/role/add", r#"{"name": "root"}"#),
+            (
+                "/v3/auth/user/add",
+                r#"{"name": "root", "password": "root-pw"}"#,
+            ),
+            ("/v3/auth/user/grant", r#"{"user": "root", "role": "root"}"#),
+            (
+                "/v3/auth/user/add",
+                r#"{"name": "dockwall", "password": "s3cret"}"#,
+            ),
+            (
+                "/v3/auth/user/grant",
+                r#"{"user": "dockwall", "role": "root"}"#,
+            ),
+            ("/v3/auth/enable", "{}"),
+        ] {
+            gateway(path, body)?;
+        }
+        let (code, out, err) = with_tls(&certs, &["list"])?;
+        r.expect(
+            "fleet auth: with auth on, a certificate naming no user is refused",
+            code != 0,
+            || format!("exit {code}: {out}{err}"),
+        );
+        let pw = dir.join("password");
+        fs::write(&pw, "s3cret\n")?;
+        let pw = pw.display().to_string();
+        let mut user: Vec<&str> = certs.to_vec();
+        user.extend_from_slice(&["--store-user", "dockwall", "--store-password-file", &pw]);
+        let (code, out, err) = with_tls(&user, &["list"])?;
+        r.expect(
+            "fleet auth: --store-user with the right password reads the store",
+            code == 0 && out.contains("192.0.2.1"),
+            || format!("exit {code}: {out}{err}"),
+        );
+        fs::write(&pw, "wrong\n")?;
+        let (code, out, err) = with_tls(&user, &["allow", "192.0.2.2", "--port", "8081"])?;
+        r.expect(
+            "fleet auth: a wrong password is refused and nothing is changed",
+            code != 0 && err.contains("nothing was changed"),
+            || format!("exit {code}: {out}{err}"),
+        );
+        Ok(())
+    })();
+    let _ = member.kill();
+    let _ = member.wait();
+    let _ = fs::remove_dir_all(&dir);
+    result
 }

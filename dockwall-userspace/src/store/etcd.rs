@@ -34,16 +34,35 @@ const MEMBER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// member per client, asked first: a client balancing over every member
 /// sends requests to a dead one and waits out the timeout (seen with one
 /// member of three killed), where trying the next at once keeps edits going.
+///
+/// Members that are up but cannot answer yet (electing a leader after one
+/// was killed: "leader changed", no answer) are asked again for up to
+/// [`ELECTION_WAIT`]; when every member refuses the connection the store
+/// is down and the answer comes at once.
 pub async fn connect(spec: &StoreSpec) -> anyhow::Result<Client> {
-    let mut errors = Vec::new();
-    for member in &spec.members {
-        match connect_member(spec, member).await {
-            Ok(client) => return Ok(client),
-            Err(e) => errors.push(format!("{member}: {e:#}")),
+    let started = tokio::time::Instant::now();
+    loop {
+        let mut errors = Vec::new();
+        let mut all_refused = true;
+        for member in &spec.members {
+            match connect_member(spec, member).await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    all_refused &= text.contains("Connection refused");
+                    errors.push(format!("{member}: {text}"));
+                }
+            }
         }
+        if all_refused || started.elapsed() >= ELECTION_WAIT {
+            return Err(anyhow::anyhow!(errors.join("; "))).with_context(|| unreachable(spec));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(anyhow::anyhow!(errors.join("; "))).with_context(|| unreachable(spec))
 }
+
+/// How long members that are up may take to elect a leader.
+const ELECTION_WAIT: Duration = Duration::from_secs(8);
 
 async fn connect_member(spec: &StoreSpec, member: &str) -> anyhow::Result<Client> {
     let scheme = if spec.tls.is_some() { "https" } else { "http" };
@@ -87,11 +106,18 @@ async fn connect_member(spec: &StoreSpec, member: &str) -> anyhow::Result<Client
     Ok(client)
 }
 
+/// The largest answer a whole read may be: the client's default (4 MiB)
+/// holds about 15k allowances.
+const READ_LIMIT: usize = 256 << 20;
+
 /// Every key under the prefix, and the revision it was read at.
 pub async fn read_all(client: &mut Client, spec: &StoreSpec) -> anyhow::Result<(Kvs, i64)> {
     let resp = tokio::time::timeout(
         REQUEST_TIMEOUT,
-        client.get(spec.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        client
+            .kv_client()
+            .max_decoding_message_size(READ_LIMIT)
+            .get(spec.prefix.as_str(), Some(GetOptions::new().with_prefix())),
     )
     .await
     .map_err(|_| anyhow::anyhow!("reading {} timed out", spec.prefix))
