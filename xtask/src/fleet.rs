@@ -566,6 +566,14 @@ fn all_applied(hosts: &[Host], at: u64, within: Duration) -> anyhow::Result<Dura
     }
 }
 
+/// (allowances, sets) in a saved file's text.
+fn dockwall_exported(text: &str) -> (usize, usize) {
+    (
+        text.matches("[[allow]]").count(),
+        text.matches("[sets]").count(),
+    )
+}
+
 /// The store revision a command's answer names (`... at revision N`).
 fn revision_of(out: &str) -> Option<u64> {
     out.split("at revision ")
@@ -700,6 +708,24 @@ pub fn run(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
         "fleet: 10k allowances imported are in force on every host within 5 s",
         spread.is_ok() && total <= Duration::from_secs(5),
         || format!("{spread:?}, {total:?}"),
+    );
+    // And back out: export gives a saved file holding what was imported.
+    let (code, out, err) = hosts[0].run(&["store", "export"])?;
+    let exported = dockwall_exported(&out);
+    r.expect(
+        "fleet: `store export` writes the store back as a saved file (the 10k imported, the set, the allowance using it)",
+        code == 0
+            && exported.0 >= 10_000
+            && out.contains("[sets]")
+            && out.contains("clients = [")
+            && out.contains("source = \"@clients\""),
+        || format!("exit {code}: {} allowances; {err}", exported.0),
+    );
+    let (code, out, err) = hosts[0].run(&["reload"])?;
+    r.expect(
+        "fleet: `reload` with a store says there is nothing to reload",
+        code == 0 && out.contains("nothing to reload"),
+        || format!("exit {code}: {out}{err}"),
     );
 
     // One member down: edits go on.

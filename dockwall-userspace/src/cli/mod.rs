@@ -101,7 +101,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(args) => allow::run(&config, args, allow::Action::Revoke, store),
         Command::Set(args) => set::run(&config, args, store),
         Command::Store(args) => store::run(&config, args, store),
-        Command::Reload => reload::run(&config),
+        Command::Reload => match store {
+            // Nothing to re-read by hand: the daemon follows the store.
+            Some(spec) => {
+                println!(
+                    "the policy comes from {}, which every daemon following it watches continuously: edits are in force as they are written; nothing to reload",
+                    spec.url
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            None => reload::run(&config),
+        },
         Command::List(args) => match store {
             Some(spec) => store::list(spec, args.json),
             None => list::run(&config, args),
