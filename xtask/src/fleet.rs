@@ -542,6 +542,7 @@ impl Drop for Host {
         // The holder's mounts (overlays, the container's) went with its
         // mount namespace.
         let _ = fs::remove_dir_all(&self.data_root);
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -842,6 +843,8 @@ pub fn run(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
     );
     drop(hosts);
     drop(etcd);
+    let _ = fs::remove_dir_all(PathBuf::from(LAB_DIR).join("fleet"));
+    let _ = fs::remove_dir("/var/lib/dockwall-fleet");
     tls_and_auth(r, dw, &etcd_bin()?)
 }
 
