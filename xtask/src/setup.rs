@@ -30,8 +30,11 @@ const APT_PACKAGES: &[&str] = &[
     "groff-base",
     "curl",
     "conntrack",
-    // etcd-client generates its gRPC code with protoc at build time.
+    // etcd-client generates its gRPC code with protoc at build time; its
+    // protos import the well-known types (google/protobuf/*.proto), which
+    // Debian ships in the -dev package, not with the compiler.
     "protobuf-compiler",
+    "libprotobuf-dev",
     // Kernels in VMs (xtask vm, the platform matrix).
     "qemu-system-x86",
     "cpio",
