@@ -83,7 +83,19 @@ pub fn origin(allowance: &Allowance) -> String {
 }
 
 /// Every allowance in the order [`crate::policy::compile_allowances`]
-/// numbers them, as `SOURCE -> TARGET`, a label's with `(label on NAME)`.
+/// numbers them (the file's, then the labels'), each with where it comes
+/// from: `file`, or a label's [`origin`].
+pub fn with_origins<'a>(
+    file: &'a [Allowance],
+    labelled: &'a Labelled,
+) -> impl Iterator<Item = (&'a Allowance, String)> {
+    file.iter()
+        .map(|a| (a, "file".to_string()))
+        .chain(labelled.allowances.iter().map(|a| (a, origin(a))))
+}
+
+/// Every allowance in compile order as `SOURCE -> TARGET`, a label's with
+/// `(label on NAME)`.
 pub fn describe_all(allowances: &[Allowance], labelled: &Labelled) -> Vec<String> {
     allowances
         .iter()

@@ -311,16 +311,7 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
         let per_allowance = Family::<Labels, Counter>::default();
         let sums = policy::hits_per_allowance(&policy.allowances, &policy.sets, &bindings, &hits);
         let labelled = crate::labels::labelled(&bindings, &policy.sets);
-        let origins = policy
-            .allowances
-            .iter()
-            .map(|a| (a, "file".to_string()))
-            .chain(
-                labelled
-                    .allowances
-                    .iter()
-                    .map(|a| (a, crate::labels::origin(a))),
-            );
+        let origins = crate::labels::with_origins(&policy.allowances, &labelled);
         for ((a, origin), sum) in origins.zip(sums) {
             per_allowance
                 .get_or_create(&labels(&[

@@ -491,12 +491,15 @@ impl Binding {
         }
     }
 
-    fn matches(&self, spec: &ContainerSpec) -> bool {
-        self.service.is_none() && self.named(spec)
-    }
-
-    fn matches_service(&self, spec: &ContainerSpec) -> bool {
-        self.service.is_some() && self.named(spec)
+    /// Whether `target` stands for this binding: a port by number, a
+    /// container's or a swarm service's by name (a service's binding is
+    /// never a container's, nor the other way round).
+    fn targeted_by(&self, target: &Target) -> bool {
+        match target {
+            Target::Port(p) => p.port == self.host_port && p.proto == self.proto,
+            Target::Container(spec) => self.service.is_none() && self.named(spec),
+            Target::Service(spec) => self.service.is_some() && self.named(spec),
+        }
     }
 
     fn named(&self, spec: &ContainerSpec) -> bool {
@@ -673,18 +676,11 @@ pub fn addr_from_bytes(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
 /// The (published port, proto) pairs an allowance's target stands for now.
 pub fn resolve_target(target: &Target, bindings: &[Binding]) -> BTreeSet<PortProto> {
     match target {
+        // A port stands for itself, published or not (yet).
         Target::Port(p) => BTreeSet::from([*p]),
-        Target::Container(spec) => bindings
+        Target::Container(_) | Target::Service(_) => bindings
             .iter()
-            .filter(|b| b.matches(spec))
-            .map(|b| PortProto {
-                port: b.host_port,
-                proto: b.proto,
-            })
-            .collect(),
-        Target::Service(spec) => bindings
-            .iter()
-            .filter(|b| b.matches_service(spec))
+            .filter(|b| b.targeted_by(target))
             .map(|b| PortProto {
                 port: b.host_port,
                 proto: b.proto,

@@ -638,6 +638,16 @@ pub fn run(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
             })
         }),
     );
+    // A set that is not in the store is refused inside the write's own
+    // transaction (no read-then-write race), and nothing is written.
+    let before = hosts[0].run(&["list"])?.1;
+    let (code, out, err) = hosts[0].run(&["allow", "@nosuch", "--port", "8081"])?;
+    let after = hosts[0].run(&["list"])?.1;
+    r.expect(
+        "fleet: allow @nosuch (no such set in the store) is refused, naming it, and changes nothing",
+        code != 0 && err.contains("nosuch") && err.contains("nothing") && before == after,
+        || format!("exit {code}: {out}{err}\nlist before:\n{before}\nafter:\n{after}"),
+    );
     let (code, out, err) =
         hosts[0].run(&["allow", "10.98.2.3", "--port", "8081", "--host", "h2"])?;
     anyhow::ensure!(code == 0, "allow --host h2: {out}{err}");

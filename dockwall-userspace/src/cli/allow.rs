@@ -169,33 +169,12 @@ fn direct(config_path: &Path, edit: &Edit, lock: &config::Lock) -> anyhow::Resul
     };
     let now = crate::clock::now_unix();
     let outcome = edit::apply(&mut policy, edit, &bindings, snapshot.as_ref(), now)?;
-    // Read before the save empties the journal that completes it.
-    let installed = sync::Dataplanes::installed(config_path)?;
-    if !outcome.changes.is_empty() {
-        let applied = crate::runtime::daemon()?.applied.values().copied().max();
-        policy.revision = policy.revision.max(applied.unwrap_or(0)) + 1;
-        config::save(config_path, &policy, lock)?;
-        crate::runtime::note_saved_file(config_path)?;
-    }
-    let in_force = match installed {
-        Some(mut dataplanes) => {
-            sync::apply(&mut dataplanes, &policy, &bindings, source_kind)
-                .context("saved, but applying to the loaded filter failed")?;
-            crate::runtime::record_applied(&dataplanes.names(), policy.revision)?;
-            true
-        }
-        None => false,
-    };
-    for line in &outcome.lines {
-        println!("{line}");
-    }
-    if in_force {
-        println!("in force now");
-    } else {
-        println!(
-            "saved to {}; dockwall is not loaded, it applies at the next `dockwall load`",
-            config_path.display()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    super::direct::commit(
+        config_path,
+        lock,
+        policy,
+        !outcome.changes.is_empty(),
+        &outcome.lines,
+        || Ok((bindings, source_kind)),
+    )
 }

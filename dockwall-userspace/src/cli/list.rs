@@ -49,16 +49,7 @@ pub fn run(config_path: &Path, args: ListArgs) -> anyhow::Result<ExitCode> {
     let labelled = crate::labels::labelled(&bindings, &policy.sets);
     let now = crate::clock::now_unix();
     // The file's allowances, then the containers' labels' (compile order).
-    let all = policy
-        .allowances
-        .iter()
-        .map(|a| (a, "file".to_string()))
-        .chain(
-            labelled
-                .allowances
-                .iter()
-                .map(|a| (a, crate::labels::origin(a))),
-        );
+    let all = crate::labels::with_origins(&policy.allowances, &labelled);
     let rows: Vec<Row> = all
         .enumerate()
         .map(|(index, (a, origin))| Row {

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod allow;
+mod direct;
 mod explain;
 mod generate;
 mod list;

@@ -117,37 +117,17 @@ pub fn run(
 fn direct(config_path: &Path, edit: &SetEdit, lock: &config::Lock) -> anyhow::Result<ExitCode> {
     let mut policy = config::load(config_path)?;
     let outcome = sets::apply(&mut policy, edit)?;
-    // Read before the save empties the journal that completes it.
-    let installed = sync::Dataplanes::installed(config_path)?;
-    if outcome.change.is_some() {
-        let applied = crate::runtime::daemon()?.applied.values().copied().max();
-        policy.revision = policy.revision.max(applied.unwrap_or(0)) + 1;
-        config::save(config_path, &policy, lock)?;
-        crate::runtime::note_saved_file(config_path)?;
-    }
-    let in_force = match installed {
-        Some(mut dataplanes) if outcome.change.is_some() => {
+    super::direct::commit(
+        config_path,
+        lock,
+        policy,
+        outcome.change.is_some(),
+        &outcome.lines,
+        || {
             let (bindings, source, _) = super::runtime()?.block_on(sync::bindings());
-            sync::apply(&mut dataplanes, &policy, &bindings, source)
-                .context("saved, but applying to the loaded filter failed")?;
-            crate::runtime::record_applied(&dataplanes.names(), policy.revision)?;
-            true
-        }
-        Some(_) => true,
-        None => false,
-    };
-    for line in &outcome.lines {
-        println!("{line}");
-    }
-    if in_force {
-        println!("in force now");
-    } else {
-        println!(
-            "saved to {}; dockwall is not loaded, it applies at the next `dockwall load`",
-            config_path.display()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+            Ok((bindings, source))
+        },
+    )
 }
 
 #[derive(Serialize)]

@@ -140,11 +140,7 @@ pub fn run(
             for (key, value) in &kvs {
                 match store::parse_entry(spec, key, value) {
                     Ok(Some(Entry::Set(name, v))) => {
-                        let nets = v.members.iter().filter_map(|m| match m {
-                            Source::Net(n) => Some(*n),
-                            _ => None,
-                        });
-                        policy.sets.insert(name, nets.collect());
+                        policy.sets.insert(name, v.nets());
                     }
                     Ok(Some(Entry::Allow(s, v))) if s == scope => {
                         let (a, comment, expires) =
@@ -233,15 +229,6 @@ pub fn edit(spec: &StoreSpec, edit: &Edit, scope: &Scope) -> anyhow::Result<Exit
     let revision = rt
         .block_on(async {
             let mut client = etcd::connect(spec).await?;
-            if edit.action == Action::Allow {
-                for name in edit.allowances.iter().filter_map(|a| a.source.set()) {
-                    let key = store::set_key(spec, name);
-                    let (kvs, _) = etcd::read_all(&mut client, spec).await?;
-                    if !kvs.contains_key(&key) {
-                        bail!("no set named @{name} in {}: create it first with `dockwall --store ... set add {name} SRC...`", spec.url);
-                    }
-                }
-            }
             let ops = edit
                 .allowances
                 .iter()
@@ -261,6 +248,17 @@ pub fn edit(spec: &StoreSpec, edit: &Edit, scope: &Scope) -> anyhow::Result<Exit
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            // The sets it names must exist when it is written, checked in
+            // the same transaction.
+            let mut ops = ops;
+            if edit.action == Action::Allow {
+                ops.extend(
+                    edit.allowances
+                        .iter()
+                        .filter_map(|a| a.source.set())
+                        .map(|name| Op::Require(store::set_key(spec, name))),
+                );
+            }
             etcd::write(&mut client, spec, ops).await
         })
         .context("nothing was changed (edits are not queued while the store is unreachable)")?;
@@ -281,11 +279,7 @@ pub fn set_edit(spec: &StoreSpec, edit: &SetEdit) -> anyhow::Result<ExitCode> {
             for (key, value) in &kvs {
                 match store::parse_entry(spec, key, value) {
                     Ok(Some(Entry::Set(name, v))) => {
-                        let nets = v.members.iter().filter_map(|m| match m {
-                            Source::Net(n) => Some(*n),
-                            _ => None,
-                        });
-                        policy.sets.insert(name, nets.collect());
+                        policy.sets.insert(name, v.nets());
                     }
                     Ok(Some(Entry::Allow(_, v))) => {
                         if let Ok((a, _, _)) = v.allowance() {

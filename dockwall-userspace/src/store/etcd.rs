@@ -138,11 +138,13 @@ pub enum Op {
     Put(String, Vec<u8>, Option<u64>),
     /// Delete the key; it must exist.
     Delete(String),
+    /// Change nothing, but the key must exist (a set an allowance names).
+    Require(String),
 }
 
 /// Applies the operations, `TXN_OPS` to a transaction; each transaction
-/// first checks that every key it deletes exists (nothing is deleted
-/// otherwise). Returns the store revision after the last one.
+/// first checks that every key it deletes or requires exists (nothing of
+/// it is written otherwise). Returns the store revision after the last one.
 pub async fn write(client: &mut Client, spec: &StoreSpec, ops: Vec<Op>) -> anyhow::Result<i64> {
     let mut leases: BTreeMap<u64, i64> = BTreeMap::new();
     for op in &ops {
@@ -156,13 +158,27 @@ pub async fn write(client: &mut Client, spec: &StoreSpec, ops: Vec<Op>) -> anyho
             leases.insert(*ttl, lease.id());
         }
     }
+    // A required key guards every transaction of the edit, not only the
+    // one it would fall into.
+    let (requires, ops): (Vec<Op>, Vec<Op>) =
+        ops.into_iter().partition(|op| matches!(op, Op::Require(_)));
+    let requires: Vec<String> = requires
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::Require(key) => Some(key),
+            _ => None,
+        })
+        .collect();
     let mut revision = 0;
     let mut ops = ops.into_iter().peekable();
     while ops.peek().is_some() {
         let chunk: Vec<Op> = ops.by_ref().take(TXN_OPS).collect();
-        let mut compares = Vec::new();
+        let mut compares: Vec<Compare> = requires
+            .iter()
+            .map(|key| Compare::version(key.as_str(), CompareOp::Greater, 0))
+            .collect();
         let mut txn_ops = Vec::new();
-        let mut deleted = Vec::new();
+        let mut required = requires.clone();
         for op in chunk {
             match op {
                 Op::Put(key, value, ttl) => {
@@ -173,9 +189,11 @@ pub async fn write(client: &mut Client, spec: &StoreSpec, ops: Vec<Op>) -> anyho
                 }
                 Op::Delete(key) => {
                     compares.push(Compare::version(key.as_str(), CompareOp::Greater, 0));
-                    deleted.push(key.clone());
+                    required.push(key.clone());
                     txn_ops.push(TxnOp::delete(key, None));
                 }
+                // Taken out above.
+                Op::Require(_) => {}
             }
         }
         let resp = tokio::time::timeout(
@@ -187,9 +205,16 @@ pub async fn write(client: &mut Client, spec: &StoreSpec, ops: Vec<Op>) -> anyho
         .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| unreachable(spec))?;
         if !resp.succeeded() {
+            // An edit over TXN_OPS keys spans transactions: say so when an
+            // earlier one went in, rather than claim nothing changed.
+            let done = if revision == 0 {
+                "nothing of it was changed".to_string()
+            } else {
+                format!("the edit's earlier keys went in at revision {revision}, the rest did not")
+            };
             bail!(
-                "one of {} is not in the store (see `dockwall list --store ...`); nothing of it was changed",
-                deleted.join(", ")
+                "one of {} is not in the store (see `dockwall --store ... list` and `set list`); {done}",
+                required.join(", ")
             );
         }
         revision = resp.header().map_or(revision, |h| h.revision());

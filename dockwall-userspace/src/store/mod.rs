@@ -23,6 +23,7 @@
 //! the config across restarts, and says so.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -341,6 +342,20 @@ pub struct SetValue {
     pub author: Author,
 }
 
+impl SetValue {
+    /// The members as networks ([`parse_entry`] refuses a set holding
+    /// anything else).
+    pub fn nets(&self) -> BTreeSet<ipnet::IpNet> {
+        self.members
+            .iter()
+            .filter_map(|m| match m {
+                Source::Net(n) => Some(*n),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// One key of the store as this host reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -357,6 +372,11 @@ pub fn parse_entry(spec: &StoreSpec, key: &str, value: &[u8]) -> Result<Option<E
     if let Some(name) = rest.strip_prefix("sets/") {
         let name: SetName = name.parse()?;
         let v: SetValue = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        if let Some(bad) = v.members.iter().find(|m| !matches!(m, Source::Net(_))) {
+            return Err(format!(
+                "set @{name}: member '{bad}' is not an address or CIDR"
+            ));
+        }
         return Ok(Some(Entry::Set(name, v)));
     }
     let scope = if rest.starts_with("allow/all/") {
@@ -391,15 +411,7 @@ pub fn policy_for<'a>(
     for (key, value) in kvs {
         match parse_entry(spec, key, value) {
             Ok(Some(Entry::Set(name, v))) => {
-                let nets = v
-                    .members
-                    .iter()
-                    .filter_map(|m| match m {
-                        Source::Net(n) => Some(*n),
-                        _ => None,
-                    })
-                    .collect();
-                policy.sets.insert(name, nets);
+                policy.sets.insert(name, v.nets());
             }
             Ok(Some(Entry::Allow(scope, v))) => {
                 if scope == Scope::All || scope == Scope::Host(host.to_string()) {
