@@ -14,6 +14,11 @@ pub const PROG_NOOP: &str = "dw_noop";
 /// Drops everything; never attached by dockwall. The whole-path benchmark's
 /// floor for the drop path.
 pub const PROG_DROP: &str = "dw_drop";
+/// The ingress decision as native XDP (`load --hook xdp`).
+pub const PROG_XDP: &str = "dw_xdp";
+/// XDP floors for the benchmark: pass everything, drop everything.
+pub const PROG_XDP_PASS: &str = "dw_xdp_pass";
+pub const PROG_XDP_DROP: &str = "dw_xdp_drop";
 
 /// Map names (max 15 bytes: the kernel truncates object names to 16 with NUL).
 pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
@@ -288,7 +293,18 @@ mod tests {
         for name in ALL_MAPS
             .iter()
             .chain([MAP_EVENTS, MAP_LOG_LIMIT].iter())
-            .chain([PROG_INGRESS, PROG_EGRESS, PROG_NOOP, PROG_DROP].iter())
+            .chain(
+                [
+                    PROG_INGRESS,
+                    PROG_EGRESS,
+                    PROG_NOOP,
+                    PROG_DROP,
+                    PROG_XDP,
+                    PROG_XDP_PASS,
+                    PROG_XDP_DROP,
+                ]
+                .iter(),
+            )
         {
             assert!(
                 name.len() <= 15,

@@ -1,6 +1,8 @@
-//! dockwall's kernel side: two tc classifiers on each managed interface.
+//! dockwall's kernel side: the ingress decision, as a tc classifier
+//! (`dw_ingress`) or as native XDP (`dw_xdp`, `load --hook xdp`), and a tc
+//! egress classifier on each managed interface.
 //!
-//! `dw_ingress` decides, before conntrack and Docker's DNAT, whether a packet
+//! `dw_ingress` (and `dw_xdp`, the same code on an XDP frame) decides, before conntrack and Docker's DNAT, whether a packet
 //! opens a new connection to a port Docker published, and if so whether an
 //! allowance lets it in. Read it top to bottom:
 //!
@@ -22,6 +24,14 @@
 //! filter run. Nothing is ever rewritten.
 //!
 //! `dw_egress` only records outbound UDP flows for step 3; it always passes.
+//! It stays a tc program in XDP mode: XDP sees only received frames.
+//!
+//! What XDP sees that tc does not, and the reverse: a VLAN tag the driver
+//! strips is in the skb's metadata at tc and nowhere at XDP, and in the
+//! packet data for both when not stripped. dockwall does not filter on VLAN
+//! IDs, so both decide the same either way. An XDP frame is the driver's
+//! first buffer only (the program does not declare multi-buffer support, so
+//! the kernel refuses it on a device whose MTU needs several).
 #![no_std]
 #![no_main]
 // The bpf target has no AtomicU64::fetch_add; the intrinsic lowers to BPF's
@@ -32,11 +42,11 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
-    macros::{classifier, map},
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, AllowKey, AllowValue, CONFIG_AUDIT, Config, DropEvent,
@@ -75,8 +85,107 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTE_SIZE, 0);
 #[map(name = "DW_LOG_LIMIT")]
 static LOG_LIMIT: Array<LogLimit> = Array::with_max_entries(1, 0);
 
-const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const TC_PASS: i32 = TC_ACT_UNSPEC;
+const TC_DROP: i32 = TC_ACT_SHOT;
+const XDP_PASS: u32 = xdp_action::XDP_PASS;
+const XDP_DROP: u32 = xdp_action::XDP_DROP;
+
+/// What the ingress decision says; each hook maps it to its return codes.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+use Verdict::{Drop as DROP, Pass as PASS};
+
+impl Verdict {
+    #[inline(always)]
+    fn tc(self) -> i32 {
+        match self {
+            Verdict::Pass => TC_PASS,
+            Verdict::Drop => TC_DROP,
+        }
+    }
+
+    #[inline(always)]
+    fn xdp(self) -> u32 {
+        match self {
+            Verdict::Pass => XDP_PASS,
+            Verdict::Drop => XDP_DROP,
+        }
+    }
+}
+
+/// What the parser and the drop log need from a packet, whichever hook it
+/// came in on: the bytes in place, a copying read for offsets the verifier
+/// cannot bound, and the interface it arrived on.
+trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Copies a `T` at `offset` through the hook's load-bytes helper.
+    fn copy<T: Copy>(&self, offset: usize) -> Option<T>;
+    fn ifindex(&self) -> u32;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn copy<T: Copy>(&self, offset: usize) -> Option<T> {
+        // bpf_skb_load_bytes: also reaches paged (non-linear) data.
+        self.load::<T>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context is a valid __sk_buff for this program.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn copy<T: Copy>(&self, offset: usize) -> Option<T> {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes exactly size_of::<T>() bytes into
+        // `value` or fails; the context is a valid xdp_md. Linux 5.18+,
+        // which `load --hook xdp` checks for before loading this program.
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx,
+                offset as u32,
+                value.as_mut_ptr().cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        // SAFETY: a zero return means every byte was written.
+        (ret == 0).then(|| unsafe { value.assume_init() })
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context is a valid xdp_md for this program.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -133,7 +242,16 @@ enum Parsed {
 pub fn dw_ingress(ctx: TcContext) -> i32 {
     let (counter, verdict) = ingress_verdict(&ctx);
     count(counter);
-    verdict
+    verdict.tc()
+}
+
+/// The same decision as `dw_ingress`, as native XDP: a denied SYN is dropped
+/// before the kernel allocates an skb for it.
+#[xdp]
+pub fn dw_xdp(ctx: XdpContext) -> u32 {
+    let (counter, verdict) = ingress_verdict(&ctx);
+    count(counter);
+    verdict.xdp()
 }
 
 #[classifier]
@@ -143,24 +261,37 @@ pub fn dw_egress(ctx: TcContext) -> i32 {
     {
         note_udp_flow(&pkt);
     }
-    PASS
+    TC_PASS
 }
 
 /// Returns at once: what a tc program costs before it does anything. Only
 /// the benchmark loads it, as the floor dockwall's cost is measured against.
 #[classifier]
 pub fn dw_noop(_ctx: TcContext) -> i32 {
-    PASS
+    TC_PASS
 }
 
 /// Drops everything: the whole-path benchmark's floor for the cost of a
 /// drop at tc ingress. Only the benchmark loads it.
 #[classifier]
 pub fn dw_drop(_ctx: TcContext) -> i32 {
-    DROP
+    TC_DROP
 }
 
-fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
+/// The XDP floors: pass everything, drop everything. Only the benchmark
+/// loads them.
+#[xdp]
+pub fn dw_xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[xdp]
+pub fn dw_xdp_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
+#[inline(always)]
+fn ingress_verdict<F: Frame>(ctx: &F) -> (u32, Verdict) {
     let pkt = match parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::NotInScope => return (stat::NOT_IN_SCOPE, PASS),
@@ -196,7 +327,7 @@ fn ingress_verdict(ctx: &TcContext) -> (u32, i32) {
 /// A new connection no allowance lets in: counted per published port and
 /// logged, then dropped, or passed in audit mode.
 #[inline(always)]
-fn deny(ctx: &TcContext, pkt: &Packet, policy_port: u16) -> (u32, i32) {
+fn deny<F: Frame>(ctx: &F, pkt: &Packet, policy_port: u16) -> (u32, Verdict) {
     // An empty config (never set) is enforcing with no log.
     let config = CONFIG.get(0).copied().unwrap_or_default();
     let audit = config.flags & CONFIG_AUDIT != 0;
@@ -233,7 +364,7 @@ fn count_port_drop(proto: u8, port: u16) {
 /// Sends the drop to the daemon unless this window's budget is spent; a
 /// flood costs one atomic add per packet, not a ring buffer write.
 #[inline(always)]
-fn log_drop(ctx: &TcContext, pkt: &Packet, policy_port: u16, audit: bool, rate: u32) {
+fn log_drop<F: Frame>(ctx: &F, pkt: &Packet, policy_port: u16, audit: bool, rate: u32) {
     let Some(limit) = LOG_LIMIT.get_ptr_mut(0) else {
         return;
     };
@@ -258,8 +389,7 @@ fn log_drop(ctx: &TcContext, pkt: &Packet, policy_port: u16, audit: bool, rate: 
     let event = DropEvent {
         src: pkt.src,
         dst: pkt.dst,
-        // SAFETY: the context is a valid __sk_buff for this program.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex: ctx.ifindex(),
         sport: pkt.sport,
         dport: pkt.dport,
         policy_port,
@@ -395,7 +525,7 @@ fn note_udp_flow(pkt: &Packet) {
 }
 
 #[inline(always)]
-fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+fn load<T: Copy, F: Frame>(ctx: &F, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     // Headers almost always sit in the skb's linear area: read them in
@@ -405,26 +535,26 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
         return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
     }
     // Paged or short: the helper copies across fragments, or fails.
-    ctx.load::<T>(offset).ok()
+    ctx.copy::<T>(offset)
 }
 
-/// A read through bpf_skb_load_bytes only, for offsets summed from packet
+/// A read through the load-bytes helper only, for offsets summed from packet
 /// bytes (IPv6 extension headers). With a direct read there, the verifiers
 /// of Linux 6.12 and older follow an impossible "offset is small" branch
 /// with contradictory bounds and refuse the program ("math between pkt
 /// pointer and register with unbounded min value").
 #[inline(always)]
-fn load_copied<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
-    ctx.load::<T>(offset).ok()
+fn load_copied<T: Copy, F: Frame>(ctx: &F, offset: usize) -> Option<T> {
+    ctx.copy::<T>(offset)
 }
 
 #[inline(always)]
-fn load_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
-    load::<u16>(ctx, offset).map(u16::from_be)
+fn load_be16<F: Frame>(ctx: &F, offset: usize) -> Option<u16> {
+    load::<u16, F>(ctx, offset).map(u16::from_be)
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Parsed {
+fn parse<F: Frame>(ctx: &F) -> Parsed {
     let Some(mut ethertype) = load_be16(ctx, 12) else {
         return Parsed::Malformed;
     };
@@ -449,8 +579,8 @@ fn parse(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u8; 20]>(ctx, l3) else {
+fn parse_ipv4<F: Frame>(ctx: &F, l3: usize) -> Parsed {
+    let Some(hdr) = load::<[u8; 20], F>(ctx, l3) else {
         return Parsed::Malformed;
     };
     let ihl = usize::from(hdr[0] & 0x0f) * 4;
@@ -485,8 +615,8 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u8; IPV6_HLEN]>(ctx, l3) else {
+fn parse_ipv6<F: Frame>(ctx: &F, l3: usize) -> Parsed {
+    let Some(hdr) = load::<[u8; IPV6_HLEN], F>(ctx, l3) else {
         return Parsed::Malformed;
     };
     if hdr[0] >> 4 != 6 {
@@ -515,21 +645,21 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Parsed {
                 return parse_l4(ctx, l4, end, FAMILY_V6, next, src, dst, direct);
             }
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let Some(ext) = load_copied::<[u8; 2]>(ctx, l4) else {
+                let Some(ext) = load_copied::<[u8; 2], F>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
                 next = ext[0];
                 l4 += (usize::from(ext[1]) + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let Some(ext) = load_copied::<[u8; 2]>(ctx, l4) else {
+                let Some(ext) = load_copied::<[u8; 2], F>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
                 next = ext[0];
                 l4 += (usize::from(ext[1]) + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let Some(ext) = load_copied::<[u8; 4]>(ctx, l4) else {
+                let Some(ext) = load_copied::<[u8; 4], F>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
                 if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
@@ -546,8 +676,8 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_l4(
-    ctx: &TcContext,
+fn parse_l4<F: Frame>(
+    ctx: &F,
     l4: usize,
     end: usize,
     family: u8,
@@ -558,16 +688,16 @@ fn parse_l4(
 ) -> Parsed {
     let read = |offset| {
         if direct {
-            load::<[u8; TCP_NEEDED]>(ctx, offset)
+            load::<[u8; TCP_NEEDED], F>(ctx, offset)
         } else {
-            load_copied::<[u8; TCP_NEEDED]>(ctx, offset)
+            load_copied::<[u8; TCP_NEEDED], F>(ctx, offset)
         }
     };
     let read_udp = |offset| {
         if direct {
-            load::<[u8; UDP_NEEDED]>(ctx, offset)
+            load::<[u8; UDP_NEEDED], F>(ctx, offset)
         } else {
-            load_copied::<[u8; UDP_NEEDED]>(ctx, offset)
+            load_copied::<[u8; UDP_NEEDED], F>(ctx, offset)
         }
     };
     let needed = if proto == PROTO_TCP {

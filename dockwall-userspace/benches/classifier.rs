@@ -175,7 +175,7 @@ fn entries(v6: bool, mix: Mix, n: usize) -> BTreeSet<AllowEntry> {
 }
 
 fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Result<Row> {
-    let mut obj = ebpf::load_unpinned()?;
+    let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
     ebpf::program(&mut obj, PROG_NOOP)?
         .load()
         .context("loading dw_noop")?;

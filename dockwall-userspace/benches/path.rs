@@ -350,7 +350,7 @@ impl Lab {
         // namespace; the link lives as long as the lab).
         enter_ns(CT_NS)?;
         let sink = (|| -> anyhow::Result<aya::Ebpf> {
-            let mut obj = ebpf::load_unpinned()?;
+            let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
             let prog = ebpf::program(&mut obj, PROG_DROP)?;
             prog.load().context("loading dw_drop")?;
             prog.attach_with_options(
@@ -484,7 +484,7 @@ fn install(competitor: Competitor, sources: &[Ipv4Addr]) -> anyhow::Result<Optio
     match competitor {
         Competitor::Baseline => {}
         Competitor::DropAll | Competitor::DockwallEbpf => {
-            let mut obj = ebpf::load_unpinned()?;
+            let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
             let prog = if competitor == Competitor::DropAll {
                 ebpf::program(&mut obj, PROG_DROP)?.load()?;
                 PROG_DROP

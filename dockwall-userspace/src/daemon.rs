@@ -29,7 +29,7 @@ use crate::{
     config::{self, Policy, journal::Change, journal::Journal},
     control::{self, Reply, Request, edit::Edit, server::Pending, sets::SetEdit},
     dataplane::{
-        ebpf::{self, AttachMode},
+        ebpf::{self, AttachMode, Hook},
         sync::{self, BindingsSource, Dataplanes},
     },
     droplog::{self, DropLog},
@@ -74,6 +74,7 @@ pub struct Kernel<'a> {
     pub obj: &'a mut aya::Ebpf,
     pub pins: ebpf::PinKeeper,
     pub mode: AttachMode,
+    pub hook: Hook,
 }
 
 /// The running daemon's view of what it keeps in force.
@@ -655,8 +656,8 @@ impl Daemon<'_, '_> {
             for iface in self.ifaces {
                 // An interface that is gone cannot be repaired until it returns.
                 let exists = Path::new("/sys/class/net").join(iface).exists();
-                if exists && !ebpf::attached(iface, kernel.mode) {
-                    ebpf::attach(kernel.obj, iface, kernel.mode)?;
+                if exists && !ebpf::attached(iface, kernel.mode, kernel.hook) {
+                    ebpf::attach(kernel.obj, iface, kernel.mode, kernel.hook)?;
                     repaired.push(format!(
                         "eBPF filter was not attached to {iface}: attached again"
                     ));

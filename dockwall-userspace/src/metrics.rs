@@ -215,12 +215,14 @@ fn render(shared: &Shared) -> anyhow::Result<String> {
     let up = Family::<Labels, Gauge>::default();
     for iface in &ifaces {
         let attached = state.ebpf && ebpf::pins_present() && {
-            let mode = state
+            let (mode, hook) = state
                 .interfaces
                 .iter()
                 .find(|i| &i.name == iface)
-                .map_or(ebpf::AttachMode::Auto, |i| i.mode);
-            ebpf::attached(iface, mode)
+                .map_or((ebpf::AttachMode::Auto, ebpf::Hook::Tc), |i| {
+                    (i.mode, i.hook)
+                });
+            ebpf::attached(iface, mode, hook)
         };
         if state.ebpf {
             up.get_or_create(&labels(&[("dataplane", "ebpf"), ("iface", iface)]))

@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::{dataplane::ebpf::AttachMode, policy::Binding};
+use crate::{
+    dataplane::ebpf::{AttachMode, Hook},
+    policy::Binding,
+};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/dockwall";
 const STATE_FILE: &str = "state.json";
@@ -37,6 +40,9 @@ pub fn run_dir() -> PathBuf {
 pub struct ManagedIface {
     pub name: String,
     pub mode: AttachMode,
+    /// Where the ingress decision runs; absent in state from before XDP.
+    #[serde(default)]
+    pub hook: Hook,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

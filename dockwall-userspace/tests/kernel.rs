@@ -2,6 +2,10 @@
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Each test loads its own copy of the
 //! embedded object with private, unpinned maps, so tests share no state.
+//!
+//! Every ingress case runs through the tc classifier (dw_ingress), or with
+//! `DOCKWALL_TEST_HOOK=xdp` through the XDP program (dw_xdp): one decision,
+//! two hooks, the same cases and counters. `cargo xtask test` runs both.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,8 +18,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use dockwall_common::{
-    CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, MAP_EVENTS, PROG_EGRESS, PROG_INGRESS, PROTO_TCP,
-    PROTO_UDP, PortKey, stat,
+    CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, MAP_EVENTS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
+    PROTO_TCP, PROTO_UDP, PortKey, stat,
 };
 use dockwall_userspace::{
     dataplane::ebpf::{self, Maps},
@@ -24,6 +28,53 @@ use dockwall_userspace::{
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
 const DROP: u32 = 2; // TC_ACT_SHOT
+/// XDP's codes, translated to the two above so every case reads the same.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+/// What an XDP return other than pass or drop becomes: never expected.
+const XDP_OTHER: u32 = 0xdead;
+
+/// The hook these tests put the ingress decision at.
+fn hook() -> ebpf::Hook {
+    match std::env::var("DOCKWALL_TEST_HOOK").as_deref() {
+        Err(_) | Ok("tc") => ebpf::Hook::Tc,
+        Ok("xdp") => ebpf::Hook::Xdp,
+        Ok(other) => panic!("DOCKWALL_TEST_HOOK={other}: want tc or xdp"),
+    }
+}
+
+/// The object with private maps and the programs of [`hook`] loaded.
+fn load_object() -> Ebpf {
+    ebpf::load_unpinned(hook()).expect("load object (are we root? Linux >= 5.18 for xdp?)")
+}
+
+/// Runs the ingress program of [`hook`] on `frame`, `repeat` times in one
+/// BPF_PROG_TEST_RUN, and returns its verdict in tc's codes.
+fn run_ingress(
+    obj: &mut Ebpf,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<u32, aya::programs::ProgramError> {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
+    match hook() {
+        ebpf::Hook::Tc => ebpf::program(obj, PROG_INGRESS)
+            .unwrap()
+            .test_run(opts)
+            .map(|r| r.return_value),
+        ebpf::Hook::Xdp => ebpf::xdp_program(obj, PROG_XDP)
+            .unwrap()
+            .test_run(opts)
+            .map(|r| match r.return_value {
+                XDP_PASS => PASS,
+                XDP_DROP => DROP,
+                _ => XDP_OTHER,
+            }),
+    }
+}
 
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
@@ -34,11 +85,27 @@ struct Harness {
     maps: Maps,
 }
 
+const STANDARD: &[(&str, &str)] = &[
+    ("192.0.2.0/24", "8081/tcp"),
+    ("198.51.100.7", "5353/udp"),
+    ("2001:db8:1::/48", "8081/tcp"),
+    ("2001:db8:2::7", "5353/udp"),
+    ("203.0.113.0/24", "9000/tcp"),
+    ("2001:db8:3::/64", "9000/tcp"),
+    ("any", "7000/tcp"),
+    ("0.0.0.0/0", "7001/tcp"),
+    ("10.0.0.0/8", "8081/tcp"),
+    ("10.1.0.0/16", "8081/tcp"),
+];
+
 impl Harness {
     /// Published: 8081/tcp+udp and 5353/udp and 7000-7001/tcp on every
     /// address; 9000/tcp only on 10.0.0.5 and 2001:db8::5.
     fn new(allow: &[(&str, &str)]) -> Self {
-        let mut ebpf = ebpf::load_unpinned().expect("load object (are we root?)");
+        Harness::loaded(load_object(), allow)
+    }
+
+    fn loaded(mut ebpf: Ebpf, allow: &[(&str, &str)]) -> Self {
         let mut maps = Maps::from_ebpf(&mut ebpf).unwrap();
         let mut bindings = Vec::new();
         let web_ips: Vec<IpAddr> =
@@ -76,18 +143,7 @@ impl Harness {
     }
 
     fn standard() -> Self {
-        Harness::new(&[
-            ("192.0.2.0/24", "8081/tcp"),
-            ("198.51.100.7", "5353/udp"),
-            ("2001:db8:1::/48", "8081/tcp"),
-            ("2001:db8:2::7", "5353/udp"),
-            ("203.0.113.0/24", "9000/tcp"),
-            ("2001:db8:3::/64", "9000/tcp"),
-            ("any", "7000/tcp"),
-            ("0.0.0.0/0", "7001/tcp"),
-            ("10.0.0.0/8", "8081/tcp"),
-            ("10.1.0.0/16", "8081/tcp"),
-        ])
+        Harness::new(STANDARD)
     }
 
     fn run(&mut self, prog: &str, frame: &[u8]) -> u32 {
@@ -100,7 +156,7 @@ impl Harness {
     }
 
     fn ingress(&mut self, frame: &[u8]) -> u32 {
-        self.run(PROG_INGRESS, frame)
+        run_ingress(&mut self.ebpf, frame, 1).expect("BPF_PROG_TEST_RUN")
     }
 
     fn egress(&mut self, frame: &[u8]) -> u32 {
@@ -723,15 +779,10 @@ fn truncated_at_every_length_is_dropped_never_allowed() {
 #[test]
 fn empty_and_short_frames_are_refused_by_the_kernel_or_dropped() {
     let mut h = Harness::standard();
-    let prog = ebpf::program(&mut h.ebpf, PROG_INGRESS).unwrap();
-    // The kernel refuses skb test runs shorter than an Ethernet header.
+    // The kernel refuses skb and xdp test runs shorter than an Ethernet header.
     for len in [0usize, 1, 13] {
         let frame = vec![0u8; len];
-        let opts = TestRunOptions {
-            data_in: Some(&frame),
-            ..Default::default()
-        };
-        assert!(prog.test_run(opts).is_err(), "len {len}");
+        assert!(run_ingress(&mut h.ebpf, &frame, 1).is_err(), "len {len}");
     }
 }
 
@@ -1065,6 +1116,84 @@ fn ipv6_extension_headers() {
     check(&mut h, &cases);
 }
 
+/// Both hooks in one object, on the same frames: allowed, denied, replies,
+/// tagged, IPv6 with extension headers, each truncated and mutated. Runs in
+/// the default (tc) pass too, so the XDP program is checked on every run.
+#[test]
+fn tc_and_xdp_decide_every_frame_alike() {
+    let (major, minor) = ebpf::XDP_MIN_KERNEL;
+    let current = aya::util::KernelVersion::current().unwrap();
+    if current < aya::util::KernelVersion::new(major, minor, 0) {
+        eprintln!("skipped: dw_xdp needs Linux {major}.{minor}, this is {current}");
+        return;
+    }
+    let mut h = Harness::loaded(ebpf::load_unpinned(ebpf::Hook::Xdp).unwrap(), STANDARD);
+    let mut seed = 0x5EED_0F0D_0C4A_1100_u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let bases = [
+        syn4("192.0.2.10", HOST4, 8081),
+        syn4("192.0.3.10", HOST4, 8081),
+        syn6("2001:db8:1::9", HOST6, 8081),
+        syn6("2001:db8:2::1", HOST6, 8081),
+        udp4("198.51.100.7", HOST4, 999, 5353),
+        eth_tags(
+            &[0x8100, 0x8100],
+            0x0800,
+            &syn4("192.0.2.10", HOST4, 8081)[14..],
+        ),
+        eth_tags(&[0x88A8], 0x86DD, &syn6("2001:db8:2::1", HOST6, 8081)[14..]),
+        eth(&ipv6(
+            "2001:db8:1::9",
+            HOST6,
+            6,
+            &tcp(1234, 8081, SYN),
+            &[ext_opts(0), ext_opts(60)],
+        )),
+    ];
+    let (mut compared, mut dropped) = (0, 0);
+    for i in 0..3000 {
+        let mut f = bases[i % bases.len()].clone();
+        if i >= bases.len() {
+            for _ in 0..(rand() % 3) {
+                let pos = (rand() as usize) % f.len();
+                f[pos] = rand() as u8;
+            }
+            f.truncate(14 + (rand() as usize) % (f.len() - 13));
+        }
+        let opts = || TestRunOptions {
+            data_in: Some(&f),
+            ..Default::default()
+        };
+        let tc = ebpf::program(&mut h.ebpf, PROG_INGRESS)
+            .unwrap()
+            .test_run(opts());
+        let xdp = ebpf::xdp_program(&mut h.ebpf, PROG_XDP)
+            .unwrap()
+            .test_run(opts());
+        let (Ok(tc), Ok(xdp)) = (tc, xdp) else {
+            continue; // the kernel's own checks refused the frame
+        };
+        let xdp = match xdp.return_value {
+            XDP_PASS => PASS,
+            XDP_DROP => DROP,
+            _ => XDP_OTHER,
+        };
+        assert_eq!(name(tc.return_value), name(xdp), "frame {i}: {f:02x?}");
+        compared += 1;
+        dropped += u32::from(xdp == DROP);
+    }
+    // Both verdicts well represented (1743 compared, 1340 dropped when written).
+    assert!(
+        compared > 1500 && dropped > 300 && compared - dropped > 100,
+        "{compared} compared, {dropped} dropped"
+    );
+}
+
 #[test]
 fn random_mutations_always_get_a_verdict_and_are_counted_once() {
     let mut h = Harness::standard();
@@ -1091,16 +1220,10 @@ fn random_mutations_always_get_a_verdict_and_are_counted_once() {
         }
         let len = 14 + (rand() as usize) % (f.len() - 13);
         let f = &f[..len];
-        let prog = ebpf::program(&mut h.ebpf, PROG_INGRESS).unwrap();
-        let opts = TestRunOptions {
-            data_in: Some(f),
-            ..Default::default()
-        };
-        let Ok(result) = prog.test_run(opts) else {
+        let Ok(verdict) = run_ingress(&mut h.ebpf, f, 1) else {
             refused += 1; // the kernel's own check of the IP header
             continue;
         };
-        let verdict = result.return_value;
         assert!(
             verdict == PASS || verdict == DROP,
             "frame {i}: verdict {verdict}"
@@ -1130,13 +1253,7 @@ fn ip_addr_helpers_agree_with_the_kernel_layout() {
 
 /// Runs `frame` `repeat` times in one BPF_PROG_TEST_RUN call.
 fn run_repeat(h: &mut Harness, frame: &[u8], repeat: u32) -> u32 {
-    let prog = ebpf::program(&mut h.ebpf, PROG_INGRESS).unwrap();
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        repeat,
-        ..Default::default()
-    };
-    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    run_ingress(&mut h.ebpf, frame, repeat).expect("BPF_PROG_TEST_RUN")
 }
 
 fn drain_events(ring: &mut RingBuf<MapData>) -> Vec<DropEvent> {
@@ -1304,7 +1421,7 @@ fn port_array_fast_path_keeps_endpoint_and_specific_binds_exact() {
     // 8080 is a wildcard host port of one container and, on 172.17.0.2, the
     // container port of another published as 8081: the endpoint is judged
     // by 8081's allowances, the host port by 8080's.
-    let mut ebpf = ebpf::load_unpinned().expect("load object (are we root?)");
+    let mut ebpf = load_object();
     let mut maps = Maps::from_ebpf(&mut ebpf).unwrap();
     let bindings = vec![
         binding("api", "0.0.0.0", 8080, 80, Proto::Tcp),

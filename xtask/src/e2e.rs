@@ -19,10 +19,23 @@ use crate::{
 pub(crate) struct Report {
     passed: usize,
     failed: Vec<String>,
+    /// Put before each check's name: the same checks run again elsewhere
+    /// (`[xdp]` at the XDP hook).
+    label: String,
 }
 
 impl Report {
+    /// Labels the checks that follow; "" for none.
+    pub(crate) fn set_label(&mut self, label: &str) {
+        self.label = if label.is_empty() {
+            String::new()
+        } else {
+            format!("[{label}] ")
+        };
+    }
+
     pub(crate) fn check(&mut self, name: &str, result: anyhow::Result<()>) {
+        let name = &format!("{}{name}", self.label);
         match result {
             Ok(()) => {
                 self.passed += 1;
@@ -157,15 +170,42 @@ fn lint(report: &mut Report) {
 }
 
 /// `cargo test` of the workspace (unit tests and the kernel tests, which
-/// need root); returns the summed pass/fail counts.
+/// need root), then the kernel tests again with the ingress decision at XDP
+/// (DOCKWALL_TEST_HOOK=xdp) where the kernel has it; returns the summed
+/// pass/fail counts.
 fn cargo_tests(report: &mut Report) -> anyhow::Result<(usize, usize)> {
-    let out = Command::new("cargo")
-        .current_dir(util::root())
+    let (mut passed, mut failed) = cargo_test(report, &[], None)?;
+    if util::kernel_has_xdp_hook() {
+        let (p, f) = cargo_test(
+            report,
+            &["-p", "dockwall-userspace", "--test", "kernel"],
+            Some("xdp"),
+        )?;
+        passed += p;
+        failed += f;
+    }
+    Ok((passed, failed))
+}
+
+fn cargo_test(
+    report: &mut Report,
+    args: &[&str],
+    hook: Option<&str>,
+) -> anyhow::Result<(usize, usize)> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(util::root())
         .args(["test", "--release", "--no-fail-fast"])
+        .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("spawning cargo test")?;
+        .stderr(Stdio::inherit());
+    if let Some(hook) = hook {
+        cmd.env("DOCKWALL_TEST_HOOK", hook);
+    }
+    let what = match hook {
+        Some(hook) => format!("cargo test (kernel tests at {hook})"),
+        None => "cargo test".to_string(),
+    };
+    let out = cmd.output().with_context(|| format!("spawning {what}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
     let (mut passed, mut failed) = (0, 0);
@@ -181,10 +221,7 @@ fn cargo_tests(report: &mut Report) -> anyhow::Result<(usize, usize)> {
         failed += num("failed");
     }
     if !out.status.success() && failed == 0 {
-        report.check(
-            "cargo test",
-            Err(anyhow::anyhow!("cargo test failed: {}", out.status)),
-        );
+        report.check(&what, Err(anyhow::anyhow!("{what} failed: {}", out.status)));
     }
     Ok((passed, failed))
 }
@@ -233,6 +270,7 @@ fn end_to_end(
                 "model" => crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?,
                 "scale" => scale(r, &dw, &a, &b)?,
                 "core" => core(r, &dockerd, &dw, &a, &b)?,
+                "xdp" => crate::xdp::run(r, &dockerd, &dw, &a, &b)?,
                 "fallback" => fallback_behaviour(r, &dw, &a, &b, true)?,
                 "fallback-alone" => fallback_behaviour(r, &dw, &a, &b, false)?,
                 "docker29-nft" => crate::docker29::run(r, &mut dockerd, &dw, &a, &b)?,
@@ -246,6 +284,7 @@ fn end_to_end(
     }
 
     core(r, &dockerd, &dw, &a, &b)?;
+    crate::xdp::run(r, &dockerd, &dw, &a, &b)?;
 
     foreign_rules_survive(r, &dw, &a, &b)?;
     netlink_path(r, &dw, &b, &b8081)?;
@@ -314,8 +353,9 @@ impl Drop for HostService {
 }
 
 /// The end-to-end phases `--only` knows.
-pub const PHASES: [&str; 13] = [
+pub const PHASES: [&str; 14] = [
     "core",
+    "xdp",
     "fallback",
     "fallback-alone",
     "docker29-nft",
@@ -334,7 +374,7 @@ pub const PHASES: [&str; 13] = [
 /// blocked and allowed probes, container egress, container restart on a new
 /// address, revoke, SIGTERM and kill -9 (fail-closed), unload. What every
 /// kernel and every Docker Engine of the matrix runs.
-fn core(
+pub(crate) fn core(
     r: &mut Report,
     dockerd: &Dockerd,
     dw: &Dockwall,
@@ -766,18 +806,18 @@ fn iptables_legacy(
     Ok(())
 }
 
-fn ipsets_present() -> bool {
+pub(crate) fn ipsets_present() -> bool {
     output(Command::new("ipset").args(["list", "-n"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("dockwall-"))
         .unwrap_or(false)
 }
 
-fn nft_table_present() -> bool {
+pub(crate) fn nft_table_present() -> bool {
     output(Command::new("nft").args(["list", "table", "inet", "dockwall"]))
         .is_ok_and(|o| o.status.success())
 }
 
-fn iptables_has_dockwall() -> bool {
+pub(crate) fn iptables_has_dockwall() -> bool {
     [
         "iptables-nft-save",
         "ip6tables-nft-save",
@@ -923,7 +963,7 @@ fn equivalence(
     let started = Instant::now();
     let m = crate::equivalence::run(dockerd, dw, a, b)?;
     println!(
-        "e2e: equivalence matrix: {} cases x 4 runs (baseline, ebpf-only, iptables-only, nftables-only) in {:.1?}; \
+        "e2e: equivalence matrix: {} cases x 5 runs (baseline, ebpf-only at tc, ebpf-only at XDP, iptables-only, nftables-only) in {:.1?}; \
          {} blocked by policy; mismatches between dataplanes: {}; mismatches with the policy: {}",
         m.cases,
         started.elapsed(),
@@ -949,10 +989,12 @@ fn equivalence(
         m.transit
     );
     r.expect(
-        "documented: routed transit traffic on a published port number passes with no dockwall and with iptables, and is filtered by eBPF and nftables",
+        "documented: routed transit traffic on a published port number passes with no dockwall and with iptables, and is filtered by eBPF (tc and XDP) and nftables",
         through("baseline") == Some(true)
             && through("iptables") == Some(true)
             && through("ebpf") == Some(false)
+            // None: a kernel without the XDP hook skipped that plane.
+            && through("ebpf-xdp") != Some(true)
             && through("nftables") == Some(false),
         || format!("{:?}", m.transit),
     );
@@ -1328,7 +1370,7 @@ pub(crate) fn retry(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result
     }
 }
 
-fn no_tc_programs(ifaces: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn no_tc_programs(ifaces: &[&str]) -> anyhow::Result<()> {
     for iface in ifaces {
         for dir in ["ingress", "egress"] {
             let out = output(Command::new("tc").args(["filter", "show", "dev", iface, dir]))?;
@@ -1343,6 +1385,12 @@ fn no_tc_programs(ifaces: &[&str]) -> anyhow::Result<()> {
             if text.contains("dw_ingress") || text.contains("dw_egress") {
                 bail!("{iface}: {text}");
             }
+        }
+        // bpftool lists XDP programs by id only: iproute2 names them.
+        if let Some((id, name)) = crate::xdp::xdp_prog(iface)?
+            && name.starts_with("dw_")
+        {
+            bail!("{iface}: XDP program {id} ({name})");
         }
     }
     Ok(())

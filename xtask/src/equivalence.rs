@@ -236,7 +236,15 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
             baseline[i] = outcome;
         }
     }
-    let ebpf = run_plane("ebpf", &["--no-iptables"])?;
+    let ebpf = run_plane("ebpf", &["--no-iptables", "--hook", "tc"])?;
+    // The same decision at native XDP on the veths (Linux >= 5.18); an
+    // older kernel compares tc with itself there.
+    let xdp = if crate::util::kernel_has_xdp_hook() {
+        run_plane("ebpf-xdp", &["--no-iptables", "--hook", "xdp"])?
+    } else {
+        println!("equivalence: no XDP plane on this kernel (--hook xdp needs Linux 5.18)");
+        ebpf.clone()
+    };
     let iptables = run_plane("iptables", &["--no-ebpf", "--fallback", "iptables"])?;
     let nftables = run_plane("nftables", &["--no-ebpf", "--fallback", "nftables"])?;
 
@@ -270,11 +278,12 @@ pub fn run(dockerd: &Dockerd, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::
                 ));
             }
         }
-        if ebpf[i] != iptables[i] || ebpf[i] != nftables[i] {
+        if ebpf[i] != iptables[i] || ebpf[i] != nftables[i] || ebpf[i] != xdp[i] {
             matrix.mismatches_between += 1;
         }
         for (plane, got) in [
             ("ebpf", ebpf[i]),
+            ("ebpf-xdp", xdp[i]),
             ("iptables", iptables[i]),
             ("nftables", nftables[i]),
         ] {

@@ -527,6 +527,9 @@ pub struct Dockwall {
     pub docker_host: String,
     pub config: PathBuf,
     pub run_dir: PathBuf,
+    /// `--hook` for every `load` of the eBPF filter that names no hook
+    /// itself; None: the default, tc.
+    hook: std::cell::Cell<Option<&'static str>>,
 }
 
 impl Dockwall {
@@ -543,7 +546,13 @@ impl Dockwall {
             docker_host,
             config: dir.join("dockwall.toml"),
             run_dir: dir.join("run"),
+            hook: std::cell::Cell::new(None),
         })
+    }
+
+    /// Runs every later `load` with `--hook HOOK` (None: the default).
+    pub fn set_hook(&self, hook: Option<&'static str>) {
+        self.hook.set(hook);
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -552,6 +561,12 @@ impl Dockwall {
             .env("DOCKWALL_CONFIG", &self.config)
             .env("DOCKWALL_RUN_DIR", &self.run_dir)
             .args(args);
+        if let Some(hook) = self.hook.get()
+            && args.first() == Some(&"load")
+            && !args.iter().any(|a| *a == "--hook" || *a == "--no-ebpf")
+        {
+            cmd.args(["--hook", hook]);
+        }
         cmd
     }
 
@@ -635,6 +650,7 @@ impl Dockwall {
             child,
             lines,
             unload: self.cmd(&["unload"]),
+            keep_filter: false,
         })
     }
 }
@@ -653,6 +669,8 @@ pub struct Loaded {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     unload: Command,
+    /// Leave the filter in place on drop: a later load takes it over.
+    keep_filter: bool,
 }
 
 impl Loaded {
@@ -697,6 +715,16 @@ impl Loaded {
         let _ = self.child.wait();
     }
 
+    /// Stops the daemon (if it still runs) and leaves its filter in force for
+    /// the next load to take over: no unload on drop.
+    pub fn hand_over(mut self) -> anyhow::Result<()> {
+        if self.running() {
+            self.stop()?;
+        }
+        self.keep_filter = true;
+        Ok(())
+    }
+
     /// SIGTERM and wait: the daemon exits, the filter stays.
     pub fn stop(&mut self) -> anyhow::Result<i32> {
         // SAFETY: signalling our own child by PID.
@@ -711,6 +739,8 @@ impl Drop for Loaded {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.stop();
         }
-        let _ = self.unload.output();
+        if !self.keep_filter {
+            let _ = self.unload.output();
+        }
     }
 }

@@ -24,6 +24,7 @@ mod swarm;
 mod util;
 mod vm;
 mod writer;
+mod xdp;
 
 use std::process::ExitCode;
 

@@ -39,10 +39,7 @@ pub fn run(
     b: &Client,
 ) -> anyhow::Result<()> {
     let _ = dockerd;
-    // Dual-stack ([::] also takes IPv4); lives until the suite exits.
-    let host_service = std::net::TcpListener::bind(format!("[::]:{HOST_SERVICE_PORT}"))
-        .context("binding the host service")?;
-    thread::spawn(move || for _ in host_service.incoming() {});
+    start_host_service()?;
     audit(r, dw, a, b)?;
     explain_matrix(r, dw, a, b, &[])?;
     explain_matrix(r, dw, a, b, &["--fallback", "nftables"])?;
@@ -53,6 +50,32 @@ pub fn run(
     readiness(r, dw, a, b)?;
     install(r);
     Ok(())
+}
+
+/// The operator's tools again with every load at the XDP hook (the caller
+/// sets it): audit mode, explain against real verdicts, the drop log and
+/// counters under a SYN flood, expiring allowances.
+pub(crate) fn at_xdp(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Result<()> {
+    start_host_service()?;
+    audit(r, dw, a, b)?;
+    explain_matrix(r, dw, a, b, &[])?;
+    drop_log(r, dw, a, b)?;
+    expiry(r, dw, a, b)
+}
+
+/// The host service on [`HOST_SERVICE_PORT`], dual-stack ([::] also takes
+/// IPv4), started once and kept until the suite exits.
+fn start_host_service() -> anyhow::Result<()> {
+    static STARTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            let listener = std::net::TcpListener::bind(format!("[::]:{HOST_SERVICE_PORT}"))
+                .map_err(|e| format!("binding the host service on {HOST_SERVICE_PORT}: {e}"))?;
+            thread::spawn(move || for _ in listener.incoming() {});
+            Ok(())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn ifaces<'a>(a: &'a Client, b: &'a Client) -> [&'a str; 2] {

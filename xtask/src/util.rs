@@ -59,6 +59,19 @@ pub fn sh(script: &str) -> Command {
     cmd
 }
 
+/// Whether this kernel runs dockwall's XDP program (`load --hook xdp`
+/// needs Linux 5.18 for bpf_xdp_load_bytes): the VM cells of older kernels
+/// skip the XDP checks.
+pub fn kernel_has_xdp_hook() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (5, 18)
+}
+
 /// Runs both benchmarks (classifier under BPF_PROG_TEST_RUN, then the
 /// whole forwarding path); returns the folder with their results.
 pub fn bench(quick: bool) -> anyhow::Result<PathBuf> {

@@ -15,7 +15,7 @@ use dockwall_common::{CONFIG_AUDIT, Config, DEFAULT_LOG_RATE, MAP_EVENTS};
 use crate::{
     clock, config, control,
     daemon::{Daemon, Kernel, StoreLink, release_heap},
-    dataplane::ebpf::{self, AttachMode, Maps},
+    dataplane::ebpf::{self, AttachMode, Hook, Maps},
     dataplane::fallback,
     dataplane::iptables,
     dataplane::sync::{self, BindingsSource, Dataplanes},
@@ -42,9 +42,15 @@ Each dropped new connection is printed as `drop SRC:PORT -> CONTAINER (published
 CPORT) on IF`, at most --log-rate lines a second (limited in the kernel), with a summary of \
 what the limit held back. --audit drops nothing and prints `audit: would drop ...` instead. \
 Under systemd (Type=notify) READY=1 is sent once the filter is in force.\n\n\
+--hook xdp runs the same decision as native XDP in the driver, so a flood of denied SYNs is \
+dropped before the kernel allocates an skb (Linux 5.18+ and a driver with native XDP; the \
+egress program stays on tc). It is refused, changing nothing, where another XDP program is \
+attached, and where the driver has no native XDP. XDP sees the frame as the wire carries it: \
+VLAN tags are still in the packet (two are parsed, as with tc).\n\n\
 Examples:\n  \
 sudo dockwall load --iface eth0\n  \
 sudo dockwall load --iface eth0 --audit --log-rate 100\n  \
+sudo dockwall load --iface eth0 --hook xdp\n  \
 sudo dockwall load --iface eth0 --iface eth1 --metrics 127.0.0.1:9464\n  \
 sudo dockwall load --iface eth0 --dry-run"
 )]
@@ -55,6 +61,9 @@ pub struct LoadArgs {
     /// How to attach the eBPF classifiers
     #[arg(long, value_enum, default_value = "auto")]
     pub attach: AttachMode,
+    /// Where the ingress decision runs: tc (every driver) or native XDP (drops before an skb exists)
+    #[arg(long, value_enum, default_value = "tc")]
+    pub hook: Hook,
     /// Do not install the eBPF filter (iptables fallback only)
     #[arg(long)]
     pub no_ebpf: bool,
@@ -151,6 +160,9 @@ pub fn run(
     for iface in &args.ifaces {
         check_iface(iface)?;
     }
+    if args.hook == Hook::Xdp && args.no_ebpf {
+        bail!("--hook xdp places the eBPF filter, and --no-ebpf leaves it out; drop one of them");
+    }
     config::check_readable(config_path)?;
     if args.dry_run {
         let policy = match store {
@@ -166,6 +178,13 @@ pub fn run(
     super::require_root("load")?;
     if !args.no_ebpf {
         ebpf::check_bpffs()?;
+        // Refusals an XDP attach would meet, before anything is changed.
+        ebpf::check_kernel(args.hook)?;
+        if args.hook == Hook::Xdp {
+            for iface in &args.ifaces {
+                ebpf::check_xdp_free(iface)?;
+            }
+        }
     }
     let _daemon = runtime::daemon_lock()?;
     let previous_daemon = runtime::daemon().unwrap_or_default();
@@ -294,7 +313,7 @@ async fn run_loaded(
         };
         let mut drop_log = None;
         if !args.no_ebpf {
-            let mut obj = ebpf::load_pinned()?;
+            let mut obj = ebpf::load_pinned(args.hook)?;
             let mut maps = Maps::from_ebpf(&mut obj)?;
             maps.set_config(Config {
                 flags: if args.audit { CONFIG_AUDIT } else { 0 },
@@ -314,8 +333,11 @@ async fn run_loaded(
         let apply_time = started.elapsed();
         release_heap();
         if let Some(obj) = ebpf_obj.as_mut() {
-            for iface in &args.ifaces {
-                ebpf::attach(obj, iface, mode)?;
+            for (n, iface) in args.ifaces.iter().enumerate() {
+                if let Err(e) = ebpf::attach(obj, iface, mode, args.hook) {
+                    undo_attach(obj, &previous, &args.ifaces[..n], &fallback);
+                    return Err(e);
+                }
             }
         }
         if let Some(fallback) = fallback {
@@ -342,6 +364,7 @@ async fn run_loaded(
                 .map(|name| ManagedIface {
                     name: name.clone(),
                     mode,
+                    hook: args.hook,
                 })
                 .collect(),
             ebpf: !args.no_ebpf,
@@ -352,7 +375,10 @@ async fn run_loaded(
         })?;
         let mut planes = Vec::new();
         if !args.no_ebpf {
-            planes.push(format!("ebpf {mode:?}").to_lowercase());
+            planes.push(match args.hook {
+                Hook::Tc => format!("ebpf {mode:?}").to_lowercase(),
+                Hook::Xdp => format!("ebpf xdp, egress {mode:?}").to_lowercase(),
+            });
         }
         if let Some(f) = fallback {
             planes.push(f.name());
@@ -398,6 +424,7 @@ async fn run_loaded(
                 obj,
                 pins: ebpf::PinKeeper::open()?,
                 mode,
+                hook: args.hook,
             }),
             None => None,
         };
@@ -504,6 +531,46 @@ fn dry_run(args: &LoadArgs, policy: &config::Policy) -> anyhow::Result<ExitCode>
 }
 
 /// Refuses interfaces that do not exist or are not Ethernet, before anything changes.
+/// A load whose attach failed (a driver without native XDP, say) takes back
+/// what it installed, so the host is as it was: the interfaces attached
+/// before the failure go back to their previous hook (or lose the filter if
+/// it is new to them), and a first load leaves no maps and no fallback rules.
+/// Best effort: the attach error is what the admin needs to see.
+fn undo_attach(
+    obj: &mut aya::Ebpf,
+    previous: &State,
+    attached: &[String],
+    fallback: &Option<fallback::Fallback>,
+) {
+    for iface in attached {
+        let undone = match previous.interfaces.iter().find(|o| &o.name == iface) {
+            None => ebpf::detach(iface),
+            // Back to tc, whose programs every load has at hand; an earlier
+            // XDP attach was only swapped, the same decision, if this load
+            // also asked for XDP.
+            Some(old) if old.hook == Hook::Tc => ebpf::attach(obj, iface, old.mode, old.hook),
+            Some(_) => Ok(()),
+        };
+        if let Err(e) = undone {
+            eprintln!("dockwall: undoing the attach to {iface}: {e:#}");
+        }
+    }
+    if !previous.ebpf
+        && let Err(e) = ebpf::remove_pins()
+    {
+        eprintln!("dockwall: undoing the load, removing the pins: {e:#}");
+    }
+    if previous.fallback.is_none()
+        && let Some(f) = fallback
+        && let Err(e) = f.remove()
+    {
+        eprintln!(
+            "dockwall: undoing the load, removing the {} rules: {e:#}",
+            f.name()
+        );
+    }
+}
+
 fn check_iface(iface: &str) -> anyhow::Result<()> {
     let valid_name = !iface.is_empty()
         && iface.len() < 16

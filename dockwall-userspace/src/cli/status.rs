@@ -28,6 +28,8 @@ pub struct StatusArgs {
 struct Iface {
     name: String,
     mode: ebpf::AttachMode,
+    /// Where the ingress decision runs: `tc` or `xdp`.
+    hook: ebpf::Hook,
     attached: bool,
 }
 
@@ -149,7 +151,8 @@ pub fn run(config: &std::path::Path, args: StatusArgs) -> anyhow::Result<ExitCod
         .map(|i| Iface {
             name: i.name.clone(),
             mode: i.mode,
-            attached: pins && ebpf::attached(&i.name, i.mode),
+            hook: i.hook,
+            attached: pins && ebpf::attached(&i.name, i.mode, i.hook),
         })
         .collect();
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
@@ -290,7 +293,11 @@ fn print_text(s: &Status) {
             (true, true) => "eBPF attached",
             (true, false) => "eBPF NOT attached",
         };
-        println!("  interface {} ({:?}): {state}", i.name, i.mode);
+        let hook = match i.hook {
+            ebpf::Hook::Tc => format!("{:?}", i.mode),
+            ebpf::Hook::Xdp => format!("XDP native, egress {:?}", i.mode),
+        };
+        println!("  interface {} ({hook}): {state}", i.name);
     }
     match &s.fallback {
         None if !s.interfaces.is_empty() => println!("  fallback: off (--no-iptables)"),

@@ -13,9 +13,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     if let Ok(entries) = std::fs::read_dir(ebpf::PIN_DIR) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(iface) = name
-                .strip_prefix("link_ingress_")
-                .or_else(|| name.strip_prefix("link_egress_"))
+            if let Some(iface) = ebpf::LINK_PIN_PREFIXES
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
                 && !ifaces.iter().any(|i| i == iface)
             {
                 ifaces.push(iface.to_string());

@@ -13,17 +13,18 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        xdp::XdpLink,
     },
     sys::SyscallError,
     util::KernelVersion,
 };
 use dockwall_common::{
     ALL_MAPS, ALLOW_KEY_FIXED_BITS, AllowKey, AllowValue, Config, MAP_ALLOW, MAP_CONFIG,
-    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PortKey,
-    PublishedKey, PublishedValue, scope_bit, stat,
+    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
+    PortKey, PublishedKey, PublishedValue, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,32 @@ impl AttachMode {
     }
 }
 
+/// Where the ingress decision runs. The egress program that notes outbound
+/// UDP flows is a tc program either way (XDP has no egress hook).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// tc ingress classifier: every driver, every kernel dockwall supports.
+    #[default]
+    Tc,
+    /// Native XDP in the driver: a denied packet is dropped before the
+    /// kernel allocates an skb for it (Linux >= 5.18, a driver with native XDP).
+    Xdp,
+}
+
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Tc => "tc",
+            Hook::Xdp => "xdp",
+        }
+    }
+}
+
+/// The release that added bpf_xdp_load_bytes, which dw_xdp reads headers
+/// beyond the linear area with.
+pub const XDP_MIN_KERNEL: (u8, u8) = (5, 18);
+
 /// Fails with a clear message unless /sys/fs/bpf is a bpffs.
 pub fn check_bpffs() -> anyhow::Result<()> {
     let path = std::ffi::CString::new(BPFFS).context("BPFFS path")?;
@@ -101,16 +128,30 @@ fn link_pin(iface: &str, direction: &str) -> PathBuf {
     Path::new(PIN_DIR).join(format!("link_{direction}_{iface}"))
 }
 
+/// The pin of an interface's XDP link. `link_{direction}_` like the tc links,
+/// so `unload` finds it by the same prefix.
+const XDP_LINK: &str = "xdp";
+
+/// The prefixes of link pins, each followed by the interface name.
+pub const LINK_PIN_PREFIXES: [&str; 3] = ["link_ingress_", "link_egress_", "link_xdp_"];
+
 /// The oldest kernel dockwall supports: Debian 11's 5.10, the oldest one
 /// the platform matrix runs (`cargo xtask test --matrix`). The program needs
 /// 5.8 (ring buffer, bpf_ktime_get_boot_ns); nothing older was tried.
 pub const MIN_KERNEL: (u8, u8) = (5, 10);
 
-/// Refuses a kernel older than [`MIN_KERNEL`], or one without what the
-/// program uses, in one line that names what is missing.
-pub fn check_kernel() -> anyhow::Result<()> {
+/// Refuses a kernel older than [`MIN_KERNEL`] (or [`XDP_MIN_KERNEL`] for
+/// the XDP hook), or one without what the program uses, in one line that
+/// names what is missing.
+pub fn check_kernel(hook: Hook) -> anyhow::Result<()> {
     let current = KernelVersion::current().context("reading the kernel's version (uname)")?;
     refuse_old_kernel(current)?;
+    let (major, minor) = XDP_MIN_KERNEL;
+    if hook == Hook::Xdp && current < KernelVersion::new(major, minor, 0) {
+        bail!(
+            "--hook xdp needs Linux {major}.{minor} or later (bpf_xdp_load_bytes) and this is {current}; load with --hook tc"
+        );
+    }
     // A kernel built without them (custom configs) fails the same way.
     for (map, what) in [
         (aya::maps::MapType::RingBuf, "BPF ring buffer maps"),
@@ -137,8 +178,8 @@ fn refuse_old_kernel(current: KernelVersion) -> anyhow::Result<()> {
 
 /// Loads the object, reusing maps already pinned by an earlier load (so
 /// allowances, counters and UDP flows survive a restart of the daemon).
-pub fn load_pinned() -> anyhow::Result<Ebpf> {
-    check_kernel()?;
+pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
+    check_kernel(hook)?;
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
     let mut loader = EbpfLoader::new();
@@ -148,24 +189,38 @@ pub fn load_pinned() -> anyhow::Result<Ebpf> {
     let mut ebpf = loader
         .load(object())
         .context("loading the dockwall eBPF object (bpf_map_create / BPF_OBJ_GET)")?;
-    load_programs(&mut ebpf)?;
+    load_programs(&mut ebpf, hook)?;
     Ok(ebpf)
 }
 
-/// Loads the object with private, unpinned maps (tests, dry runs).
-pub fn load_unpinned() -> anyhow::Result<Ebpf> {
+/// Loads the object with private, unpinned maps (tests, benchmarks).
+pub fn load_unpinned(hook: Hook) -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(object()).context("loading the dockwall eBPF object")?;
-    load_programs(&mut ebpf)?;
+    load_programs(&mut ebpf, hook)?;
     Ok(ebpf)
 }
 
-fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+/// The tc programs always (a switch back to `--hook tc` needs the ingress
+/// one at hand); dw_xdp only for the XDP hook, as older kernels refuse it.
+fn load_programs(ebpf: &mut Ebpf, hook: Hook) -> anyhow::Result<()> {
     for name in [PROG_INGRESS, PROG_EGRESS] {
         program(ebpf, name)?
             .load()
             .with_context(|| format!("loading program {name} (BPF_PROG_LOAD)"))?;
     }
+    if hook == Hook::Xdp {
+        xdp_program(ebpf, PROG_XDP)?
+            .load()
+            .with_context(|| format!("loading program {PROG_XDP} (BPF_PROG_LOAD)"))?;
+    }
     Ok(())
+}
+
+pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not an XDP program"))
 }
 
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
@@ -175,21 +230,46 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Sch
         .with_context(|| format!("program {name} is not a tc classifier"))
 }
 
-/// Attaches both classifiers to `iface`. Where dockwall is attached already
-/// the program is swapped in place (bpf_link_update / netlink replace), so
-/// there is never a moment without the filter.
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<()> {
-    for (name, attach_type, direction) in [
-        (PROG_INGRESS, TcAttachType::Ingress, "ingress"),
-        (PROG_EGRESS, TcAttachType::Egress, "egress"),
-    ] {
-        let prog = program(ebpf, name)?;
-        match mode {
-            AttachMode::Tcx | AttachMode::Auto => attach_tcx(prog, iface, attach_type, direction)?,
-            AttachMode::Netlink => attach_netlink(prog, iface, attach_type)?,
+/// Attaches the ingress decision at `hook` and the egress classifier to
+/// `iface`. Where dockwall is attached already the program is swapped in
+/// place (bpf_link_update / netlink replace), and a change of hook attaches
+/// the new one before it detaches the old: there is never a moment without
+/// the filter.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, hook: Hook) -> anyhow::Result<()> {
+    match hook {
+        Hook::Tc => {
+            attach_tc(ebpf, iface, mode, TcAttachType::Ingress)?;
+            attach_tc(ebpf, iface, mode, TcAttachType::Egress)?;
+            detach_xdp(iface)
+        }
+        Hook::Xdp => {
+            attach_xdp(ebpf, iface)?;
+            attach_tc(ebpf, iface, mode, TcAttachType::Egress)?;
+            detach_tc(iface, TcAttachType::Ingress)
         }
     }
-    Ok(())
+}
+
+/// The program, pin direction and verb of each tc attach point.
+fn tc_point(attach_type: TcAttachType) -> (&'static str, &'static str) {
+    match attach_type {
+        TcAttachType::Egress => (PROG_EGRESS, "egress"),
+        _ => (PROG_INGRESS, "ingress"),
+    }
+}
+
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    attach_type: TcAttachType,
+) -> anyhow::Result<()> {
+    let (name, direction) = tc_point(attach_type);
+    let prog = program(ebpf, name)?;
+    match mode {
+        AttachMode::Tcx | AttachMode::Auto => attach_tcx(prog, iface, attach_type, direction),
+        AttachMode::Netlink => attach_netlink(prog, iface, attach_type),
+    }
 }
 
 fn attach_tcx(
@@ -201,9 +281,8 @@ fn attach_tcx(
     let pin = link_pin(iface, direction);
     // A pinned link that no longer attaches anything (detached by hand, or
     // its interface was re-created) is dropped and attached afresh.
-    if direction == "ingress" && pin.exists() && !attached(iface, AttachMode::Tcx) {
+    if pin.exists() && !tcx_attached(iface, attach_type) {
         let _ = std::fs::remove_file(&pin);
-        let _ = std::fs::remove_file(link_pin(iface, "egress"));
     }
     match PinnedLink::from_pin(&pin) {
         Ok(old) => {
@@ -244,6 +323,156 @@ fn attach_tcx(
     Ok(())
 }
 
+/// Attaches dw_xdp in native (driver) mode through a pinned bpf_link, or
+/// swaps it into the pinned link of an earlier load.
+fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {
+    let pin = link_pin(iface, XDP_LINK);
+    if pin.exists() && !xdp_attached(iface) {
+        let _ = std::fs::remove_file(&pin);
+    }
+    let prog = xdp_program(ebpf, PROG_XDP)?;
+    match PinnedLink::from_pin(&pin) {
+        Ok(old) => {
+            let link = XdpLink::try_from(FdLink::from(old))
+                .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+            let id = prog.attach_to_link(link).with_context(|| {
+                format!(
+                    "replacing the program in {} (bpf_link_update)",
+                    pin.display()
+                )
+            })?;
+            drop(prog.take_link(id)?);
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            // Native only: generic (skb) XDP would cost more than tc does.
+            let id = prog
+                .attach(iface, XdpMode::Driver)
+                .map_err(|e| xdp_attach_error(iface, e))?;
+            let link: FdLink = prog.take_link(id)?.try_into().with_context(|| {
+                format!("the XDP attach to {iface} fell back to netlink; dockwall needs a bpf_link")
+            })?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning {} (BPF_OBJ_PIN)", pin.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
+    }
+    Ok(())
+}
+
+/// The one-line reason a native XDP attach failed, for the errors an admin
+/// can act on.
+fn xdp_attach_error(iface: &str, e: ProgramError) -> anyhow::Error {
+    let errno = match &e {
+        ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EOPNOTSUPP) => anyhow!(
+            "{iface} ({}) has no native XDP support; load with --hook tc",
+            driver(iface)
+        ),
+        Some(libc::EBUSY | libc::EEXIST) => match xdp_program_on(iface) {
+            Ok(Some(other)) => foreign_xdp(iface, &other),
+            _ => anyhow!(
+                "{iface} already has an XDP program attached; detach it or load with --hook tc"
+            ),
+        },
+        _ => anyhow::Error::new(e).context(format!(
+            "attaching {PROG_XDP} to {iface} (XDP, bpf_link_create)"
+        )),
+    }
+}
+
+/// An XDP program on an interface: its id and name, as the kernel reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpProgram {
+    pub id: u64,
+    pub name: String,
+}
+
+fn foreign_xdp(iface: &str, other: &XdpProgram) -> anyhow::Error {
+    anyhow!(
+        "{iface} already has XDP program id {} ({}) attached; detach it (`ip link set dev {iface} xdp off`) or load with --hook tc",
+        other.id,
+        other.name
+    )
+}
+
+/// Refuses, before anything is changed, an interface where `--hook xdp`
+/// cannot attach: another XDP program is there. (A driver without native
+/// XDP is only known by trying; that refusal comes from the attach.)
+pub fn check_xdp_free(iface: &str) -> anyhow::Result<()> {
+    match xdp_program_on(iface)? {
+        Some(other) if other.name != PROG_XDP => Err(foreign_xdp(iface, &other)),
+        _ => Ok(()),
+    }
+}
+
+/// The interface's driver (or link kind for virtual ones), for messages.
+fn driver(iface: &str) -> String {
+    let link = Path::new("/sys/class/net")
+        .join(iface)
+        .join("device/driver");
+    if let Some(name) = std::fs::read_link(&link)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    {
+        return format!("driver {name}");
+    }
+    match ip_link_json(iface)
+        .ok()
+        .and_then(|v| v["linkinfo"]["info_kind"].as_str().map(str::to_string))
+    {
+        Some(kind) => format!("{kind} device"),
+        None => "no driver".to_string(),
+    }
+}
+
+/// `ip -j -d link show dev IF`: iproute2 reads the XDP attachment and the
+/// link kind over netlink, which aya does not expose.
+fn ip_link_json(iface: &str) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", iface])
+        .output()
+        .context("running `ip -j -d link show` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip link show dev {iface}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut links: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j link show` output")?;
+    Ok(links[0].take())
+}
+
+/// The XDP program attached to `iface` in any mode, if one is.
+pub fn xdp_program_on(iface: &str) -> anyhow::Result<Option<XdpProgram>> {
+    let link = ip_link_json(iface)?;
+    let xdp = &link["xdp"];
+    // One program: xdp.prog; several modes at once: xdp.attached[].prog.
+    let progs = std::iter::once(&xdp["prog"]).chain(
+        xdp["attached"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| &a["prog"]),
+    );
+    for prog in progs {
+        if let Some(id) = prog["id"].as_u64() {
+            let name = prog["name"].as_str().unwrap_or("unnamed").to_string();
+            return Ok(Some(XdpProgram { id, name }));
+        }
+    }
+    Ok(None)
+}
+
+fn xdp_attached(iface: &str) -> bool {
+    matches!(xdp_program_on(iface), Ok(Some(p)) if p.name == PROG_XDP)
+}
+
 fn attach_netlink(
     prog: &mut SchedClassifier,
     iface: &str,
@@ -278,41 +507,56 @@ fn attach_netlink(
     Ok(())
 }
 
-/// Detaches dockwall from `iface` (either attach mode); missing is fine.
+/// Detaches dockwall from `iface` (any hook, either attach mode); missing
+/// is fine.
 pub fn detach(iface: &str) -> anyhow::Result<()> {
-    for direction in ["ingress", "egress"] {
-        let pin = link_pin(iface, direction);
-        match std::fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-        }
+    detach_xdp(iface)?;
+    detach_tc(iface, TcAttachType::Ingress)?;
+    detach_tc(iface, TcAttachType::Egress)
+}
+
+fn remove_pin(pin: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
     }
+}
+
+/// The XDP link lives only in its pin: removing it detaches dw_xdp.
+fn detach_xdp(iface: &str) -> anyhow::Result<()> {
+    remove_pin(&link_pin(iface, XDP_LINK))
+}
+
+fn detach_tc(iface: &str, attach_type: TcAttachType) -> anyhow::Result<()> {
+    let (name, direction) = tc_point(attach_type);
+    remove_pin(&link_pin(iface, direction))?;
     if Path::new("/sys/class/net").join(iface).exists() {
-        for (attach_type, name) in [
-            (TcAttachType::Ingress, PROG_INGRESS),
-            (TcAttachType::Egress, PROG_EGRESS),
-        ] {
-            match tc::qdisc_detach_program(iface, attach_type, name) {
-                Ok(()) => {}
-                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-                // No clsact qdisc: nothing of ours is there.
-                Err(tc::TcError::NetlinkError(_)) => {}
-                Err(e) => return Err(e).with_context(|| format!("detaching from {iface}")),
-            }
+        match tc::qdisc_detach_program(iface, attach_type, name) {
+            Ok(()) => {}
+            Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            // No clsact qdisc: nothing of ours is there.
+            Err(tc::TcError::NetlinkError(_)) => {}
+            Err(e) => return Err(e).with_context(|| format!("detaching {name} from {iface}")),
         }
     }
     Ok(())
 }
 
-/// Whether dockwall's ingress classifier is attached to `iface` now.
-pub fn attached(iface: &str, mode: AttachMode) -> bool {
-    match mode {
-        AttachMode::Netlink => netlink_attached(iface),
-        _ => SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
-            .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(PROG_INGRESS)))
-            .unwrap_or(false),
+/// Whether dockwall's ingress decision is attached to `iface` now.
+pub fn attached(iface: &str, mode: AttachMode, hook: Hook) -> bool {
+    match (hook, mode) {
+        (Hook::Xdp, _) => xdp_attached(iface),
+        (Hook::Tc, AttachMode::Netlink) => netlink_attached(iface),
+        (Hook::Tc, _) => tcx_attached(iface, TcAttachType::Ingress),
     }
+}
+
+fn tcx_attached(iface: &str, attach_type: TcAttachType) -> bool {
+    let (name, _) = tc_point(attach_type);
+    SchedClassifier::query_tcx(iface, attach_type)
+        .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(name)))
+        .unwrap_or(false)
 }
 
 fn netlink_attached(iface: &str) -> bool {
