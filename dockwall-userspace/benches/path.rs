@@ -43,7 +43,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::{LinkOrder, TcAttachType, tc::TcAttachOptions};
-use dockwall_common::{PROG_DROP, PROG_INGRESS};
+use dockwall_common::{PROG_DROP, PROG_INGRESS, PROG_XDP, PROG_XDP_DROP};
 use dockwall_userspace::{
     dataplane::ebpf::{self, Maps},
     dataplane::iptables::{self, Backend},
@@ -95,6 +95,10 @@ enum Competitor {
     DockerDocs,
     NftConcat,
     IpsetNetPort,
+    /// An XDP program that drops everything: the floor at XDP.
+    XdpDropAll,
+    /// dockwall's decision at native XDP (`load --hook xdp`).
+    DockwallXdp,
 }
 
 impl Competitor {
@@ -111,6 +115,15 @@ impl Competitor {
         Competitor::IpsetNetPort,
     ];
 
+    /// `--xdp`: the hooks side by side, each beside its drop-all floor.
+    const XDP: [Competitor; 5] = [
+        Competitor::Baseline,
+        Competitor::DropAll,
+        Competitor::DockwallEbpf,
+        Competitor::XdpDropAll,
+        Competitor::DockwallXdp,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Competitor::Baseline => "nothing (baseline)",
@@ -123,6 +136,8 @@ impl Competitor {
             Competitor::DockerDocs => "Docker docs conntrack rules, iptables-nft",
             Competitor::NftConcat => "nftables concat set",
             Competitor::IpsetNetPort => "ipset hash:net,port",
+            Competitor::XdpDropAll => "XDP drop-all (floor)",
+            Competitor::DockwallXdp => "dockwall eBPF at XDP",
         }
     }
 
@@ -138,6 +153,8 @@ impl Competitor {
             Competitor::DockerDocs => "docker_docs_conntrack",
             Competitor::NftConcat => "nft_concat_set",
             Competitor::IpsetNetPort => "ipset_net_port",
+            Competitor::XdpDropAll => "xdp_drop_all",
+            Competitor::DockwallXdp => "dockwall_xdp",
         }
     }
 
@@ -190,10 +207,17 @@ fn main() -> anyhow::Result<()> {
         sweeps: if quick { 1 } else { 3 },
         target_run: Duration::from_millis(if quick { 60 } else { 300 }),
     };
-    let counts: Vec<usize> = if quick {
-        vec![10, 1_000]
+    // --xdp: only the tc and XDP hooks and their floors, into path-xdp.*.
+    let xdp = args.iter().any(|a| a == "--xdp");
+    let competitors: &[Competitor] = if xdp {
+        &Competitor::XDP
     } else {
-        vec![10, 100, 1_000, 10_000, 100_000]
+        &Competitor::ALL
+    };
+    let counts: Vec<usize> = match (quick, xdp) {
+        (true, _) => vec![10, 1_000],
+        (false, true) => vec![10, 1_000, 100_000],
+        (false, false) => vec![10, 100, 1_000, 10_000, 100_000],
     };
     let home = NetnsHome::open()?;
     // Whole sweeps, repeated: a slow drift of the machine (a noisy
@@ -203,7 +227,7 @@ fn main() -> anyhow::Result<()> {
     for sweep in 0..config.sweeps {
         let mut i = 0;
         for &n in &counts {
-            for competitor in Competitor::ALL {
+            for &competitor in competitors {
                 if competitor.linear() && n > LINEAR_MAX {
                     continue;
                 }
@@ -231,6 +255,18 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
     let mode = if quick { "quick" } else { "full" };
+    if xdp {
+        write(
+            &config.out.join("path-xdp.json"),
+            &json(&rows, &config, mode),
+        )?;
+        write(
+            &config.out.join("path-xdp.md"),
+            &xdp_markdown(&rows, &config, mode),
+        )?;
+        println!("wrote {}/path-xdp.json, path-xdp.md", config.out.display());
+        return Ok(());
+    }
     write(&config.out.join("path.json"), &json(&rows, &config, mode))?;
     write(&config.out.join("path.md"), &markdown(&rows, &config, mode))?;
     write(&config.out.join("path.svg"), &svg(&rows))?;
@@ -502,6 +538,25 @@ fn install(competitor: Competitor, sources: &[Ipv4Addr]) -> anyhow::Result<Optio
                     TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
                 .with_context(|| format!("attaching {prog} (tcx)"))?;
+            kept = Some(obj);
+        }
+        Competitor::XdpDropAll | Competitor::DockwallXdp => {
+            let mut obj = ebpf::load_unpinned(ebpf::Hook::Xdp)?;
+            let prog = if competitor == Competitor::XdpDropAll {
+                ebpf::xdp_program(&mut obj, PROG_XDP_DROP)?.load()?;
+                PROG_XDP_DROP
+            } else {
+                let mut maps = Maps::from_ebpf(&mut obj)?;
+                maps.sync_published(&policy::compile_published(&[binding()?]))?;
+                let permanent = entries(sources).into_iter().map(|e| (e, 0)).collect();
+                maps.sync_allow(&permanent)?;
+                PROG_XDP
+            };
+            // Native mode on the router's veth: the generator's frames
+            // cross the pair into it, so the device's XDP program runs.
+            ebpf::xdp_program(&mut obj, prog)?
+                .attach(RT_IF, aya::programs::XdpMode::Driver)
+                .with_context(|| format!("attaching {prog} (native XDP)"))?;
             kept = Some(obj);
         }
         Competitor::DockwallIptables => {
@@ -798,7 +853,7 @@ fn measure(
             passes,
             &mut port_base,
         )?;
-        let allowed_ns = if competitor == Competitor::DropAll {
+        let allowed_ns = if matches!(competitor, Competitor::DropAll | Competitor::XdpDropAll) {
             None
         } else {
             Some(timed(
@@ -822,6 +877,63 @@ fn measure(
     home.enter()?;
     drop(lab);
     result
+}
+
+/// `--xdp`: per allowance count, each program's drop cost beside its floor,
+/// dockwall at XDP against dockwall at tc, and drops per second per core.
+fn xdp_markdown(rows: &[Row], config: &Config, mode: &str) -> String {
+    let get =
+        |c: Competitor, n: usize| rows.iter().find(|r| r.competitor == c && r.allowances == n);
+    let mut counts: Vec<usize> = rows.iter().map(|r| r.allowances).collect();
+    counts.dedup();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# XDP vs tc on the whole path ({mode} run, {} sweeps x {} runs, one core)\n\n\
+         Generated by `cargo bench -p dockwall-userspace --bench path -- --xdp`. The generator's \
+         frames (TCP SYNs, a new source and port each) cross the veth pair into the router's end, \
+         where the program under test runs: tc ingress, or native XDP in the veth driver. ns per \
+         packet of the sender's whole time (its own cost is the baseline's disallowed column).\n\n\
+         | allowances | tc drop-all | dockwall tc drop | ratio | XDP drop-all | dockwall XDP drop | ratio | tc/XDP (dockwall) | dockwall XDP drops/s/core | dockwall tc allowed | dockwall XDP allowed |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        config.sweeps, config.runs
+    );
+    for n in counts {
+        let (Some(tc_floor), Some(tc), Some(xdp_floor), Some(xdp)) = (
+            get(Competitor::DropAll, n),
+            get(Competitor::DockwallEbpf, n),
+            get(Competitor::XdpDropAll, n),
+            get(Competitor::DockwallXdp, n),
+        ) else {
+            continue;
+        };
+        let allowed = |r: &Row| {
+            r.allowed_ns
+                .map_or("n/a".to_string(), |v| format!("{v:.0}"))
+        };
+        let _ = writeln!(
+            md,
+            "| {n} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2} M | {} | {} |",
+            tc_floor.disallowed_ns,
+            tc.disallowed_ns,
+            tc.disallowed_ns / tc_floor.disallowed_ns,
+            xdp_floor.disallowed_ns,
+            xdp.disallowed_ns,
+            xdp.disallowed_ns / xdp_floor.disallowed_ns,
+            tc.disallowed_ns / xdp.disallowed_ns,
+            1e3 / xdp.disallowed_ns,
+            allowed(tc),
+            allowed(xdp),
+        );
+    }
+    if let Some(base) = rows.iter().find(|r| r.competitor == Competitor::Baseline) {
+        let _ = writeln!(
+            md,
+            "\nBaseline (no filter; the generator's own cost is in every figure): disallowed {:.0} ns/pkt at {} allowances.",
+            base.disallowed_ns, base.allowances
+        );
+    }
+    md
 }
 
 /// The median of each figure over the sweeps of one point.

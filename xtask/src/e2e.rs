@@ -1017,7 +1017,7 @@ fn equivalence(
         },
     );
     r.expect(
-        "equivalence: eBPF, iptables and nftables give identical verdicts",
+        "equivalence: eBPF (tc and XDP), iptables and nftables give identical verdicts",
         m.mismatches_between == 0,
         || m.mismatches_between.to_string(),
     );

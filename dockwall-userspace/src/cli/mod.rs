@@ -46,7 +46,8 @@ PORT is the published port, the one clients connect to: 8081 in `docker run -p 8
 
 /// Decide who may reach the ports Docker publishes.
 ///
-/// A tc eBPF filter on the external interface drops new connections to
+/// An eBPF filter on the external interface (tc ingress, or native XDP with
+/// `load --hook xdp`) drops new connections to
 /// Docker-published ports unless an allowance (source address or CIDR,
 /// published port, protocol) matches. Everything else passes untouched:
 /// host services such as SSH, unpublished ports, replies, other interfaces.
