@@ -467,7 +467,9 @@ pub(crate) fn core(
     // docker restart with a new address: the policy still holds.
     let old_ip = dockerd.container_ip("web1")?;
     dockerd.cli(&["stop", "-t", "1", "web1"])?;
-    dockerd.run_web("filler", &[])?;
+    // A filler takes the freed address. Named after it: the XDP phase runs
+    // this flow again, and the first filler must keep holding its address.
+    dockerd.run_web(&format!("filler-{}", old_ip.replace([':', '.'], "-")), &[])?;
     dockerd.cli(&["start", "web1"])?;
     let new_ip = dockerd.container_ip("web1")?;
     r.expect("web1 came back on a new address", old_ip != new_ip, || {
