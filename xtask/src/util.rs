@@ -80,7 +80,7 @@ pub fn bench(quick: bool) -> anyhow::Result<PathBuf> {
     } else {
         root().join("bench")
     };
-    for name in ["classifier", "path"] {
+    for name in ["classifier", "droppath", "path"] {
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root())
             .args([
