@@ -31,13 +31,22 @@ pub const MAP_STATS: &str = "DW_STATS";
 pub const MAP_PORTS: &str = "DW_PORTS";
 /// One [`Config`]: audit mode and the drop-log rate, set by `load`.
 pub const MAP_CONFIG: &str = "DW_CONFIG";
-/// Drops (or would-be drops in audit mode) per published port: [`PortKey`] -> u64.
-pub const MAP_PORT_DROPS: &str = "DW_PORT_DROPS";
+/// Drops (or would-be drops in audit mode) per published port: [`PortKey`] ->
+/// a u64 per CPU (summed by userspace), so CPUs dropping a flood in parallel
+/// write no shared counter.
+pub const MAP_PORT_DROPS: &str = "DW_PCPU_DROPS";
+/// The per-port drop counters of dockwall before they were per CPU (one
+/// shared u64): a pin by this name is an older load's, removed on load.
+pub const LEGACY_MAP_PORT_DROPS: &str = "DW_PORT_DROPS";
 /// Ring buffer of [`DropEvent`]s for the daemon's drop log. Not pinned: it
 /// belongs to the program that writes it and the daemon that reads it.
 pub const MAP_EVENTS: &str = "DW_EVENTS";
-/// The drop log's rate limiter, one [`LogLimit`]. Not pinned.
+/// The drop log's rate limiter, one [`LogLimit`] per CPU. Not pinned.
 pub const MAP_LOG_LIMIT: &str = "DW_LOG_LIMIT";
+
+/// The object's read-only global holding the CPUs online at load, which
+/// share the drop-log rate; set by the loader.
+pub const GLOBAL_LOG_CPUS: &str = "LOG_CPUS";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
@@ -165,7 +174,8 @@ pub const CONFIG_AUDIT: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub flags: u32,
-    /// Drop-log events per second for the whole host; 0 logs none.
+    /// Drop-log events per second for the whole host; 0 logs none. Each of
+    /// the CPUs online at load sends at most its share, rounded up.
     pub log_rate: u32,
 }
 
@@ -200,9 +210,8 @@ pub struct DropEvent {
     pub _pad: [u8; 3],
 }
 
-/// The drop log's limiter: at most `Config::log_rate` events per window,
-/// shared by all CPUs (an atomic counter; a racing reset lets a few extra
-/// through, never a flood).
+/// The drop log's limiter, one per CPU: at most `Config::log_rate` divided
+/// by the CPUs online at load (rounded up) events per window on each CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogLimit {

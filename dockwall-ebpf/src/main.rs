@@ -19,6 +19,12 @@
 //! 5. Denied: count it per published port, log it (rate-limited, to a ring
 //!    buffer the daemon prints), then drop; in audit mode, pass instead.
 //!
+//! A flood of denied packets writes only this CPU's memory: the verdict
+//! counters, the per-port drop counters and the log limiter are per CPU,
+//! so CPUs dropping in parallel do not bounce a cache line between them
+//! (bench/droppath.md). An allowance's hit counter is still one atomic add
+//! shared by every CPU that matches it (see `allowance`).
+//!
 //! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
 //! after dockwall still run; under the legacy clsact path it lets the next
 //! filter run. Nothing is ever rewritten.
@@ -42,10 +48,12 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
+    },
     programs::{TcContext, XdpContext},
 };
 use dockwall_common::{
@@ -76,14 +84,24 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[map(name = "DW_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-#[map(name = "DW_PORT_DROPS")]
-static PORT_DROPS: HashMap<PortKey, u64> = HashMap::with_max_entries(PORT_DROPS_MAX_ENTRIES, 0);
+// Not preallocated: a preallocated per-CPU hash would reserve
+// max_entries x CPUs counters up front (64 MiB on a 64-CPU host); a port's
+// counters are allocated on its first drop.
+#[map(name = "DW_PCPU_DROPS")]
+static PORT_DROPS: PerCpuHashMap<PortKey, u64> =
+    PerCpuHashMap::with_max_entries(PORT_DROPS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "DW_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTE_SIZE, 0);
 
 #[map(name = "DW_LOG_LIMIT")]
-static LOG_LIMIT: Array<LogLimit> = Array::with_max_entries(1, 0);
+static LOG_LIMIT: PerCpuArray<LogLimit> = PerCpuArray::with_max_entries(1, 0);
+
+/// Online CPUs when the object was loaded, set by the loader (a read-only
+/// global the verifier treats as a constant): the drop-log rate is shared
+/// out between them.
+#[unsafe(no_mangle)]
+static LOG_CPUS: u32 = 1;
 
 const TC_PASS: i32 = TC_ACT_UNSPEC;
 const TC_DROP: i32 = TC_ACT_SHOT;
@@ -350,39 +368,44 @@ fn count_port_drop(proto: u8, port: u16) {
         _pad: 0,
     };
     match PORT_DROPS.get_ptr_mut(&key) {
-        // SAFETY: points into the map value; shared between CPUs.
-        Some(drops) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(drops, 1) },
+        // SAFETY: this CPU's counter of the entry, valid for the program's run.
+        Some(drops) => unsafe { *drops += 1 },
         None => {
-            // First drop on this port. Losing a race to another CPU's insert
-            // costs one count; a full map costs the per-port count only.
+            // First drop on this port (this CPU's slot is set, the others
+            // zeroed). Losing a race to another CPU's insert costs one count;
+            // a full map costs the per-port count only.
             let _ = PORT_DROPS.insert(&key, &1, u64::from(BPF_NOEXIST));
-            0
         }
-    };
+    }
 }
 
-/// Sends the drop to the daemon unless this window's budget is spent; a
-/// flood costs one atomic add per packet, not a ring buffer write.
+/// Sends the drop to the daemon unless this CPU's budget for the window is
+/// spent; a flood costs a few writes to this CPU's memory per packet, not a
+/// ring buffer write.
 #[inline(always)]
 fn log_drop<F: Frame>(ctx: &F, pkt: &Packet, policy_port: u16, audit: bool, rate: u32) {
     let Some(limit) = LOG_LIMIT.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: a read-only global, set once by the loader.
+    let cpus = unsafe { core::ptr::read_volatile(&LOG_CPUS) }.max(1);
+    // Each CPU sends its share of the host's rate, rounded up, so the host
+    // sends at most rate + CPUs - 1 a window, and a flood one CPU receives
+    // is logged at that CPU's share.
+    let share = rate.div_ceil(cpus);
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the single array slot, valid for the program's run. Read, then
-    // add atomically: a fetch-add would need BPF cpu v3 (Linux 5.12). CPUs
-    // racing on the read or on the window reset let at most a few more
-    // events through in a window, never a flood.
+    // SAFETY: this CPU's slot, valid for the program's run; no other CPU
+    // writes it, and the program is not preempted on its CPU.
     let sent = unsafe {
         if now.wrapping_sub((*limit).window_start_ns) >= LOG_WINDOW_NS {
             (*limit).window_start_ns = now;
             (*limit).sent = 0;
         }
         let sent = (*limit).sent;
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*limit).sent, 1);
+        (*limit).sent = sent + 1;
         sent
     };
-    if sent >= u64::from(rate) {
+    if sent >= u64::from(share) {
         count(stat::LOG_SUPPRESSED);
         return;
     }
@@ -477,8 +500,11 @@ fn allowance(pkt: &Packet, policy_port: u16) -> Match {
         return Match::Expired;
     }
     let hits = (&value.hits as *const u64).cast_mut();
-    // SAFETY: points into the map value, which lives as long as the entry;
-    // the counter is shared between CPUs, hence the atomic add.
+    // SAFETY: points into the map value, which lives as long as the entry.
+    // The counter is shared between CPUs, hence the atomic add: an LPM trie
+    // has no per-CPU variant, and a per-CPU side map would cost a second
+    // lookup on every allowed packet (issue 12 leaves this to the per-port
+    // allowance tables, whose slots can index a per-CPU counter array).
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
     Match::Hit
 }

@@ -14,12 +14,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{MapData, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{TestRun as _, TestRunOptions},
 };
 use dockwall_common::{
-    CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, MAP_EVENTS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
-    PROTO_TCP, PROTO_UDP, PortKey, stat,
+    CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, LogLimit, MAP_EVENTS, MAP_LOG_LIMIT, PROG_EGRESS,
+    PROG_INGRESS, PROG_XDP, PROTO_TCP, PROTO_UDP, PortKey, stat,
 };
 use dockwall_userspace::{
     dataplane::ebpf::{self, Maps},
@@ -73,6 +73,30 @@ fn run_ingress(
                 XDP_DROP => DROP,
                 _ => XDP_OTHER,
             }),
+    }
+}
+
+/// [`run_ingress`] on a shared object, for threads running it at once.
+fn run_ingress_shared(obj: &Ebpf, frame: &[u8], repeat: u32) -> u32 {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
+    let program = |name: &str| obj.program(name).expect("program in the object");
+    match hook() {
+        ebpf::Hook::Tc => {
+            let p: &aya::programs::SchedClassifier = program(PROG_INGRESS).try_into().unwrap();
+            p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        }
+        ebpf::Hook::Xdp => {
+            let p: &aya::programs::Xdp = program(PROG_XDP).try_into().unwrap();
+            match p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value {
+                XDP_PASS => PASS,
+                XDP_DROP => DROP,
+                _ => XDP_OTHER,
+            }
+        }
     }
 }
 
@@ -1358,9 +1382,11 @@ fn drop_log_is_rate_limited_in_the_kernel_under_a_flood() {
     let events = drain_events(&mut ring).len() as u64;
     let s = h.stats();
     assert_eq!(s[stat::DROPPED as usize], u64::from(flood));
+    // TEST_RUN runs on one CPU, which sends its share of the host's rate.
+    let share = u64::from(rate.div_ceil(ebpf::log_cpus().unwrap()));
     assert!(
-        events >= u64::from(rate) && events <= windows * u64::from(rate),
-        "{events} events from a flood of {flood} in {windows} window(s) at {rate}/s"
+        events >= share && events <= windows * share,
+        "{events} events from a flood of {flood} on one CPU in {windows} window(s) at {rate}/s for the host ({share}/s a CPU)"
     );
     assert_eq!(
         events + s[stat::LOG_SUPPRESSED as usize] + s[stat::LOG_LOST as usize],
@@ -1376,6 +1402,110 @@ fn drop_log_is_rate_limited_in_the_kernel_under_a_flood() {
         .unwrap();
     assert_eq!(h.ingress(&syn4("192.0.3.11", HOST4, 8081)), DROP);
     assert!(drain_events(&mut ring).is_empty());
+}
+
+/// Runs the calling thread on `cpu` only (TEST_RUN runs the program on the
+/// CPU that calls it).
+fn pin_to(cpu: u32) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; cpu is an online CPU,
+    // below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
+    let cpus = aya::util::online_cpus().unwrap();
+    if cpus.len() < 2 {
+        eprintln!(
+            "skipped: needs two online CPUs, this machine has {}",
+            cpus.len()
+        );
+        return;
+    }
+    let mut h = Harness::standard();
+    let mut ring = events_ring(&mut h);
+    let rate = 2 * cpus.len() as u32 + 1; // shares round up: 3 a CPU
+    let share = u64::from(rate.div_ceil(cpus.len() as u32));
+    h.maps
+        .set_config(Config {
+            flags: 0,
+            log_rate: rate,
+        })
+        .unwrap();
+    let denied = syn4("192.0.3.10", HOST4, 8081);
+    // A different number of drops on each CPU, so a shared counter (or one
+    // CPU's count landing in another's slot) shows.
+    let floods: Vec<(u32, u32)> = cpus
+        .iter()
+        .enumerate()
+        .map(|(i, &cpu)| (cpu, 1_000 * (i as u32 + 1)))
+        .collect();
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for &(cpu, n) in &floods {
+            let frame = &denied;
+            let h = &h;
+            s.spawn(move || {
+                pin_to(cpu);
+                assert_eq!(run_ingress_shared(&h.ebpf, frame, n), DROP);
+            });
+        }
+    });
+    let windows = started.elapsed().as_secs() + 1;
+    let key = PortKey {
+        port: 8081,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let by_cpu = h.maps.port_drops_by_cpu().unwrap();
+    let per_cpu = &by_cpu[&key];
+    for &(cpu, n) in &floods {
+        assert_eq!(
+            per_cpu[cpu as usize],
+            u64::from(n),
+            "CPU {cpu} dropped {n}: {per_cpu:?}"
+        );
+    }
+    let total: u64 = floods.iter().map(|&(_, n)| u64::from(n)).sum();
+    assert_eq!(
+        h.maps.port_drops().unwrap()[&key],
+        total,
+        "summed over CPUs"
+    );
+    // Each CPU's limiter counted its own flood and sent its own share.
+    let limits = PerCpuArray::<_, LogLimit>::try_from(h.ebpf.map(MAP_LOG_LIMIT).unwrap())
+        .unwrap()
+        .get(&0, 0)
+        .unwrap();
+    for &(cpu, n) in &floods {
+        let sent = limits[cpu as usize].sent;
+        assert!(
+            sent >= u64::from(n) / windows && sent <= u64::from(n),
+            "CPU {cpu}: limiter counted {sent} of its {n} drops"
+        );
+    }
+    let events = drain_events(&mut ring).len() as u64;
+    let s = h.stats();
+    let host_bound = windows * share * cpus.len() as u64;
+    assert!(
+        events >= share * cpus.len() as u64 && events <= host_bound,
+        "{events} events; each of {} CPUs may send {share} a window, {windows} window(s)",
+        cpus.len()
+    );
+    assert_eq!(
+        events + s[stat::LOG_SUPPRESSED as usize] + s[stat::LOG_LOST as usize],
+        total,
+        "every drop is logged, suppressed or lost: {s:?}"
+    );
 }
 
 #[test]

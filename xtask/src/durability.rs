@@ -614,8 +614,11 @@ fn crash_and_reload(
     let (t, reloaded) = under_traffic(a, &a8081(a), b, &b8081(b), || {
         thread::sleep(Duration::from_millis(500));
         loaded.kill9();
+        // The restart is also an upgrade: the per-port drop counters an
+        // older dockwall pinned (shared, not per CPU) are in the pin dir.
+        let legacy = plant_legacy_pin();
         thread::sleep(Duration::from_secs(1));
-        let reloaded = dw.load(&ifaces);
+        let reloaded = legacy.and_then(|()| dw.load(&ifaces));
         thread::sleep(Duration::from_secs(1));
         reloaded
     });
@@ -634,7 +637,40 @@ fn crash_and_reload(
         || format!("{leaked} of {tries}"),
     );
     std::mem::forget(loaded); // its daemon is dead; the new load owns the state
-    reloaded
+    let reloaded = reloaded?;
+    let said = reloaded
+        .output()
+        .iter()
+        .any(|l| l.contains(&format!("removed {LEGACY_PIN}")));
+    r.expect(
+        "load after an older dockwall: its shared drop-counter pin is removed, and load says so",
+        said && !std::path::Path::new(LEGACY_PIN).exists(),
+        || format!("{:?}", reloaded.output()),
+    );
+    Ok(reloaded)
+}
+
+/// The pin of an older dockwall's shared per-port drop counters.
+const LEGACY_PIN: &str = "/sys/fs/bpf/dockwall/DW_PORT_DROPS";
+
+/// Pins a map shaped like an older dockwall's DW_PORT_DROPS (a plain hash
+/// of port key -> u64) where it pinned it.
+fn plant_legacy_pin() -> anyhow::Result<()> {
+    crate::util::run(Command::new("bpftool").args([
+        "map",
+        "create",
+        LEGACY_PIN,
+        "type",
+        "hash",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "131072",
+        "name",
+        "DW_PORT_DROPS",
+    ]))
 }
 
 /// A container removed and created again: enforcement is back within 1 s.

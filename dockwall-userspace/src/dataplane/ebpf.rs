@@ -11,7 +11,9 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -22,9 +24,10 @@ use aya::{
     util::KernelVersion,
 };
 use dockwall_common::{
-    ALL_MAPS, ALLOW_KEY_FIXED_BITS, AllowKey, AllowValue, Config, MAP_ALLOW, MAP_CONFIG,
-    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
-    PortKey, PublishedKey, PublishedValue, scope_bit, stat,
+    ALL_MAPS, ALLOW_KEY_FIXED_BITS, AllowKey, AllowValue, Config, GLOBAL_LOG_CPUS,
+    LEGACY_MAP_PORT_DROPS, MAP_ALLOW, MAP_CONFIG, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED,
+    MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey, PublishedValue,
+    scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -181,8 +184,11 @@ fn refuse_old_kernel(current: KernelVersion) -> anyhow::Result<()> {
 pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
     check_kernel(hook)?;
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
+    remove_legacy_pins()?;
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
+    let cpus = log_cpus()?;
     let mut loader = EbpfLoader::new();
+    loader.override_global(GLOBAL_LOG_CPUS, &cpus, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -195,9 +201,39 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
 
 /// Loads the object with private, unpinned maps (tests, benchmarks).
 pub fn load_unpinned(hook: Hook) -> anyhow::Result<Ebpf> {
-    let mut ebpf = Ebpf::load(object()).context("loading the dockwall eBPF object")?;
+    let cpus = log_cpus()?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_LOG_CPUS, &cpus, true)
+        .load(object())
+        .context("loading the dockwall eBPF object")?;
     load_programs(&mut ebpf, hook)?;
     Ok(ebpf)
+}
+
+/// The CPUs online now, between which the kernel shares the drop-log rate.
+pub fn log_cpus() -> anyhow::Result<u32> {
+    let cpus = aya::util::online_cpus()
+        .map_err(|(path, e)| anyhow!("reading {path}: {e}"))?
+        .len();
+    Ok(u32::try_from(cpus.max(1)).unwrap_or(u32::MAX))
+}
+
+/// Pins an older dockwall left that this one has replaced: its shared
+/// per-port drop counters (now per CPU, under a new name). Their counts
+/// start again from zero, as a Prometheus counter does after a restart.
+fn remove_legacy_pins() -> anyhow::Result<()> {
+    let legacy = map_pin(LEGACY_MAP_PORT_DROPS);
+    match std::fs::remove_file(&legacy) {
+        Ok(()) => {
+            println!(
+                "dockwall: removed {} (per-port drop counters of an older dockwall; they are per CPU now and start from zero)",
+                legacy.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", legacy.display())),
+    }
 }
 
 /// The tc programs always (a switch back to `--hook tc` needs the ingress
@@ -633,7 +669,7 @@ pub struct Maps {
     allow: LpmTrie<MapData, AllowKey, AllowValue>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
-    port_drops: HashMap<MapData, PortKey, u64>,
+    port_drops: PerCpuHashMap<MapData, PortKey, u64>,
 }
 
 /// The DW_PORTS byte of each port that has published-map keys.
@@ -995,12 +1031,22 @@ impl Maps {
             .context("writing DW_CONFIG (bpf_map_update_elem)")
     }
 
-    /// Drops (or would-be drops) per published port.
+    /// Drops (or would-be drops) per published port, summed over CPUs.
     pub fn port_drops(&self) -> anyhow::Result<BTreeMap<PortKey, u64>> {
+        Ok(self
+            .port_drops_by_cpu()?
+            .into_iter()
+            .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
+            .collect())
+    }
+
+    /// Drops per published port as each CPU counted them (index: CPU id).
+    pub fn port_drops_by_cpu(&self) -> anyhow::Result<BTreeMap<PortKey, Vec<u64>>> {
         self.port_drops
             .iter()
+            .map(|entry| entry.map(|(key, values)| (key, values.iter().copied().collect())))
             .collect::<Result<_, _>>()
-            .context("reading DW_PORT_DROPS (bpf_map_get_next_key)")
+            .with_context(|| format!("reading {MAP_PORT_DROPS} (bpf_map_lookup_elem per CPU)"))
     }
 
     /// The verdict counters, summed over CPUs.
