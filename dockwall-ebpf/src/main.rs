@@ -371,10 +371,16 @@ fn count_port_drop(proto: u8, port: u16) {
         // SAFETY: this CPU's counter of the entry, valid for the program's run.
         Some(drops) => unsafe { *drops += 1 },
         None => {
-            // First drop on this port (this CPU's slot is set, the others
-            // zeroed). Losing a race to another CPU's insert costs one count;
-            // a full map costs the per-port count only.
-            let _ = PORT_DROPS.insert(&key, &1, u64::from(BPF_NOEXIST));
+            // First drop on this port: create the entry with this CPU's
+            // slot at 1, the others at 0. If another CPU created it since
+            // the lookup, count on its entry (this CPU's slot there is
+            // ours). Only a full map loses the count.
+            if PORT_DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err()
+                && let Some(drops) = PORT_DROPS.get_ptr_mut(&key)
+            {
+                // SAFETY: as above.
+                unsafe { *drops += 1 };
+            }
         }
     }
 }
