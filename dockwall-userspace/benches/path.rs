@@ -26,6 +26,11 @@
 //! container side; disallowed: none did), so a misconfigured competitor
 //! cannot pass as a fast one.
 //!
+//! The drop programs (both floors, dockwall at tc and at XDP) are also timed
+//! on a single hot flow: one source and port, the same SYN again and again,
+//! where a per-flow cost (or a counter every packet of the flow writes)
+//! would show that many flows spread out.
+//!
 //!   cargo bench -p dockwall-userspace --bench path -- [--quick] --out DIR
 //!
 //! writes DIR/path.json, DIR/path.md and DIR/path.svg.
@@ -181,6 +186,8 @@ struct Row {
     install_ms: f64,
     allowed_ns: Option<f64>,
     disallowed_ns: f64,
+    /// Disallowed, one hot flow (the drop programs only).
+    hot_ns: Option<f64>,
     packets: usize,
 }
 
@@ -793,17 +800,30 @@ fn send_on(fd: i32, frames: &[[u8; 54]]) -> anyhow::Result<Duration> {
 
 /// Median ns/packet over `runs`, each checking what reached the container
 /// side; `want_through`: all of them, or none.
+/// Which frames a run sends.
+#[derive(Clone, Copy)]
+enum Flows {
+    /// A new source (round robin over the list) and port each packet.
+    Many,
+    /// The first source and one port, every packet the same SYN.
+    Hot,
+}
+
 fn timed(
     lab: &Lab,
     runs: usize,
     sources: &[Ipv4Addr],
+    flows: Flows,
     packets: usize,
     want_through: bool,
     port_base: &mut u32,
 ) -> anyhow::Result<f64> {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let batch = frames(sources, packets, *port_base);
+        let batch = match flows {
+            Flows::Many => frames(sources, packets, *port_base),
+            Flows::Hot => vec![syn(sources[0], 40_000); packets],
+        };
         *port_base += packets as u32;
         lab.flush_conntrack()?;
         let before = lab.forwarded()?;
@@ -842,17 +862,46 @@ fn measure(
         let passes = matches!(competitor, Competitor::Baseline);
         // Size each run to about `target_run` from a short probe.
         let mut port_base = 0u32;
-        let probe = timed(&lab, 1, &disallowed, 512, passes, &mut port_base)?;
+        let probe = timed(
+            &lab,
+            1,
+            &disallowed,
+            Flows::Many,
+            512,
+            passes,
+            &mut port_base,
+        )?;
         let packets =
             ((config.target_run.as_nanos() as f64 / probe) as usize).clamp(2_000, MAX_PACKETS);
         let disallowed_ns = timed(
             &lab,
             config.runs,
             &disallowed,
+            Flows::Many,
             packets,
             passes,
             &mut port_base,
         )?;
+        let drops = matches!(
+            competitor,
+            Competitor::DropAll
+                | Competitor::DockwallEbpf
+                | Competitor::XdpDropAll
+                | Competitor::DockwallXdp
+        );
+        let hot_ns = if drops {
+            Some(timed(
+                &lab,
+                config.runs,
+                &disallowed,
+                Flows::Hot,
+                packets,
+                false,
+                &mut port_base,
+            )?)
+        } else {
+            None
+        };
         let allowed_ns = if matches!(competitor, Competitor::DropAll | Competitor::XdpDropAll) {
             None
         } else {
@@ -860,6 +909,7 @@ fn measure(
                 &lab,
                 config.runs,
                 &allowed_sample,
+                Flows::Many,
                 packets,
                 true,
                 &mut port_base,
@@ -871,6 +921,7 @@ fn measure(
             install_ms,
             allowed_ns,
             disallowed_ns,
+            hot_ns,
             packets,
         })
     })();
@@ -898,7 +949,7 @@ fn xdp_markdown(rows: &[Row], config: &Config, mode: &str) -> String {
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         config.sweeps, config.runs
     );
-    for n in counts {
+    for &n in &counts {
         let (Some(tc_floor), Some(tc), Some(xdp_floor), Some(xdp)) = (
             get(Competitor::DropAll, n),
             get(Competitor::DockwallEbpf, n),
@@ -926,6 +977,30 @@ fn xdp_markdown(rows: &[Row], config: &Config, mode: &str) -> String {
             allowed(xdp),
         );
     }
+    let _ = writeln!(
+        md,
+        "\nOne hot flow (one source and port, the same SYN every packet), dropped:\n\n\
+         | allowances | tc drop-all | dockwall tc drop | ratio | XDP drop-all | dockwall XDP drop | ratio | dockwall XDP drops/s/core |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in &counts {
+        let hot = |c| get(c, *n).and_then(|r: &Row| r.hot_ns);
+        let (Some(tc_floor), Some(tc), Some(xdp_floor), Some(xdp)) = (
+            hot(Competitor::DropAll),
+            hot(Competitor::DockwallEbpf),
+            hot(Competitor::XdpDropAll),
+            hot(Competitor::DockwallXdp),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {n} | {tc_floor:.0} | {tc:.0} | {:.2}x | {xdp_floor:.0} | {xdp:.0} | {:.2}x | {:.2} M |",
+            tc / tc_floor,
+            xdp / xdp_floor,
+            1e3 / xdp
+        );
+    }
     if let Some(base) = rows.iter().find(|r| r.competitor == Competitor::Baseline) {
         let _ = writeln!(
             md,
@@ -946,10 +1021,13 @@ fn median_row(mut rows: Vec<Row>) -> Row {
     let disallowed_ns = median(rows.iter().map(|r| r.disallowed_ns).collect());
     let allowed: Vec<f64> = rows.iter().filter_map(|r| r.allowed_ns).collect();
     let allowed_ns = (!allowed.is_empty()).then(|| median(allowed));
+    let hot: Vec<f64> = rows.iter().filter_map(|r| r.hot_ns).collect();
+    let hot_ns = (!hot.is_empty()).then(|| median(hot));
     let mut row = rows.swap_remove(0);
     row.install_ms = install_ms;
     row.disallowed_ns = disallowed_ns;
     row.allowed_ns = allowed_ns;
+    row.hot_ns = hot_ns;
     row
 }
 
@@ -964,12 +1042,13 @@ fn json(rows: &[Row], config: &Config, mode: &str) -> String {
         .iter()
         .map(|r| {
             format!(
-                "    {{\"competitor\": \"{}\", \"allowances\": {}, \"install_ms\": {:.1}, \"allowed_ns\": {}, \"disallowed_ns\": {:.1}, \"allowed_pps\": {}, \"disallowed_pps\": {:.0}, \"packets_per_run\": {}}}",
+                "    {{\"competitor\": \"{}\", \"allowances\": {}, \"install_ms\": {:.1}, \"allowed_ns\": {}, \"disallowed_ns\": {:.1}, \"hot_flow_disallowed_ns\": {}, \"allowed_pps\": {}, \"disallowed_pps\": {:.0}, \"packets_per_run\": {}}}",
                 r.competitor.key(),
                 r.allowances,
                 r.install_ms,
                 r.allowed_ns.map_or("null".to_string(), |v| format!("{v:.1}")),
                 r.disallowed_ns,
+                r.hot_ns.map_or("null".to_string(), |v| format!("{v:.1}")),
                 r.allowed_ns.map_or("null".to_string(), |v| format!("{:.0}", 1e9 / v)),
                 1e9 / r.disallowed_ns,
                 r.packets
@@ -1050,6 +1129,13 @@ fn targets(rows: &[Row], counts: &[usize]) -> String {
             "- {n} allowances: drop costs {:.2}x the drop-all floor (target <= 1.2x)",
             dw.disallowed_ns / floor.disallowed_ns
         );
+        if let (Some(hot), Some(hot_floor)) = (dw.hot_ns, floor.hot_ns) {
+            let _ = writeln!(
+                out,
+                "  - one hot flow: {:.2}x the drop-all floor on the same flow ({hot:.0} vs {hot_floor:.0} ns; target <= 1.2x)",
+                hot / hot_floor
+            );
+        }
         if let Some(ipt) = get(Competitor::DockwallIptables) {
             let _ = writeln!(
                 out,
