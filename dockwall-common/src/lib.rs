@@ -22,7 +22,18 @@ pub const PROG_XDP_DROP: &str = "dw_xdp_drop";
 
 /// Map names (max 15 bytes: the kernel truncates object names to 16 with NUL).
 pub const MAP_PUBLISHED: &str = "DW_PUBLISHED";
+/// The allowances of every (published port, protocol, family) whose
+/// prefix lengths do not fit [`AllowLens`]: an LPM trie, the fallback
+/// lookup. Also what an older dockwall kept every allowance in.
 pub const MAP_ALLOW: &str = "DW_ALLOW";
+/// Per (published port, protocol, family), at [`allow_group_index`]: the
+/// prefix lengths its allowances use, longest first ([`AllowLens`]). A
+/// zero slot (the default): that group's allowances, if any, are in the
+/// trie (`MAP_ALLOW`).
+pub const MAP_ALLOW_LENS: &str = "DW_ALLOW_LENS";
+/// The allowances of the groups `MAP_ALLOW_LENS` lists, one exact-match
+/// entry per allowance ([`AllowNetKey`] -> [`AllowValue`]).
+pub const MAP_ALLOW_NETS: &str = "DW_ALLOW_NETS";
 pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
 pub const MAP_STATS: &str = "DW_STATS";
 /// Per destination port (65,536 bytes): which kinds of `MAP_PUBLISHED` keys
@@ -50,10 +61,12 @@ pub const GLOBAL_LOG_CPUS: &str = "LOG_CPUS";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_PUBLISHED,
     MAP_PORTS,
     MAP_ALLOW,
+    MAP_ALLOW_LENS,
+    MAP_ALLOW_NETS,
     MAP_UDP_FLOWS,
     MAP_STATS,
     MAP_CONFIG,
@@ -62,6 +75,12 @@ pub const ALL_MAPS: [&str; 7] = [
 
 pub const PUBLISHED_MAX_ENTRIES: u32 = 65_536;
 pub const ALLOW_MAX_ENTRIES: u32 = 1 << 20;
+/// `MAP_ALLOW_LENS` slots: one per (port, TCP|UDP, IPv4|IPv6).
+pub const ALLOW_GROUPS: u32 = 4 * 65_536;
+/// Distinct prefix lengths a group may use and still be looked up by
+/// length (one hash probe each, longest first); a group with more is
+/// looked up in the trie.
+pub const ALLOW_MAX_LENS: usize = 7;
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
 /// One counter per (published port, protocol) at most.
 pub const PORT_DROPS_MAX_ENTRIES: u32 = 2 * 65_536;
@@ -151,6 +170,38 @@ pub struct AllowKey {
     pub family: u8,
     /// Source address; IPv4 in the first four bytes.
     pub addr: [u8; 16],
+}
+
+/// The `MAP_ALLOW_LENS` slot of a published port's allowances for one
+/// protocol and family.
+#[inline(always)]
+pub fn allow_group_index(port: u16, proto: u8, family: u8) -> u32 {
+    (u32::from(port) << 2) | (u32::from(proto == PROTO_UDP) << 1) | u32::from(family == FAMILY_V6)
+}
+
+/// The prefix lengths (of the address, 0..=128) a group's allowances use,
+/// longest first: `lens[..n]`. The kernel probes `MAP_ALLOW_NETS` once per
+/// length and the first hit decides, which is the longest prefix match.
+/// `n == 0`: the group is looked up in the trie. Eight bytes, so an update
+/// lands whole; and should a reader ever see a mix of old and new lengths,
+/// the worst it does is miss (covering allowances never outlast the longer
+/// entry they cover, see `AllowValue::expires_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowLens {
+    pub n: u8,
+    pub lens: [u8; ALLOW_MAX_LENS],
+}
+
+/// Key of `MAP_ALLOW_NETS`: byte for byte the LPM trie's key of the same
+/// allowance (prefix length `ALLOW_KEY_FIXED_BITS + n`, then the data), with
+/// the address's bits past the prefix zero, so an exact lookup of a
+/// source's masked address finds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowNetKey {
+    pub prefix_len: u32,
+    pub data: AllowKey,
 }
 
 /// Per-allowance state kept by the kernel.
@@ -272,6 +323,8 @@ mod pod {
     unsafe impl aya::Pod for super::PublishedValue {}
     unsafe impl aya::Pod for super::AllowKey {}
     unsafe impl aya::Pod for super::AllowValue {}
+    unsafe impl aya::Pod for super::AllowLens {}
+    unsafe impl aya::Pod for super::AllowNetKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortKey {}
@@ -290,6 +343,8 @@ mod tests {
         assert_eq!(size_of::<PublishedValue>(), 8);
         assert_eq!(size_of::<AllowKey>(), 2 + 1 + 1 + 16);
         assert_eq!(size_of::<AllowValue>(), 16);
+        assert_eq!(size_of::<AllowLens>(), 8);
+        assert_eq!(size_of::<AllowNetKey>(), 4 + size_of::<AllowKey>());
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<PortKey>(), 4);
         assert_eq!(size_of::<DropEvent>(), 16 + 16 + 4 + 2 * 3 + 3 + 3);

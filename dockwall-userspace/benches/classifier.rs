@@ -236,9 +236,15 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
     })
 }
 
-/// `memlock` of this process's allowance trie (an LPM trie with dockwall's
-/// max_entries), from /proc/self/fdinfo: aya does not expose it.
+/// The kernel's `memlock` for the allowance maps together: the per-length
+/// hash, the lengths array and the trie fallback, from
+/// /proc/self/fdinfo (aya does not expose it). Ours are told apart from
+/// other maps by type and size; one object is open at a time.
 fn allow_map_memlock() -> anyhow::Result<u64> {
+    const LPM_TRIE: &str = "11";
+    const HASH: &str = "1";
+    const ARRAY: &str = "2";
+    let (mut total, mut found) = (0, 0);
     for entry in std::fs::read_dir("/proc/self/fdinfo").context("reading /proc/self/fdinfo")? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
@@ -248,15 +254,26 @@ fn allow_map_memlock() -> anyhow::Result<u64> {
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_string())
         };
-        let lpm = field("map_type:").as_deref() == Some("11");
-        let ours = field("max_entries:") == Some(dockwall_common::ALLOW_MAX_ENTRIES.to_string());
-        if lpm && ours {
-            return field("memlock:")
-                .and_then(|v| v.parse().ok())
-                .context("memlock in fdinfo");
+        let kind = field("map_type:");
+        let max = field("max_entries:");
+        let allow_max = Some(dockwall_common::ALLOW_MAX_ENTRIES.to_string());
+        let ours = match kind.as_deref() {
+            Some(LPM_TRIE) | Some(HASH) => max == allow_max,
+            Some(ARRAY) => max == Some(dockwall_common::ALLOW_GROUPS.to_string()),
+            _ => false,
+        };
+        if ours {
+            total += field("memlock:")
+                .and_then(|v| v.parse::<u64>().ok())
+                .context("memlock in fdinfo")?;
+            found += 1;
         }
     }
-    bail!("allowance map not found in /proc/self/fdinfo")
+    anyhow::ensure!(
+        found == 3,
+        "found {found} of the 3 allowance maps in /proc/self/fdinfo"
+    );
+    Ok(total)
 }
 
 fn syn(src: &str, dst: &str, dport: u16) -> Vec<u8> {

@@ -10,7 +10,7 @@
 //! per packet would show here as a cost that grows with the CPUs flooding;
 //! per-CPU counters keep it flat. An allowed SYN is measured the same way:
 //! its allowance's hit counter is the one counter still shared between
-//! CPUs (an atomic add in the LPM trie's value). Every verdict is checked.
+//! CPUs (an atomic add in the allowance's value). Every verdict is checked.
 //!
 //!   cargo bench -p dockwall-userspace --bench droppath -- [--quick] --out DIR
 //!

@@ -61,7 +61,7 @@ fn snapshot(dw: &Dockwall) -> String {
     let mut out = String::new();
     out.push_str(&std::fs::read_to_string(&dw.config).unwrap_or_default());
     out.push_str(&std::fs::read_to_string(dw.run_dir.join("applied.toml")).unwrap_or_default());
-    for map in ["DW_ALLOW", "DW_PUBLISHED"] {
+    for map in ["DW_ALLOW", "DW_ALLOW_NETS", "DW_PUBLISHED"] {
         let dump = capture(Command::new("bpftool").args([
             "map",
             "dump",
@@ -539,12 +539,12 @@ fn concurrent_edits(r: &mut Report, dw: &Dockwall) -> anyhow::Result<()> {
     let revoked_in_set = (0..50)
         .filter(|i| set.contains(&format!("203.0.113.{i}\n")))
         .count();
-    let map = capture(Command::new("bpftool").args([
-        "map",
-        "dump",
-        "pinned",
-        "/sys/fs/bpf/dockwall/DW_ALLOW",
-    ]))?;
+    let mut map = String::new();
+    for pinned in crate::readback::EBPF_ALLOW_MAPS {
+        map.push_str(&capture(
+            Command::new("bpftool").args(["map", "dump", "pinned", pinned]),
+        )?);
+    }
     // Keys are hex bytes: 198.51.100.x is c6 33 64 xx, 203.0.113.x is cb 00 71 xx.
     let in_map = map.matches("c6 33 64").count();
     let revoked_in_map = map.matches("cb 00 71").count();

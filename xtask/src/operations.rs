@@ -300,14 +300,20 @@ fn explain_matrix(
         loaded.stop()?;
         let ip: Ipv4Addr = a.addr4.parse()?;
         let mut key = vec!["key".to_string()];
-        // LPM key: prefix length 64 (u32), port 8081, tcp, IPv4, address.
+        // Its key (one group, one prefix length: in the per-length hash):
+        // prefix length 64 (u32), port 8081, tcp, IPv4, address.
         let mut bytes = vec![64u8, 0, 0, 0, 0x91, 0x1f, 6, 4];
         bytes.extend_from_slice(&ip.octets());
         bytes.extend_from_slice(&[0; 12]);
         key.extend(bytes.iter().map(|b| b.to_string()));
         let mut del = Command::new("bpftool");
-        del.args(["map", "delete", "pinned", "/sys/fs/bpf/dockwall/DW_ALLOW"])
-            .args(&key);
+        del.args([
+            "map",
+            "delete",
+            "pinned",
+            "/sys/fs/bpf/dockwall/DW_ALLOW_NETS",
+        ])
+        .args(&key);
         let deleted = capture(&mut del);
         let (code, e) = json(dw, &["explain", &a.addr4, "8081", "--json"])?;
         r.expect(

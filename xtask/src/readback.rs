@@ -53,18 +53,26 @@ fn proto_name(n: u8) -> &'static str {
     if n == 17 { "udp" } else { "tcp" }
 }
 
-/// The eBPF allowance map's entries (bpftool's hex key bytes: prefix
+/// The maps that hold eBPF allowances: the per-length hash and the trie
+/// fallback. Their keys are the same bytes.
+pub const EBPF_ALLOW_MAPS: [&str; 2] = [
+    "/sys/fs/bpf/dockwall/DW_ALLOW_NETS",
+    "/sys/fs/bpf/dockwall/DW_ALLOW",
+];
+
+/// The eBPF allowance maps' entries (bpftool's hex key bytes: prefix
 /// length u32, port u16, proto, family, 16 address bytes).
 pub fn ebpf_entries() -> anyhow::Result<BTreeSet<Entry>> {
-    let dump = capture(Command::new("bpftool").args([
-        "map",
-        "dump",
-        "pinned",
-        "/sys/fs/bpf/dockwall/DW_ALLOW",
-        "-j",
-    ]))?;
-    let rows: serde_json::Value = serde_json::from_str(&dump).context("parsing bpftool -j")?;
     let mut out = BTreeSet::new();
+    for map in EBPF_ALLOW_MAPS {
+        ebpf_map_entries(map, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn ebpf_map_entries(map: &str, out: &mut BTreeSet<Entry>) -> anyhow::Result<()> {
+    let dump = capture(Command::new("bpftool").args(["map", "dump", "pinned", map, "-j"]))?;
+    let rows: serde_json::Value = serde_json::from_str(&dump).context("parsing bpftool -j")?;
     for row in rows.as_array().into_iter().flatten() {
         let bytes: Vec<u8> = row["key"]
             .as_array()
@@ -74,7 +82,7 @@ pub fn ebpf_entries() -> anyhow::Result<BTreeSet<Entry>> {
             .filter_map(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).ok())
             .collect();
         if bytes.len() < 24 {
-            bail!("short DW_ALLOW key: {bytes:?}");
+            bail!("short key in {map}: {bytes:?}");
         }
         let prefix = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) - 32;
         let port = u16::from_le_bytes([bytes[4], bytes[5]]);
@@ -89,7 +97,7 @@ pub fn ebpf_entries() -> anyhow::Result<BTreeSet<Entry>> {
         };
         out.insert((port, proto_name(bytes[6]), net));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Members of one of dockwall's ipsets (empty when it does not exist).

@@ -4,16 +4,13 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -24,14 +21,12 @@ use aya::{
     util::KernelVersion,
 };
 use dockwall_common::{
-    ALL_MAPS, ALLOW_KEY_FIXED_BITS, AllowKey, AllowValue, Config, GLOBAL_LOG_CPUS,
-    LEGACY_MAP_PORT_DROPS, MAP_ALLOW, MAP_CONFIG, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED,
-    MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey, PublishedValue,
-    scope_bit, stat,
+    ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_LOG_CPUS,
+    LEGACY_MAP_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_NETS, MAP_CONFIG, MAP_PORT_DROPS,
+    MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey,
+    PublishedKey, PublishedValue, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
-
-use crate::policy::{AllowEntry, Proto};
 
 /// Where dockwall pins its maps and links (bpffs).
 pub const PIN_DIR: &str = "/sys/fs/bpf/dockwall";
@@ -666,7 +661,12 @@ pub struct Maps {
     /// Whether DW_PORTS was brought in line with DW_PUBLISHED since these
     /// maps were opened (a pinned map from an older load may lack bits).
     ports_checked: bool,
-    allow: LpmTrie<MapData, AllowKey, AllowValue>,
+    /// The trie fallback (see `ebpf_allow`).
+    pub(super) allow: LpmTrie<MapData, AllowKey, AllowValue>,
+    /// Per group: the prefix lengths its allowances use, longest first.
+    pub(super) allow_lens: Array<MapData, AllowLens>,
+    /// The allowances of the groups with lengths listed.
+    pub(super) allow_nets: HashMap<MapData, AllowNetKey, AllowValue>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     port_drops: PerCpuHashMap<MapData, PortKey, u64>,
@@ -684,7 +684,7 @@ fn port_bits<'a>(keys: impl Iterator<Item = &'a PublishedKey>) -> BTreeMap<u16, 
 
 /// A delete that failed because the key is not there (another command
 /// removed it first). The syscall reports it as ENOENT.
-fn already_gone(e: &MapError) -> bool {
+pub(super) fn already_gone(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(SyscallError { io_error, .. }) => {
@@ -695,11 +695,11 @@ fn already_gone(e: &MapError) -> bool {
 }
 
 /// `BPF_NOEXIST`: create the element only if it is not there yet.
-const BPF_NOEXIST: u64 = 1;
+pub(super) const BPF_NOEXIST: u64 = 1;
 
 /// Expiries are recomputed from the wall clock on every sync; a difference
 /// under a second is that rounding, not a change.
-fn same_expiry(a: u64, b: u64) -> bool {
+pub(super) fn same_expiry(a: u64, b: u64) -> bool {
     (a == 0) == (b == 0) && a.abs_diff(b) < 1_000_000_000
 }
 
@@ -721,6 +721,8 @@ impl Maps {
             take(MAP_PUBLISHED)?,
             take(MAP_PORTS)?,
             take(MAP_ALLOW)?,
+            take(MAP_ALLOW_LENS)?,
+            take(MAP_ALLOW_NETS)?,
             take(MAP_STATS)?,
             take(MAP_CONFIG)?,
             take(MAP_PORT_DROPS)?,
@@ -743,6 +745,8 @@ impl Maps {
             open(MAP_PUBLISHED)?,
             open(MAP_PORTS)?,
             open(MAP_ALLOW)?,
+            open(MAP_ALLOW_LENS)?,
+            open(MAP_ALLOW_NETS)?,
             open(MAP_STATS)?,
             open(MAP_CONFIG)?,
             open(MAP_PORT_DROPS)?,
@@ -750,13 +754,24 @@ impl Maps {
     }
 
     fn from_maps(
-        [published, ports, allow, stats, config, port_drops]: [Map; 6],
+        [
+            published,
+            ports,
+            allow,
+            allow_lens,
+            allow_nets,
+            stats,
+            config,
+            port_drops,
+        ]: [Map; 8],
     ) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
             ports: ports.try_into().context(MAP_PORTS)?,
             ports_checked: false,
             allow: allow.try_into().context(MAP_ALLOW)?,
+            allow_lens: allow_lens.try_into().context(MAP_ALLOW_LENS)?,
+            allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
             stats: stats.try_into().context(MAP_STATS)?,
             config: config.try_into().context(MAP_CONFIG)?,
             port_drops: port_drops.try_into().context(MAP_PORT_DROPS)?,
@@ -828,186 +843,6 @@ impl Maps {
             }
         }
         Ok(())
-    }
-
-    /// Makes the allowance trie hold exactly `desired` (entry -> kernel
-    /// `expires_ns`, 0 = never). New entries go in before stale ones leave;
-    /// kept entries are rewritten only when their expiry moved, with their
-    /// hit counters carried over.
-    pub fn sync_allow(&mut self, desired: &BTreeMap<AllowEntry, u64>) -> anyhow::Result<Changes> {
-        let current = self.allow_values()?;
-        let mut changes = Changes::default();
-        for (entry, &expires_ns) in desired {
-            let old = current.get(entry);
-            if old.is_some_and(|v| same_expiry(v.expires_ns, expires_ns)) {
-                continue;
-            }
-            let value = AllowValue {
-                hits: old.map_or(0, |v| v.hits),
-                expires_ns,
-            };
-            let (len, data) = entry.key();
-            self.allow
-                .insert(&Key::new(len, data), value, 0)
-                .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
-            changes.added += 1;
-        }
-        for entry in current.keys().filter(|e| !desired.contains_key(e)) {
-            self.remove_allow(entry)?;
-            changes.removed += 1;
-        }
-        Ok(changes)
-    }
-
-    /// Writes only the difference between `old` (what the map was last
-    /// given) and `new`: O(change), not O(policy), for `allow`/`revoke` on
-    /// a large policy. Kept entries whose expiry moved are rewritten with
-    /// their hit counter; an entry already gone is fine.
-    pub fn sync_allow_delta(
-        &mut self,
-        old: &BTreeMap<AllowEntry, u64>,
-        new: &BTreeMap<AllowEntry, u64>,
-    ) -> anyhow::Result<Changes> {
-        let mut changes = Changes::default();
-        for (entry, &expires_ns) in new {
-            if old
-                .get(entry)
-                .is_some_and(|&was| same_expiry(was, expires_ns))
-            {
-                continue;
-            }
-            let (len, data) = entry.key();
-            let key = Key::new(len, data);
-            if !old.contains_key(entry) {
-                // New to us, but another command may have added it already
-                // (with its counter running): only create, never overwrite.
-                // Linux before 6.13 (without the stable backport; Debian's
-                // 5.10 here) ignores BPF_NOEXIST for LPM tries and overwrites,
-                // resetting that entry's hit counter. No exact lookup exists
-                // to check first: a trie lookup answers the longest match.
-                match self.allow.insert(
-                    &key,
-                    AllowValue {
-                        hits: 0,
-                        expires_ns,
-                    },
-                    BPF_NOEXIST,
-                ) {
-                    Ok(()) => changes.added += 1,
-                    Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                        if io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)")
-                        });
-                    }
-                }
-                continue;
-            }
-            // A kept entry whose expiry moved: carry its counter over.
-            let hits = match self.allow.get(&key, 0) {
-                Ok(v) => v.hits,
-                Err(MapError::KeyNotFound) => 0,
-                Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
-            };
-            self.allow
-                .insert(&key, AllowValue { hits, expires_ns }, 0)
-                .with_context(|| format!("updating {entry:?} in DW_ALLOW (bpf_map_update_elem)"))?;
-            changes.added += 1;
-        }
-        for entry in old.keys().filter(|e| !new.contains_key(e)) {
-            self.remove_allow(entry)?;
-            changes.removed += 1;
-        }
-        Ok(changes)
-    }
-
-    /// Writes one edit's entries: `Some(expires_ns)` puts the entry in (a
-    /// running hit counter carried over), `None` takes it out. O(change).
-    pub fn apply_allow_changes(
-        &mut self,
-        changes: &BTreeMap<AllowEntry, Option<u64>>,
-    ) -> anyhow::Result<Changes> {
-        let mut done = Changes::default();
-        // Inserts before removals, as everywhere: never fewer entries than
-        // both policies hold.
-        for (entry, expires_ns) in changes.iter().filter_map(|(e, c)| c.map(|c| (e, c))) {
-            let (len, data) = entry.key();
-            let key = Key::new(len, data);
-            let hits = match self.allow.get(&key, 0) {
-                Ok(v) => v.hits,
-                Err(MapError::KeyNotFound) => 0,
-                Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
-            };
-            self.allow
-                .insert(&key, AllowValue { hits, expires_ns }, 0)
-                .with_context(|| format!("writing {entry:?} to DW_ALLOW (bpf_map_update_elem)"))?;
-            done.added += 1;
-        }
-        for entry in changes.iter().filter(|(_, c)| c.is_none()).map(|(e, _)| e) {
-            self.remove_allow(entry)?;
-            done.removed += 1;
-        }
-        Ok(done)
-    }
-
-    /// Removes one allowance entry; one another command removed first is
-    /// fine (the goal is met).
-    fn remove_allow(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
-        let (len, data) = entry.key();
-        match self.allow.remove(&Key::new(len, data)) {
-            Ok(()) => Ok(()),
-            Err(e) if already_gone(&e) => Ok(()),
-            Err(e) => Err(e)
-                .with_context(|| format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")),
-        }
-    }
-
-    /// Every allowance entry in the kernel with its hit counter.
-    pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
-        Ok(self
-            .allow_values()?
-            .into_iter()
-            .map(|(e, v)| (e, v.hits))
-            .collect())
-    }
-
-    /// Every allowance entry in the kernel with its value.
-    pub fn allow_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
-        let mut out = BTreeMap::new();
-        for item in self.allow.iter() {
-            let (key, value) = item.context("reading DW_ALLOW (bpf_map_get_next_key)")?;
-            if let Some(entry) = AllowEntry::from_key(key.prefix_len(), &key.data()) {
-                out.insert(entry, value);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The kernel's own longest-prefix match for a source on a published
-    /// port: the value of the entry that decides, if any.
-    pub fn lookup_allow(
-        &self,
-        port: u16,
-        proto: Proto,
-        source: IpAddr,
-    ) -> anyhow::Result<Option<AllowValue>> {
-        let (family, addr) = crate::policy::addr_bytes(source);
-        let bits = if source.is_ipv4() { 32 } else { 128 };
-        let key = Key::new(
-            ALLOW_KEY_FIXED_BITS + bits,
-            AllowKey {
-                port,
-                proto: proto.number(),
-                family,
-                addr,
-            },
-        );
-        match self.allow.get(&key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
-        }
     }
 
     /// The published-port entries the kernel holds.

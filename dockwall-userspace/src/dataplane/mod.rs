@@ -3,6 +3,7 @@
 //! the one path from policy to every installed dataplane.
 
 pub mod ebpf;
+pub mod ebpf_allow;
 pub mod fallback;
 pub mod iptables;
 pub mod nftables;

@@ -166,7 +166,13 @@ pub fn apply_changes(
             .iter()
             .map(|(e, c)| (*e, c.map(|at| at.map_or(0, clock::boot_ns_at))))
             .collect();
-        applied.allow = maps.apply_allow_changes(&kernel)?;
+        // A group's whole content after the edit decides where the kernel
+        // keeps it (by length, or the trie).
+        let desired = crate::dataplane::ebpf_allow::DesiredMap {
+            map: compiled.effective(),
+            expires_ns: |at: &Option<u64>| at.map_or(0, clock::boot_ns_at),
+        };
+        applied.allow = maps.apply_allow_changes(&kernel, &desired)?;
         if let Some(mirror) = dataplanes.allow_applied.as_mut() {
             for (e, c) in changes {
                 match c {

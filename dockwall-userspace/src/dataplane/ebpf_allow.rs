@@ -1,0 +1,624 @@
+//! The eBPF allowance maps, and writing them.
+//!
+//! Allowances are kept by group: (published port, protocol, family). A
+//! group whose entries use at most [`ALLOW_MAX_LENS`] prefix lengths has
+//! them in `DW_ALLOW_NETS`, one exact-match entry each, and its slot in
+//! `DW_ALLOW_LENS` lists the lengths, longest first: the kernel probes once
+//! per length and the first hit is the longest match. Any other group is
+//! looked up in the LPM trie `DW_ALLOW`, as every group was before.
+//!
+//! Every write keeps one rule: a packet never sees fewer allowances than
+//! both the old and the new policy grant. Entries go in before the slot
+//! that makes them visible, and go out after the slot that stops probing
+//! their length; a group moving between the hash and the trie is written
+//! whole into its new place, then its slot flips, then its old place is
+//! emptied. A crash between two steps leaves extra entries the kernel does
+//! not look at (the next full sync removes them) or a length not yet
+//! listed (its entries miss: fail closed), never an allowance the policy
+//! does not grant.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{MapError, lpm_trie::Key},
+    sys::SyscallError,
+};
+use dockwall_common::{
+    ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
+    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::net::IpAddr;
+
+use super::ebpf::{BPF_NOEXIST, Changes, Maps, already_gone, same_expiry};
+use crate::policy::{AllowEntry, Proto};
+
+/// (published port, protocol, IPv6?): the allowances one `DW_ALLOW_LENS`
+/// slot describes; [`AllowEntry::group`].
+pub type Group = (u16, Proto, bool);
+
+/// Where a group's allowances are looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// By length in `DW_ALLOW_NETS`, with these lengths.
+    Nets(AllowLens),
+    /// In the trie (also: a group with no allowances).
+    Trie,
+}
+
+/// Where `entries` (one group's) belong: by length when their distinct
+/// prefix lengths fit a slot, else the trie.
+fn place_for<'a>(entries: impl IntoIterator<Item = &'a AllowEntry>) -> Place {
+    let lens: BTreeSet<u8> = entries.into_iter().map(|e| e.net.prefix_len()).collect();
+    if lens.is_empty() || lens.len() > ALLOW_MAX_LENS {
+        return Place::Trie;
+    }
+    let mut slot = AllowLens::default();
+    for (i, len) in lens.iter().rev().enumerate() {
+        slot.lens[i] = *len;
+    }
+    slot.n = lens.len() as u8;
+    Place::Nets(slot)
+}
+
+/// The slot a place is written as.
+fn slot_of(place: Place) -> AllowLens {
+    match place {
+        Place::Nets(slot) => slot,
+        Place::Trie => AllowLens::default(),
+    }
+}
+
+fn slot_index((port, proto, v6): Group) -> u32 {
+    allow_group_index(port, proto.number(), if v6 { FAMILY_V6 } else { FAMILY_V4 })
+}
+
+/// The entries of one group in a map ordered by [`AllowEntry`]: a range,
+/// not a scan (entries sort by port, protocol, then IPv4 before IPv6).
+pub fn group_entries<V>(
+    map: &BTreeMap<AllowEntry, V>,
+    group: Group,
+) -> impl Iterator<Item = (&AllowEntry, &V)> {
+    let (port, proto, v6) = group;
+    let net = if v6 {
+        IpNet::V6(Ipv6Net::default())
+    } else {
+        IpNet::V4(Ipv4Net::default())
+    };
+    map.range(AllowEntry { port, proto, net }..)
+        .take_while(move |(e, _)| e.group() == group)
+}
+
+/// A policy's allowance entries, as an edit needs to ask about them: cheap
+/// questions first, the whole group only when it changes place.
+pub trait Desired {
+    /// Whether the group has an entry of this prefix length (stops at the
+    /// first: O(1) for a length many entries use).
+    fn has_len(&self, group: Group, len: u8) -> bool;
+    /// The group's entries and their kernel expiries (O(group)).
+    fn entries(&self, group: Group) -> BTreeMap<AllowEntry, u64>;
+}
+
+/// [`Desired`] over an ordered map, with how its values become kernel
+/// `expires_ns`.
+pub struct DesiredMap<'a, V, F> {
+    pub map: &'a BTreeMap<AllowEntry, V>,
+    pub expires_ns: F,
+}
+
+impl<V, F: Fn(&V) -> u64> Desired for DesiredMap<'_, V, F> {
+    fn has_len(&self, group: Group, len: u8) -> bool {
+        group_entries(self.map, group).any(|(e, _)| e.net.prefix_len() == len)
+    }
+
+    fn entries(&self, group: Group) -> BTreeMap<AllowEntry, u64> {
+        group_entries(self.map, group)
+            .map(|(e, v)| (*e, (self.expires_ns)(v)))
+            .collect()
+    }
+}
+
+/// A group's place after an edit, from its slot before and the edit alone
+/// when the group is looked up by length (the usual case: no scan of the
+/// group unless a length may have gone out of use); from its whole content
+/// otherwise.
+fn place_after(
+    now: AllowLens,
+    group: Group,
+    edit: &[(AllowEntry, Option<u64>)],
+    desired: &impl Desired,
+) -> Place {
+    if now.n == 0 {
+        return place_for(desired.entries(group).keys());
+    }
+    let n = usize::from(now.n).min(ALLOW_MAX_LENS);
+    let mut lens: BTreeSet<u8> = now.lens[..n].iter().copied().collect();
+    for (entry, change) in edit {
+        let len = entry.net.prefix_len();
+        if change.is_some() {
+            lens.insert(len);
+        } else if lens.contains(&len)
+            && !edit
+                .iter()
+                .any(|(e, c)| c.is_some() && e.net.prefix_len() == len)
+            && !desired.has_len(group, len)
+        {
+            lens.remove(&len);
+        }
+    }
+    if lens.is_empty() || lens.len() > ALLOW_MAX_LENS {
+        return Place::Trie;
+    }
+    let mut slot = AllowLens::default();
+    for (i, len) in lens.iter().rev().enumerate() {
+        slot.lens[i] = *len;
+    }
+    slot.n = lens.len() as u8;
+    Place::Nets(slot)
+}
+
+fn net_key(entry: &AllowEntry) -> AllowNetKey {
+    let (prefix_len, data) = AllowEntry {
+        net: entry.net.trunc(),
+        ..*entry
+    }
+    .key();
+    AllowNetKey { prefix_len, data }
+}
+
+fn trie_key(entry: &AllowEntry) -> Key<AllowKey> {
+    let (len, data) = entry.key();
+    Key::new(len, data)
+}
+
+impl Maps {
+    /// Makes the allowance maps hold exactly `desired` (entry -> kernel
+    /// `expires_ns`, 0 = never), each group in its place. Kept entries are
+    /// rewritten only when their expiry moved, with their hit counters
+    /// carried over (also into a group's new place). Repairs anything a
+    /// crash or a hand edit left: what is not desired goes.
+    pub fn sync_allow(&mut self, desired: &BTreeMap<AllowEntry, u64>) -> anyhow::Result<Changes> {
+        let trie_now = self.trie_values()?;
+        let nets_now = self.nets_values()?;
+        let mut places: BTreeMap<Group, Place> = BTreeMap::new();
+        let groups: BTreeSet<Group> = desired.keys().map(AllowEntry::group).collect();
+        for group in groups {
+            let place = place_for(group_entries(desired, group).map(|(e, _)| e));
+            places.insert(group, place);
+        }
+        // Groups the maps hold and the policy no longer has: empty slots.
+        for entry in trie_now.keys().chain(nets_now.keys()) {
+            places.entry(entry.group()).or_insert(Place::Trie);
+        }
+        let in_nets = |e: &AllowEntry| matches!(places.get(&e.group()), Some(Place::Nets(_)));
+        let mut changes = Changes::default();
+        // 1. Every entry into its place.
+        for (entry, &expires_ns) in desired {
+            if in_nets(entry) {
+                let hits = match nets_now.get(entry) {
+                    Some(now) if same_expiry(now.expires_ns, expires_ns) => continue,
+                    Some(now) => now.hits,
+                    // Moving from the trie: its count comes along.
+                    None => trie_now.get(entry).map_or(0, |v| v.hits),
+                };
+                self.net_put(entry, AllowValue { hits, expires_ns })?;
+            } else {
+                let hits = match trie_now.get(entry) {
+                    Some(now) if same_expiry(now.expires_ns, expires_ns) => continue,
+                    Some(now) => now.hits,
+                    None => nets_now.get(entry).map_or(0, |v| v.hits),
+                };
+                self.trie_put(entry, AllowValue { hits, expires_ns })?;
+            }
+            changes.added += 1;
+        }
+        // 2. The slots, now that what they point at is there.
+        for (&group, &place) in &places {
+            if self.slot(group)? != slot_of(place) {
+                self.set_slot(group, slot_of(place))?;
+            }
+        }
+        // 3. What is no longer looked up where it is.
+        for entry in nets_now.keys() {
+            let kept = desired.contains_key(entry) && in_nets(entry);
+            if !kept {
+                self.net_remove(entry)?;
+                changes.removed += usize::from(!desired.contains_key(entry));
+            }
+        }
+        for entry in trie_now.keys() {
+            let kept = desired.contains_key(entry) && !in_nets(entry);
+            if !kept {
+                self.trie_remove(entry)?;
+                changes.removed += usize::from(!desired.contains_key(entry));
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Writes only the difference between `old` (what the maps were last
+    /// given) and `new`: O(change), not O(policy), for `allow`/`revoke` on
+    /// a large policy. Kept entries whose expiry moved are rewritten with
+    /// their hit counters; an entry already gone is fine.
+    pub fn sync_allow_delta(
+        &mut self,
+        old: &BTreeMap<AllowEntry, u64>,
+        new: &BTreeMap<AllowEntry, u64>,
+    ) -> anyhow::Result<Changes> {
+        let mut changes: BTreeMap<AllowEntry, Option<u64>> = BTreeMap::new();
+        for (entry, &expires_ns) in new {
+            if !old
+                .get(entry)
+                .is_some_and(|&was| same_expiry(was, expires_ns))
+            {
+                changes.insert(*entry, Some(expires_ns));
+            }
+        }
+        for entry in old.keys().filter(|e| !new.contains_key(e)) {
+            changes.insert(*entry, None);
+        }
+        let desired = DesiredMap {
+            map: new,
+            expires_ns: |v: &u64| *v,
+        };
+        self.apply_allow_changes(&changes, &desired)
+    }
+
+    /// Writes one edit's entries: `Some(expires_ns)` puts the entry in (a
+    /// running hit counter carried over), `None` takes it out. `desired`
+    /// is the whole policy after the edit, which decides each group's
+    /// place. O(change), or O(group) when a group moves between the hash
+    /// and the trie or lives in the trie.
+    pub fn apply_allow_changes(
+        &mut self,
+        changes: &BTreeMap<AllowEntry, Option<u64>>,
+        desired: &impl Desired,
+    ) -> anyhow::Result<Changes> {
+        let mut done = Changes::default();
+        let groups: BTreeSet<Group> = changes.keys().map(AllowEntry::group).collect();
+        for group in groups {
+            let edit: Vec<(AllowEntry, Option<u64>)> = group_entries(changes, group)
+                .map(|(e, c)| (*e, *c))
+                .collect();
+            let now = self.slot(group)?;
+            let place = place_after(now, group, &edit, desired);
+            let moving = (now.n != 0) != matches!(place, Place::Nets(_));
+            if moving {
+                let want = desired.entries(group);
+                // Whole into the new place, flip the slot, empty the old
+                // place of the group's entries (old and new). Counters
+                // move along. (An entry this edit adds is created in the
+                // trie first, only to learn whether it was there: a trie
+                // lookup answers the longest match. It is granted by the
+                // new policy, and goes with the rest of the trie's.)
+                for (entry, &expires_ns) in &want {
+                    let edited = edit.iter().any(|(e, _)| e == entry);
+                    match place {
+                        Place::Nets(_) => {
+                            let hits = if edited && self.trie_create(entry, expires_ns)? {
+                                0
+                            } else {
+                                self.trie_hits(entry)?
+                            };
+                            self.net_put(entry, AllowValue { hits, expires_ns })?;
+                        }
+                        Place::Trie => {
+                            let hits = self.net_get(entry)?.map_or(0, |v| v.hits);
+                            self.trie_put(entry, AllowValue { hits, expires_ns })?;
+                        }
+                    }
+                }
+                self.set_slot(group, slot_of(place))?;
+                for entry in want.keys().chain(edit.iter().map(|(e, _)| e)) {
+                    match place {
+                        Place::Nets(_) => self.trie_remove(entry)?,
+                        Place::Trie => self.net_remove(entry)?,
+                    }
+                }
+                done.added += edit.iter().filter(|(_, c)| c.is_some()).count();
+            } else {
+                for (entry, expires_ns) in edit.iter().filter_map(|(e, c)| c.map(|c| (e, c))) {
+                    done.added += usize::from(self.put(place, entry, expires_ns)?);
+                }
+                if now != slot_of(place) {
+                    self.set_slot(group, slot_of(place))?;
+                }
+                for (entry, _) in edit.iter().filter(|(_, c)| c.is_none()) {
+                    match place {
+                        Place::Nets(_) => self.net_remove(entry)?,
+                        Place::Trie => self.trie_remove(entry)?,
+                    }
+                }
+            }
+            done.removed += edit.iter().filter(|(_, c)| c.is_none()).count();
+        }
+        Ok(done)
+    }
+
+    /// Puts one entry in `place`, its running hit counter carried over.
+    /// False when it was there already with this expiry (nothing written).
+    fn put(&mut self, place: Place, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
+        match place {
+            Place::Nets(_) => {
+                let now = self.net_get(entry)?;
+                if now
+                    .as_ref()
+                    .is_some_and(|v| same_expiry(v.expires_ns, expires_ns))
+                {
+                    return Ok(false);
+                }
+                let hits = now.map_or(0, |v| v.hits);
+                self.net_put(entry, AllowValue { hits, expires_ns })?;
+                Ok(true)
+            }
+            Place::Trie => self.trie_upsert(entry, expires_ns),
+        }
+    }
+
+    /// Creates a trie entry, or rewrites an existing one's expiry keeping
+    /// its counter. Only create is tried first: a trie lookup answers the
+    /// longest match, so it cannot tell whether this very entry exists.
+    /// Linux before 6.13 (without the stable backport; Debian's 5.10 here)
+    /// ignores BPF_NOEXIST for LPM tries and overwrites, resetting that
+    /// entry's hit counter.
+    fn trie_upsert(&mut self, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
+        if self.trie_create(entry, expires_ns)? {
+            return Ok(true);
+        }
+        // It exists, so the lookup answers this very entry.
+        let now = match self.allow.get(&trie_key(entry), 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => AllowValue::default(),
+            Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
+        };
+        if same_expiry(now.expires_ns, expires_ns) {
+            return Ok(false);
+        }
+        self.trie_put(
+            entry,
+            AllowValue {
+                hits: now.hits,
+                expires_ns,
+            },
+        )?;
+        Ok(true)
+    }
+
+    /// Creates a trie entry with a zero counter; false when it exists.
+    fn trie_create(&mut self, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
+        let fresh = AllowValue {
+            hits: 0,
+            expires_ns,
+        };
+        match self.allow.insert(&trie_key(entry), fresh, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e)
+                .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)")),
+        }
+    }
+
+    /// The hit counter of a trie entry known to exist (a trie lookup
+    /// answers the longest match, which for an existing entry is itself).
+    fn trie_hits(&self, entry: &AllowEntry) -> anyhow::Result<u64> {
+        match self.allow.get(&trie_key(entry), 0) {
+            Ok(v) => Ok(v.hits),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
+        }
+    }
+
+    fn trie_put(&mut self, entry: &AllowEntry, value: AllowValue) -> anyhow::Result<()> {
+        self.allow
+            .insert(&trie_key(entry), value, 0)
+            .with_context(|| format!("writing {entry:?} to DW_ALLOW (bpf_map_update_elem)"))
+    }
+
+    /// Removes one trie entry; one already gone is fine.
+    fn trie_remove(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
+        match self.allow.remove(&trie_key(entry)) {
+            Ok(()) => Ok(()),
+            Err(e) if already_gone(&e) => Ok(()),
+            Err(e) => Err(e)
+                .with_context(|| format!("removing {entry:?} from DW_ALLOW (bpf_map_delete_elem)")),
+        }
+    }
+
+    fn net_get(&self, entry: &AllowEntry) -> anyhow::Result<Option<AllowValue>> {
+        match self.allow_nets.get(&net_key(entry), 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("reading {MAP_ALLOW_NETS} (bpf_map_lookup_elem)"))
+            }
+        }
+    }
+
+    fn net_put(&mut self, entry: &AllowEntry, value: AllowValue) -> anyhow::Result<()> {
+        self.allow_nets
+            .insert(net_key(entry), value, 0)
+            .with_context(|| format!("writing {entry:?} to {MAP_ALLOW_NETS} (bpf_map_update_elem)"))
+    }
+
+    /// Removes one entry of `DW_ALLOW_NETS`; one already gone is fine.
+    fn net_remove(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
+        match self.allow_nets.remove(&net_key(entry)) {
+            Ok(()) => Ok(()),
+            Err(e) if already_gone(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| {
+                format!("removing {entry:?} from {MAP_ALLOW_NETS} (bpf_map_delete_elem)")
+            }),
+        }
+    }
+
+    fn slot(&self, group: Group) -> anyhow::Result<AllowLens> {
+        let index = slot_index(group);
+        self.allow_lens
+            .get(&index, 0)
+            .with_context(|| format!("reading {MAP_ALLOW_LENS}[{index}] (bpf_map_lookup_elem)"))
+    }
+
+    fn set_slot(&mut self, group: Group, slot: AllowLens) -> anyhow::Result<()> {
+        let index = slot_index(group);
+        self.allow_lens
+            .set(index, slot, 0)
+            .with_context(|| format!("writing {MAP_ALLOW_LENS}[{index}] (bpf_map_update_elem)"))
+    }
+
+    fn trie_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
+        let mut out = BTreeMap::new();
+        for item in self.allow.iter() {
+            let (key, value) = item.context("reading DW_ALLOW (bpf_map_get_next_key)")?;
+            if let Some(entry) = AllowEntry::from_key(key.prefix_len(), &key.data()) {
+                out.insert(entry, value);
+            }
+        }
+        Ok(out)
+    }
+
+    fn nets_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
+        let mut out = BTreeMap::new();
+        for item in self.allow_nets.iter() {
+            let (key, value) =
+                item.with_context(|| format!("reading {MAP_ALLOW_NETS} (bpf_map_get_next_key)"))?;
+            if let Some(entry) = AllowEntry::from_key(key.prefix_len, &key.data) {
+                out.insert(entry, value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every allowance entry in the kernel with its hit counter.
+    pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
+        Ok(self
+            .allow_values()?
+            .into_iter()
+            .map(|(e, v)| (e, v.hits))
+            .collect())
+    }
+
+    /// Every allowance entry in the kernel with its value, wherever it is
+    /// kept.
+    pub fn allow_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
+        let mut out = self.trie_values()?;
+        for (entry, value) in self.nets_values()? {
+            out.insert(entry, value);
+        }
+        Ok(out)
+    }
+
+    /// How the kernel looks up a group's allowances: `Some(lengths)`, one
+    /// probe each, longest first; `None`: in the trie.
+    pub fn allow_lengths(&self, group: Group) -> anyhow::Result<Option<Vec<u8>>> {
+        let slot = self.slot(group)?;
+        let n = usize::from(slot.n).min(ALLOW_MAX_LENS);
+        Ok((n != 0).then(|| slot.lens[..n].to_vec()))
+    }
+
+    /// The kernel's own longest-prefix match for a source on a published
+    /// port, the way the program looks it up: the value of the entry that
+    /// decides, if any.
+    pub fn lookup_allow(
+        &self,
+        port: u16,
+        proto: Proto,
+        source: IpAddr,
+    ) -> anyhow::Result<Option<AllowValue>> {
+        let slot = self.slot((port, proto, source.is_ipv6()))?;
+        if slot.n != 0 {
+            let n = usize::from(slot.n).min(ALLOW_MAX_LENS);
+            for &len in &slot.lens[..n] {
+                // A length past the family's (a hand edit) never matches.
+                let Ok(net) = IpNet::new(source, len) else {
+                    continue;
+                };
+                let entry = AllowEntry { port, proto, net };
+                if let Some(value) = self.net_get(&entry)? {
+                    return Ok(Some(value));
+                }
+            }
+            return Ok(None);
+        }
+        let (family, addr) = crate::policy::addr_bytes(source);
+        let bits = if source.is_ipv4() { 32 } else { 128 };
+        let key = Key::new(
+            ALLOW_KEY_FIXED_BITS + bits,
+            AllowKey {
+                port,
+                proto: proto.number(),
+                family,
+                addr,
+            },
+        );
+        match self.allow.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(port: u16, net: &str) -> AllowEntry {
+        AllowEntry {
+            port,
+            proto: Proto::Tcp,
+            net: net.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_group_is_looked_up_by_length_until_it_uses_more_lengths_than_a_slot_holds() {
+        let nets = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3/32", "10.2.0.0/16"];
+        let place = place_for(nets.iter().map(|n| e(80, n)).collect::<Vec<_>>().iter());
+        let Place::Nets(slot) = place else {
+            panic!("{place:?}")
+        };
+        assert_eq!((slot.n, &slot.lens[..3]), (3, &[32u8, 16, 8][..]));
+        let many: Vec<AllowEntry> = (0..=ALLOW_MAX_LENS as u8)
+            .map(|len| e(80, &format!("10.0.0.0/{}", 8 + len)))
+            .collect();
+        assert!(matches!(
+            place_for(many.iter().take(ALLOW_MAX_LENS)),
+            Place::Nets(_)
+        ));
+        assert_eq!(place_for(many.iter()), Place::Trie);
+        assert_eq!(place_for(std::iter::empty()), Place::Trie);
+    }
+
+    #[test]
+    fn group_entries_is_exactly_one_group() {
+        let map: BTreeMap<AllowEntry, u64> = [
+            e(79, "10.0.0.0/8"),
+            e(80, "0.0.0.0/0"),
+            e(80, "10.0.0.0/8"),
+            e(80, "::/0"),
+            e(80, "2001:db8::/32"),
+            AllowEntry {
+                proto: Proto::Udp,
+                ..e(80, "10.0.0.0/8")
+            },
+            e(81, "0.0.0.0/0"),
+        ]
+        .into_iter()
+        .map(|e| (e, 0))
+        .collect();
+        let v4: Vec<String> = group_entries(&map, (80, Proto::Tcp, false))
+            .map(|(e, _)| e.net.to_string())
+            .collect();
+        assert_eq!(v4, ["0.0.0.0/0", "10.0.0.0/8"]);
+        let v6: Vec<String> = group_entries(&map, (80, Proto::Tcp, true))
+            .map(|(e, _)| e.net.to_string())
+            .collect();
+        assert_eq!(v6, ["::/0", "2001:db8::/32"]);
+        assert_eq!(group_entries(&map, (80, Proto::Udp, true)).count(), 0);
+    }
+}
