@@ -50,7 +50,11 @@ enum Place {
 /// Where `entries` (one group's) belong: by length when their distinct
 /// prefix lengths fit a slot, else the trie.
 fn place_for<'a>(entries: impl IntoIterator<Item = &'a AllowEntry>) -> Place {
-    let lens: BTreeSet<u8> = entries.into_iter().map(|e| e.net.prefix_len()).collect();
+    place_of_lengths(&entries.into_iter().map(|e| e.net.prefix_len()).collect())
+}
+
+/// Where a group using these prefix lengths belongs.
+fn place_of_lengths(lens: &BTreeSet<u8>) -> Place {
     if lens.is_empty() || lens.len() > ALLOW_MAX_LENS {
         return Place::Trie;
     }
@@ -147,15 +151,7 @@ fn place_after(
             lens.remove(&len);
         }
     }
-    if lens.is_empty() || lens.len() > ALLOW_MAX_LENS {
-        return Place::Trie;
-    }
-    let mut slot = AllowLens::default();
-    for (i, len) in lens.iter().rev().enumerate() {
-        slot.lens[i] = *len;
-    }
-    slot.n = lens.len() as u8;
-    Place::Nets(slot)
+    place_of_lengths(&lens)
 }
 
 fn net_key(entry: &AllowEntry) -> AllowNetKey {
