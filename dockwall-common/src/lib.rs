@@ -34,6 +34,11 @@ pub const MAP_ALLOW_LENS: &str = "DW_ALLOW_LENS";
 /// The allowances of the groups `MAP_ALLOW_LENS` lists, one exact-match
 /// entry per allowance ([`AllowNetKey`] -> [`AllowValue`]).
 pub const MAP_ALLOW_NETS: &str = "DW_ALLOW_NETS";
+/// The hit counters of `MAP_ALLOW_NETS`'s allowances, per CPU: same key
+/// ([`AllowNetKey`]) -> a u64 per CPU. The kernel creates an allowance's
+/// entry on its first hit; userspace sums the CPUs, adds
+/// `AllowValue::hits`, and deletes the entry when the allowance goes.
+pub const MAP_ALLOW_HITS: &str = "DW_ALLOW_HITS";
 pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
 pub const MAP_STATS: &str = "DW_STATS";
 /// Per destination port (65,536 bytes): which kinds of `MAP_PUBLISHED` keys
@@ -61,12 +66,13 @@ pub const GLOBAL_LOG_CPUS: &str = "LOG_CPUS";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_PUBLISHED,
     MAP_PORTS,
     MAP_ALLOW,
     MAP_ALLOW_LENS,
     MAP_ALLOW_NETS,
+    MAP_ALLOW_HITS,
     MAP_UDP_FLOWS,
     MAP_STATS,
     MAP_CONFIG,
@@ -81,6 +87,11 @@ pub const ALLOW_GROUPS: u32 = 4 * 65_536;
 /// length (one hash probe each, longest first); a group with more is
 /// looked up in the trie.
 pub const ALLOW_MAX_LENS: usize = 7;
+/// Allowances whose hits are counted per CPU (`MAP_ALLOW_HITS`), in the
+/// order they are first hit; past this the shared `AllowValue::hits`
+/// counts them. The hash's buckets are allocated up front (16 bytes each,
+/// 2 MiB here), its entries (one u64 per CPU) only on a first hit.
+pub const ALLOW_HITS_MAX_ENTRIES: u32 = 1 << 17;
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
 /// One counter per (published port, protocol) at most.
 pub const PORT_DROPS_MAX_ENTRIES: u32 = 2 * 65_536;
@@ -208,7 +219,10 @@ pub struct AllowNetKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowValue {
-    /// New connections this allowance let through (atomic add in the kernel).
+    /// New connections this allowance let through, counted here (an atomic
+    /// add shared by all CPUs) when the trie decided, or when its per-CPU
+    /// counter in `MAP_ALLOW_HITS` could not be created (that map full).
+    /// An allowance's hits are this plus its `MAP_ALLOW_HITS` entry.
     pub hits: u64,
     /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) from which the
     /// entry no longer matches; 0 = never. The kernel checks it on every

@@ -25,8 +25,9 @@
 //! A flood of denied packets writes only this CPU's memory: the verdict
 //! counters, the per-port drop counters and the log limiter are per CPU,
 //! so CPUs dropping in parallel do not bounce a cache line between them
-//! (bench/droppath.md). An allowance's hit counter is still one atomic add
-//! shared by every CPU that matches it (see `hit`).
+//! (bench/droppath.md). So are the hit counters of the allowances looked up
+//! by length (`count_hit`); the trie fallback counts in its entry, one
+//! atomic add shared by the CPUs that match it.
 //!
 //! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
 //! after dockwall still run; under the legacy clsact path it lets the next
@@ -60,11 +61,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use dockwall_common::{
-    ALLOW_GROUPS, ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, ALLOW_MAX_LENS, AllowKey, AllowLens,
-    AllowNetKey, AllowValue, CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, EVENTS_BYTE_SIZE,
-    FAMILY_V4, FAMILY_V6, FlowKey, LOG_WINDOW_NS, LogLimit, PORT_DROPS_MAX_ENTRIES, PROTO_TCP,
-    PROTO_UDP, PUBLISHED_MAX_ENTRIES, PortKey, PublishedKey, PublishedValue, UDP_FLOW_REFRESH_NS,
-    UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES, allow_group_index, scope_bit, stat,
+    ALLOW_GROUPS, ALLOW_HITS_MAX_ENTRIES, ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, ALLOW_MAX_LENS,
+    AllowKey, AllowLens, AllowNetKey, AllowValue, CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT,
+    EVENTS_BYTE_SIZE, FAMILY_V4, FAMILY_V6, FlowKey, LOG_WINDOW_NS, LogLimit,
+    PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PortKey, PublishedKey,
+    PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES,
+    allow_group_index, scope_bit, stat,
 };
 
 // Map names must equal dockwall_common::MAP_* (the loader looks them up by name).
@@ -79,10 +81,10 @@ static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 // DW_ALLOW_LENS slot lists lengths has its allowances in DW_ALLOW_NETS, one
 // exact entry each; any other group's are in the trie. The slots are an
 // array (an inlined load, no helper call); DW_ALLOW_NETS is not
-// preallocated, so it holds memory only for allowances that exist. It is
-// not per CPU: a per-CPU value costs a percpu allocation per allowance,
-// measured at 22 us per insert (2.3 s to load 100k allowances, against
-// 1.6 us for the trie), which the control plane cannot afford.
+// preallocated, so it holds memory only for allowances that exist. Its
+// values are not per CPU: that costs userspace a percpu allocation per
+// insert, measured at 22 us (2.3 s to load 100k allowances, against 1.6 us
+// for the trie); the per-CPU hit counters are DW_ALLOW_HITS instead.
 #[map(name = "DW_ALLOW")]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 
@@ -92,6 +94,14 @@ static ALLOW_LENS: Array<AllowLens> = Array::with_max_entries(ALLOW_GROUPS, 0);
 #[map(name = "DW_ALLOW_NETS")]
 static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
     HashMap::with_max_entries(ALLOW_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+// The hit counters of DW_ALLOW_NETS's allowances, per CPU, created by the
+// kernel on an allowance's first hit: a percpu allocation in the program
+// (bpf_mem_alloc), not the 22 us one per insert a per-CPU DW_ALLOW_NETS
+// would cost userspace. Bounded: once full, hits count in the entry.
+#[map(name = "DW_ALLOW_HITS")]
+static ALLOW_HITS: PerCpuHashMap<AllowNetKey, u64> =
+    PerCpuHashMap::with_max_entries(ALLOW_HITS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "DW_UDP_FLOWS")]
 static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX_ENTRIES, 0);
@@ -535,7 +545,11 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: AllowLens) -> Match
         };
         // SAFETY: the entry lives for the program's run (RCU).
         if let Some(value) = unsafe { ALLOW_NETS.get(&key) } {
-            return hit(value);
+            if lapsed(value) {
+                return Match::Expired;
+            }
+            count_hit(&key, value);
+            return Match::Hit;
         }
     }
     Match::Miss
@@ -575,23 +589,51 @@ fn allowance_in_trie(pkt: &Packet, policy_port: u16) -> Match {
         },
     );
     match ALLOW.get(&key) {
-        Some(value) => hit(value),
+        Some(value) if lapsed(value) => Match::Expired,
+        Some(value) => {
+            // A trie lookup does not say which entry answered, so its
+            // counter is the entry's own.
+            count_shared_hit(value);
+            Match::Hit
+        }
         None => Match::Miss,
     }
 }
 
-/// The deciding entry: lapsed, or a hit counted.
+/// Whether the deciding entry's expiry has passed.
 #[inline(always)]
-fn hit(value: &AllowValue) -> Match {
-    if value.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= value.expires_ns {
-        return Match::Expired;
+fn lapsed(value: &AllowValue) -> bool {
+    value.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= value.expires_ns
+}
+
+/// Counts a hit of a DW_ALLOW_NETS allowance on this CPU's counter, created
+/// at 1 on the allowance's first hit here (the other CPUs' at 0). If
+/// another CPU created it since the lookup, counts on that entry. Only
+/// when DW_ALLOW_HITS is full does the hit go to the shared counter.
+#[inline(always)]
+fn count_hit(key: &AllowNetKey, value: &AllowValue) {
+    if let Some(hits) = ALLOW_HITS.get_ptr_mut(key) {
+        // SAFETY: this CPU's counter of the entry, valid for the program's run.
+        unsafe { *hits += 1 };
+        return;
     }
+    if ALLOW_HITS.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+        return;
+    }
+    match ALLOW_HITS.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(hits) => unsafe { *hits += 1 },
+        None => count_shared_hit(value),
+    }
+}
+
+/// One atomic add to the entry's own counter, which every CPU matching it
+/// writes.
+#[inline(always)]
+fn count_shared_hit(value: &AllowValue) {
     let hits = (&value.hits as *const u64).cast_mut();
     // SAFETY: points into the map value, which lives as long as the entry.
-    // The counter is shared between CPUs, hence the atomic add (a per-CPU
-    // value would cost the control plane too much; see DW_ALLOW_NETS).
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
-    Match::Hit
 }
 
 #[inline(always)]

@@ -237,13 +237,14 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
 }
 
 /// The kernel's `memlock` for the allowance maps together: the per-length
-/// hash, the lengths array and the trie fallback, from
+/// hash, its per-CPU hit counters, the lengths array and the trie fallback, from
 /// /proc/self/fdinfo (aya does not expose it). Ours are told apart from
 /// other maps by type and size; one object is open at a time.
 fn allow_map_memlock() -> anyhow::Result<u64> {
     const LPM_TRIE: &str = "11";
     const HASH: &str = "1";
     const ARRAY: &str = "2";
+    const PERCPU_HASH: &str = "5";
     let (mut total, mut found) = (0, 0);
     for entry in std::fs::read_dir("/proc/self/fdinfo").context("reading /proc/self/fdinfo")? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
@@ -260,6 +261,7 @@ fn allow_map_memlock() -> anyhow::Result<u64> {
         let ours = match kind.as_deref() {
             Some(LPM_TRIE) | Some(HASH) => max == allow_max,
             Some(ARRAY) => max == Some(dockwall_common::ALLOW_GROUPS.to_string()),
+            Some(PERCPU_HASH) => max == Some(dockwall_common::ALLOW_HITS_MAX_ENTRIES.to_string()),
             _ => false,
         };
         if ours {
@@ -270,8 +272,8 @@ fn allow_map_memlock() -> anyhow::Result<u64> {
         }
     }
     anyhow::ensure!(
-        found == 3,
-        "found {found} of the 3 allowance maps in /proc/self/fdinfo"
+        found == 4,
+        "found {found} of the 4 allowance maps in /proc/self/fdinfo"
     );
     Ok(total)
 }

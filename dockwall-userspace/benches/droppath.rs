@@ -8,9 +8,9 @@
 //! default of 20 lines a second, so the per-port drop counter and the log
 //! limiter are exercised as on a loaded host. Counters written by every CPU
 //! per packet would show here as a cost that grows with the CPUs flooding;
-//! per-CPU counters keep it flat. An allowed SYN is measured the same way:
-//! its allowance's hit counter is the one counter still shared between
-//! CPUs (an atomic add in the allowance's value). Every verdict is checked.
+//! per-CPU counters keep it flat. An allowed SYN is measured the same way,
+//! every CPU matching one allowance, whose hits are counted per CPU
+//! (DW_ALLOW_HITS). Every verdict is checked.
 //!
 //!   cargo bench -p dockwall-userspace --bench droppath -- [--quick] --out DIR
 //!
@@ -246,7 +246,7 @@ fn markdown(rows: &[Row], all: usize, repeat: u32, runs: usize, mode: &str) -> S
     }
     let growth = |case| ns_of(rows, case, all) / ns_of(rows, case, 1);
     s.push_str(&format!(
-        "\nFrom 1 to {all} CPUs at once, per packet: dockwall's drop {:.2}x, the drop-all floor {:.2}x, dockwall's allowed SYN (one allowance, its hit counter shared) {:.2}x.\n",
+        "\nFrom 1 to {all} CPUs at once, per packet: dockwall's drop {:.2}x, the drop-all floor {:.2}x, dockwall's allowed SYN (one allowance, counted per CPU) {:.2}x.\n",
         growth(DOCKWALL_DROP),
         growth(DROP_ALL),
         growth(DOCKWALL_ALLOWED)

@@ -31,7 +31,7 @@
 //! where a per-flow cost (or a counter every packet of the flow writes)
 //! would show that many flows spread out.
 //!
-//!   cargo bench -p dockwall-userspace --bench path -- [--quick] --out DIR
+//!   cargo bench -p dockwall-userspace --bench path -- [--quick] [--xdp] [--counts N,N] --out DIR
 //!
 //! writes DIR/path.json, DIR/path.md and DIR/path.svg.
 
@@ -221,10 +221,22 @@ fn main() -> anyhow::Result<()> {
     } else {
         &Competitor::ALL
     };
-    let counts: Vec<usize> = match (quick, xdp) {
-        (true, _) => vec![10, 1_000],
-        (false, true) => vec![10, 1_000, 100_000],
-        (false, false) => vec![10, 100, 1_000, 10_000, 100_000],
+    // --counts 10,1000000: only these policy sizes (a developer's shortcut).
+    let counts: Vec<usize> = match args.iter().position(|a| a == "--counts") {
+        Some(i) => args
+            .get(i + 1)
+            .context("--counts needs a comma-separated list of sizes, e.g. --counts 10,1000000")?
+            .split(',')
+            .map(|n| {
+                n.parse()
+                    .with_context(|| format!("--counts: {n:?} is not a number of allowances"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => match (quick, xdp) {
+            (true, _) => vec![10, 1_000],
+            (false, true) => vec![10, 1_000, 100_000],
+            (false, false) => vec![10, 100, 1_000, 10_000, 100_000, 1_000_000],
+        },
     };
     let home = NetnsHome::open()?;
     // Whole sweeps, repeated: a slow drift of the machine (a noisy

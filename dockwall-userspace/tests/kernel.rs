@@ -1509,6 +1509,112 @@ fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
 }
 
 #[test]
+fn allowance_hits_are_counted_per_cpu_and_the_trie_and_a_full_counter_map_share_one() {
+    let cpus = aya::util::online_cpus().unwrap();
+    if cpus.len() < 2 {
+        eprintln!(
+            "skipped: needs two online CPUs, this machine has {}",
+            cpus.len()
+        );
+        return;
+    }
+    let e = |net: &str| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: net.parse().unwrap(),
+    };
+    let mut h = Harness::new(&[("192.0.2.0/24", "8081")]);
+    let allowed = syn4("192.0.2.10", HOST4, 8081);
+    // A different number of hits on each CPU, so a shared counter (or one
+    // CPU's count landing in another's slot) shows.
+    let floods: Vec<(u32, u32)> = cpus
+        .iter()
+        .enumerate()
+        .map(|(i, &cpu)| (cpu, 500 * (i as u32 + 1)))
+        .collect();
+    std::thread::scope(|s| {
+        for &(cpu, n) in &floods {
+            let (frame, h) = (&allowed, &h);
+            s.spawn(move || {
+                pin_to(cpu);
+                assert_eq!(run_ingress_shared(&h.ebpf, frame, n), PASS);
+            });
+        }
+    });
+    let net = e("192.0.2.0/24");
+    let by_cpu = h.maps.allow_hits_by_cpu().unwrap();
+    for &(cpu, n) in &floods {
+        assert_eq!(
+            by_cpu[&net][cpu as usize],
+            u64::from(n),
+            "CPU {cpu} let {n} in: {by_cpu:?}"
+        );
+    }
+    let total: u64 = floods.iter().map(|&(_, n)| u64::from(n)).sum();
+    assert_eq!(
+        h.maps.allow_values().unwrap()[&net].hits,
+        0,
+        "nothing shared"
+    );
+    assert_eq!(h.maps.allow_hits().unwrap()[&net], total);
+    assert_eq!(
+        h.maps
+            .lookup_allow(8081, Proto::Tcp, "192.0.2.10".parse().unwrap())
+            .unwrap()
+            .map(|v| v.hits),
+        Some(total),
+        "explain's read-back counts every CPU"
+    );
+    // Eight lengths put the group in the trie: its hits go to the entry,
+    // and the per-CPU count it had comes along in the sum.
+    let in_trie: BTreeSet<AllowEntry> = (17..=24)
+        .map(|len| e(&format!("192.0.2.0/{len}")))
+        .collect();
+    h.maps.sync_allow(&permanent(&in_trie)).unwrap();
+    assert_eq!(
+        h.maps.allow_lengths((8081, Proto::Tcp, false)).unwrap(),
+        None
+    );
+    assert_eq!(h.ingress(&allowed), PASS);
+    assert_eq!(h.maps.allow_values().unwrap()[&net].hits, 1);
+    assert_eq!(h.maps.allow_hits().unwrap()[&net], total + 1);
+    // Back by length, then removed by an edit: its per-CPU counter goes
+    // too, and added again it starts at 0.
+    let only = permanent(&BTreeSet::from([net]));
+    h.maps.sync_allow(&only).unwrap();
+    assert_eq!(h.maps.allow_hits().unwrap()[&net], total + 1);
+    h.maps.sync_allow_delta(&only, &BTreeMap::new()).unwrap();
+    assert!(h.maps.allow_hits_by_cpu().unwrap().is_empty());
+    h.maps
+        .sync_allow_delta(&BTreeMap::new(), &permanent(&BTreeSet::from([net])))
+        .unwrap();
+    assert_eq!(h.maps.allow_hits().unwrap()[&net], 0);
+    // DW_ALLOW_HITS full: one more allowance counts in its own entry.
+    let max = dockwall_common::ALLOW_HITS_MAX_ENTRIES;
+    let host = |i: u32| std::net::Ipv4Addr::from(0x0a00_0000 + i);
+    let many: BTreeSet<AllowEntry> = (0..=max).map(|i| e(&format!("{}/32", host(i)))).collect();
+    h.maps.sync_allow(&permanent(&many)).unwrap();
+    for i in 0..=max {
+        assert_eq!(h.ingress(&syn4(&host(i).to_string(), HOST4, 8081)), PASS);
+    }
+    let by_cpu = h.maps.allow_hits_by_cpu().unwrap();
+    assert_eq!(by_cpu.len(), max as usize, "the counter map is full");
+    let values = h.maps.allow_values().unwrap();
+    let shared: Vec<&AllowEntry> = many.iter().filter(|e| values[e].hits == 1).collect();
+    assert_eq!(
+        shared.len(),
+        1,
+        "exactly the one past the limit counts shared"
+    );
+    assert!(!by_cpu.contains_key(shared[0]));
+    let hits = h.maps.allow_hits().unwrap();
+    assert!(
+        many.iter().all(|e| hits[e] == 1),
+        "every allowance counted once"
+    );
+}
+
+#[test]
 fn an_expiring_allowance_stops_matching_in_the_kernel_on_time() {
     let mut h = Harness::new(&[]);
     let host = AllowEntry {
@@ -1811,13 +1917,18 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
                 ctx()
             );
         }
-        // Untouched entries kept their counters through every move.
+        // Untouched entries kept their counters (their own and the per-CPU
+        // ones) through every move; a new one starts from zero.
+        let counted = h.maps.allow_hits().unwrap();
         hits.retain(|e, _| old.contains_key(e) && old.get(e) == model.get(e));
         for (e, n) in &hits {
-            assert_eq!(kernel[e].hits, *n, "{}: hits of {e:?}", ctx());
+            assert_eq!(counted[e], *n, "{}: hits of {e:?}", ctx());
         }
         for e in model.keys() {
-            hits.entry(*e).or_insert(kernel[e].hits);
+            if !old.contains_key(e) {
+                assert_eq!(counted[e], 0, "{}: new allowance {e:?}", ctx());
+            }
+            hits.entry(*e).or_insert(counted[e]);
         }
         // Each family's group is where its lengths say.
         for family_v6 in [false, true] {

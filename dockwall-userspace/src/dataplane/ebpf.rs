@@ -22,9 +22,9 @@ use aya::{
 };
 use dockwall_common::{
     ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_LOG_CPUS,
-    LEGACY_MAP_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_NETS, MAP_CONFIG, MAP_PORT_DROPS,
-    MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey,
-    PublishedKey, PublishedValue, scope_bit, stat,
+    LEGACY_MAP_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_HITS, MAP_ALLOW_LENS, MAP_ALLOW_NETS, MAP_CONFIG,
+    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
+    PortKey, PublishedKey, PublishedValue, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -667,6 +667,8 @@ pub struct Maps {
     pub(super) allow_lens: Array<MapData, AllowLens>,
     /// The allowances of the groups with lengths listed.
     pub(super) allow_nets: HashMap<MapData, AllowNetKey, AllowValue>,
+    /// Their hit counters, per CPU (created by the kernel on a first hit).
+    pub(super) allow_hits_pcpu: PerCpuHashMap<MapData, AllowNetKey, u64>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     port_drops: PerCpuHashMap<MapData, PortKey, u64>,
@@ -723,6 +725,7 @@ impl Maps {
             take(MAP_ALLOW)?,
             take(MAP_ALLOW_LENS)?,
             take(MAP_ALLOW_NETS)?,
+            take(MAP_ALLOW_HITS)?,
             take(MAP_STATS)?,
             take(MAP_CONFIG)?,
             take(MAP_PORT_DROPS)?,
@@ -747,6 +750,7 @@ impl Maps {
             open(MAP_ALLOW)?,
             open(MAP_ALLOW_LENS)?,
             open(MAP_ALLOW_NETS)?,
+            open(MAP_ALLOW_HITS)?,
             open(MAP_STATS)?,
             open(MAP_CONFIG)?,
             open(MAP_PORT_DROPS)?,
@@ -760,10 +764,11 @@ impl Maps {
             allow,
             allow_lens,
             allow_nets,
+            allow_hits_pcpu,
             stats,
             config,
             port_drops,
-        ]: [Map; 8],
+        ]: [Map; 9],
     ) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
@@ -772,6 +777,7 @@ impl Maps {
             allow: allow.try_into().context(MAP_ALLOW)?,
             allow_lens: allow_lens.try_into().context(MAP_ALLOW_LENS)?,
             allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
+            allow_hits_pcpu: allow_hits_pcpu.try_into().context(MAP_ALLOW_HITS)?,
             stats: stats.try_into().context(MAP_STATS)?,
             config: config.try_into().context(MAP_CONFIG)?,
             port_drops: port_drops.try_into().context(MAP_PORT_DROPS)?,

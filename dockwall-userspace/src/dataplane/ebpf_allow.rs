@@ -16,6 +16,14 @@
 //! not look at (the next full sync removes them) or a length not yet
 //! listed (its entries miss: fail closed), never an allowance the policy
 //! does not grant.
+//!
+//! Hit counters: the kernel counts a hit of a `DW_ALLOW_NETS` allowance on
+//! its CPU's counter in `DW_ALLOW_HITS` (same key), a trie hit in the
+//! entry's own `hits`. An allowance's count is the two together, so a group
+//! changing place keeps its count by carrying `hits` over and leaving
+//! `DW_ALLOW_HITS` alone. An allowance that leaves the policy has its
+//! per-CPU counter deleted; a full sync also deletes any counter whose
+//! allowance is not there (a packet counted while it was being removed).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,7 +34,7 @@ use aya::{
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
-    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
+    FAMILY_V6, MAP_ALLOW_HITS, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
@@ -230,6 +238,22 @@ impl Maps {
                 changes.removed += usize::from(!desired.contains_key(entry));
             }
         }
+        // 4. Per-CPU counters of allowances that are not kept (gone, or
+        // created just now: a new allowance starts from zero).
+        let kept = |e: &AllowEntry| {
+            desired.contains_key(e) && (nets_now.contains_key(e) || trie_now.contains_key(e))
+        };
+        let mut stale = Vec::new();
+        for key in self.allow_hits_pcpu.keys() {
+            let key =
+                key.with_context(|| format!("reading {MAP_ALLOW_HITS} (bpf_map_get_next_key)"))?;
+            if !AllowEntry::from_key(key.prefix_len, &key.data).is_some_and(|e| kept(&e)) {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            self.hits_remove(key)?;
+        }
         Ok(changes)
     }
 
@@ -312,6 +336,9 @@ impl Maps {
                         Place::Trie => self.net_remove(entry)?,
                     }
                 }
+                for (entry, _) in edit.iter().filter(|(_, c)| c.is_none()) {
+                    self.hits_remove(&net_key(entry))?;
+                }
                 done.added += edit.iter().filter(|(_, c)| c.is_some()).count();
             } else {
                 for (entry, expires_ns) in edit.iter().filter_map(|(e, c)| c.map(|c| (e, c))) {
@@ -325,6 +352,7 @@ impl Maps {
                         Place::Nets(_) => self.net_remove(entry)?,
                         Place::Trie => self.trie_remove(entry)?,
                     }
+                    self.hits_remove(&net_key(entry))?;
                 }
             }
             done.removed += edit.iter().filter(|(_, c)| c.is_none()).count();
@@ -452,6 +480,43 @@ impl Maps {
         }
     }
 
+    /// Deletes an allowance's per-CPU hit counter; none there is fine (the
+    /// kernel creates it on the first hit only).
+    fn hits_remove(&mut self, key: &AllowNetKey) -> anyhow::Result<()> {
+        match self.allow_hits_pcpu.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if already_gone(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| {
+                format!("removing {key:?} from {MAP_ALLOW_HITS} (bpf_map_delete_elem)")
+            }),
+        }
+    }
+
+    /// An allowance's hits counted per CPU (0 when never hit by length).
+    fn hits_per_cpu(&self, entry: &AllowEntry) -> anyhow::Result<u64> {
+        match self.allow_hits_pcpu.get(&net_key(entry), 0) {
+            Ok(values) => Ok(values.iter().sum()),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e)
+                .with_context(|| format!("reading {MAP_ALLOW_HITS} (bpf_map_lookup_elem per CPU)")),
+        }
+    }
+
+    /// Each allowance's hits as each CPU counted them in `DW_ALLOW_HITS`
+    /// (index: CPU id); the shared part is in its value's `hits`.
+    pub fn allow_hits_by_cpu(&self) -> anyhow::Result<BTreeMap<AllowEntry, Vec<u64>>> {
+        let mut out = BTreeMap::new();
+        for item in self.allow_hits_pcpu.iter() {
+            let (key, values) = item.with_context(|| {
+                format!("reading {MAP_ALLOW_HITS} (bpf_map_lookup_elem per CPU)")
+            })?;
+            if let Some(entry) = AllowEntry::from_key(key.prefix_len, &key.data) {
+                out.insert(entry, values.iter().copied().collect());
+            }
+        }
+        Ok(out)
+    }
+
     fn slot(&self, group: Group) -> anyhow::Result<AllowLens> {
         let index = slot_index(group);
         self.allow_lens
@@ -489,17 +554,24 @@ impl Maps {
         Ok(out)
     }
 
-    /// Every allowance entry in the kernel with its hit counter.
+    /// Every allowance entry in the kernel with its hits: its own counter
+    /// plus what each CPU counted.
     pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
-        Ok(self
+        let mut out: BTreeMap<AllowEntry, u64> = self
             .allow_values()?
             .into_iter()
             .map(|(e, v)| (e, v.hits))
-            .collect())
+            .collect();
+        for (entry, per_cpu) in self.allow_hits_by_cpu()? {
+            if let Some(hits) = out.get_mut(&entry) {
+                *hits += per_cpu.iter().sum::<u64>();
+            }
+        }
+        Ok(out)
     }
 
     /// Every allowance entry in the kernel with its value, wherever it is
-    /// kept.
+    /// kept (`hits`: the entry's own counter, without the per-CPU ones).
     pub fn allow_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
         let mut out = self.trie_values()?;
         for (entry, value) in self.nets_values()? {
@@ -518,7 +590,7 @@ impl Maps {
 
     /// The kernel's own longest-prefix match for a source on a published
     /// port, the way the program looks it up: the value of the entry that
-    /// decides, if any.
+    /// decides, if any, with its hits from every CPU.
     pub fn lookup_allow(
         &self,
         port: u16,
@@ -534,7 +606,8 @@ impl Maps {
                     continue;
                 };
                 let entry = AllowEntry { port, proto, net };
-                if let Some(value) = self.net_get(&entry)? {
+                if let Some(mut value) = self.net_get(&entry)? {
+                    value.hits += self.hits_per_cpu(&entry)?;
                     return Ok(Some(value));
                 }
             }
