@@ -261,7 +261,12 @@ fn allow_map_memlock() -> anyhow::Result<u64> {
         let ours = match kind.as_deref() {
             Some(LPM_TRIE) | Some(HASH) => max == allow_max,
             Some(ARRAY) => max == Some(dockwall_common::ALLOW_GROUPS.to_string()),
-            Some(PERCPU_HASH) => max == Some(dockwall_common::ALLOW_HITS_MAX_ENTRIES.to_string()),
+            // The per-port drop counters are a per-CPU hash too, with 4-byte keys.
+            Some(PERCPU_HASH) => {
+                max == Some(dockwall_common::ALLOW_HITS_MAX_ENTRIES.to_string())
+                    && field("key_size:")
+                        == Some(size_of::<dockwall_common::AllowNetKey>().to_string())
+            }
             _ => false,
         };
         if ours {

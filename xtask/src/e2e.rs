@@ -22,6 +22,9 @@ pub(crate) struct Report {
     /// Put before each check's name: the same checks run again elsewhere
     /// (`[xdp]` at the XDP hook).
     label: String,
+    /// How long each stage took, printed at the end (where the suite's
+    /// minutes go).
+    timings: Vec<(String, Duration)>,
 }
 
 impl Report {
@@ -32,6 +35,22 @@ impl Report {
         } else {
             format!("[{label}] ")
         };
+    }
+
+    /// Runs one stage of the suite and records how long it took.
+    pub(crate) fn timed<T>(&mut self, stage: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        let started = Instant::now();
+        let out = f(self);
+        self.timings.push((stage.to_string(), started.elapsed()));
+        out
+    }
+
+    fn print_timings(&self) {
+        let total: Duration = self.timings.iter().map(|(_, d)| *d).sum();
+        println!("e2e: note time per stage ({} s in all):", total.as_secs());
+        for (stage, took) in &self.timings {
+            println!("e2e: note   {stage:<60} {:>5} s", took.as_secs());
+        }
     }
 
     pub(crate) fn check(&mut self, name: &str, result: anyhow::Result<()>) {
@@ -68,10 +87,10 @@ pub fn run_all(
     let mut report = Report::default();
     let (mut cargo_passed, mut cargo_failed) = (0, 0);
     if only.is_none() {
-        lint(&mut report);
-        (cargo_passed, cargo_failed) = cargo_tests(&mut report)?;
-        fuzz(&mut report);
-        bench_quick(&mut report);
+        report.timed("fmt, clippy", lint);
+        (cargo_passed, cargo_failed) = report.timed("cargo test (unit, kernel)", cargo_tests)?;
+        report.timed("fuzz", fuzz);
+        report.timed("benchmarks' quick mode", bench_quick);
     }
     match end_to_end(&mut report, only, model) {
         Ok(()) => {}
@@ -79,8 +98,11 @@ pub fn run_all(
     }
     // After the host's lab is gone: the cells start their own.
     if let Some(cells) = matrix {
-        crate::matrix::run(&mut report, cells);
+        report.timed("matrix (VM kernels, other engines)", |r| {
+            crate::matrix::run(r, cells)
+        });
     }
+    report.print_timings();
     let passed = report.passed + cargo_passed;
     let failed = report.failed.len() + cargo_failed;
     if !report.failed.is_empty() {
@@ -231,6 +253,7 @@ fn end_to_end(
     only: Option<&str>,
     model: crate::model::Options,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let mut dockerd = Dockerd::start()?;
     dockerd.build_image()?;
     let dw = Dockwall::new(dockerd.host())?;
@@ -283,24 +306,48 @@ fn end_to_end(
         return Ok(());
     }
 
-    core(r, &dockerd, &dw, &a, &b)?;
-    crate::xdp::run(r, &dockerd, &dw, &a, &b)?;
-
-    foreign_rules_survive(r, &dw, &a, &b)?;
-    netlink_path(r, &dw, &b, &b8081)?;
-    docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
-    bad_input(r, &dw, &b.host_if)?;
-    crate::durability::run(r, &dockerd, &dw, &a, &b)?;
-    crate::writer::run(r, &dw, &a, &b)?;
-    crate::model::run(r, &mut dockerd, &dw, &a, &b, model)?;
-    crate::operations::run(r, &dockerd, &dw, &a, &b)?;
-    equivalence(r, &dockerd, &dw, &a, &b)?;
-    crate::labels::run(r, &dockerd, &dw, &a, &b)?;
-    crate::fleet::run(r, &dw)?;
-    fallback_behaviour(r, &dw, &a, &b, true)?;
-    scale(r, &dw, &a, &b)?;
-    dockerd_restart(r, &mut dockerd, &dw, &a, &b)?;
-    iptables_legacy(r, &mut dockerd, &dw, &a, &b)?;
+    r.timings.push((
+        "e2e: dockerd, image, clients".to_string(),
+        started.elapsed(),
+    ));
+    r.timed("e2e: core", |r| core(r, &dockerd, &dw, &a, &b))?;
+    r.timed("e2e: xdp", |r| crate::xdp::run(r, &dockerd, &dw, &a, &b))?;
+    r.timed(
+        "e2e: foreign rules, netlink, docker later, bad input",
+        |r| {
+            foreign_rules_survive(r, &dw, &a, &b)?;
+            netlink_path(r, &dw, &b, &b8081)?;
+            docker_comes_later(r, &dw, &dockerd, &b, &b8081)?;
+            bad_input(r, &dw, &b.host_if)
+        },
+    )?;
+    r.timed("e2e: durability", |r| {
+        crate::durability::run(r, &dockerd, &dw, &a, &b)
+    })?;
+    r.timed("e2e: writer", |r| crate::writer::run(r, &dw, &a, &b))?;
+    r.timed("e2e: model", |r| {
+        crate::model::run(r, &mut dockerd, &dw, &a, &b, model)
+    })?;
+    r.timed("e2e: operations", |r| {
+        crate::operations::run(r, &dockerd, &dw, &a, &b)
+    })?;
+    r.timed("e2e: equivalence", |r| {
+        equivalence(r, &dockerd, &dw, &a, &b)
+    })?;
+    r.timed("e2e: labels", |r| {
+        crate::labels::run(r, &dockerd, &dw, &a, &b)
+    })?;
+    r.timed("e2e: fleet", |r| crate::fleet::run(r, &dw))?;
+    r.timed("e2e: fallback", |r| {
+        fallback_behaviour(r, &dw, &a, &b, true)
+    })?;
+    r.timed("e2e: scale", |r| scale(r, &dw, &a, &b))?;
+    r.timed("e2e: dockerd restart", |r| {
+        dockerd_restart(r, &mut dockerd, &dw, &a, &b)
+    })?;
+    r.timed("e2e: iptables-legacy", |r| {
+        iptables_legacy(r, &mut dockerd, &dw, &a, &b)
+    })?;
     r.expect(
         "at the end nothing of dockwall is left: no pins, rules, sets or tables",
         !std::path::Path::new("/sys/fs/bpf/dockwall").exists()
