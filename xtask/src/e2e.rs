@@ -46,6 +46,9 @@ impl Report {
     }
 
     fn print_timings(&self) {
+        if self.timings.is_empty() {
+            return;
+        }
         let total: Duration = self.timings.iter().map(|(_, d)| *d).sum();
         println!("e2e: note time per stage ({} s in all):", total.as_secs());
         for (stage, took) in &self.timings {
@@ -988,13 +991,29 @@ fn scale(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Resul
 /// one after the other: the p50 and p99 of their wall times.
 pub(crate) fn edit_latency(dw: &Dockwall, n: usize) -> anyhow::Result<(Duration, Duration)> {
     let mut times = Vec::with_capacity(n);
+    let begun = Instant::now();
+    let mut slowest: Vec<(Duration, usize, Duration)> = Vec::new();
     for i in 0..n {
         let source = format!("192.0.2.{}", i / 2 + 1);
         let verb = if i % 2 == 0 { "allow" } else { "revoke" };
         let started = Instant::now();
         dw.ok(&[verb, &source, "--port", "8081"])?;
-        times.push(started.elapsed());
+        let took = started.elapsed();
+        times.push(took);
+        slowest.push((took, i, started - begun));
     }
+    // The outliers, with when they started: what p99 is made of.
+    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    let worst: Vec<String> = slowest
+        .iter()
+        .take(4)
+        .map(|(took, i, at)| format!("#{i} {took:.1?} at +{at:.2?}"))
+        .collect();
+    println!(
+        "e2e: note slowest of {n} edits over {:.2?}: {}",
+        begun.elapsed(),
+        worst.join(", ")
+    );
     times.sort();
     let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
     Ok((at(0.50), at(0.99)))
