@@ -1003,7 +1003,7 @@ pub(crate) fn edit_latency(dw: &Dockwall, n: usize) -> anyhow::Result<(Duration,
         slowest.push((took, i, started - begun));
     }
     // The outliers, with when they started: what p99 is made of.
-    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
     let worst: Vec<String> = slowest
         .iter()
         .take(4)
