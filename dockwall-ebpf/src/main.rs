@@ -395,21 +395,31 @@ fn count_port_drop(proto: u8, port: u16) {
         proto,
         _pad: 0,
     };
-    match PORT_DROPS.get_ptr_mut(&key) {
+    // Only a full map loses the count.
+    let _ = count_on_this_cpu(&PORT_DROPS, &key);
+}
+
+/// Adds one to this CPU's counter of `key`, creating the entry on its
+/// first count with this CPU's slot at 1 and the others at 0. If another
+/// CPU created it since the lookup, counts on that entry (this CPU's slot
+/// there is ours). False only when the map is full.
+#[inline(always)]
+fn count_on_this_cpu<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
+    if let Some(count) = map.get_ptr_mut(key) {
         // SAFETY: this CPU's counter of the entry, valid for the program's run.
-        Some(drops) => unsafe { *drops += 1 },
-        None => {
-            // First drop on this port: create the entry with this CPU's
-            // slot at 1, the others at 0. If another CPU created it since
-            // the lookup, count on its entry (this CPU's slot there is
-            // ours). Only a full map loses the count.
-            if PORT_DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err()
-                && let Some(drops) = PORT_DROPS.get_ptr_mut(&key)
-            {
-                // SAFETY: as above.
-                unsafe { *drops += 1 };
-            }
+        unsafe { *count += 1 };
+        return true;
+    }
+    if map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    match map.get_ptr_mut(key) {
+        Some(count) => {
+            // SAFETY: as above.
+            unsafe { *count += 1 };
+            true
         }
+        None => false,
     }
 }
 
@@ -606,24 +616,12 @@ fn lapsed(value: &AllowValue) -> bool {
     value.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= value.expires_ns
 }
 
-/// Counts a hit of a DW_ALLOW_NETS allowance on this CPU's counter, created
-/// at 1 on the allowance's first hit here (the other CPUs' at 0). If
-/// another CPU created it since the lookup, counts on that entry. Only
-/// when DW_ALLOW_HITS is full does the hit go to the shared counter.
+/// Counts a hit of a DW_ALLOW_NETS allowance on this CPU's counter in
+/// DW_ALLOW_HITS; only when that map is full does it go to the shared one.
 #[inline(always)]
 fn count_hit(key: &AllowNetKey, value: &AllowValue) {
-    if let Some(hits) = ALLOW_HITS.get_ptr_mut(key) {
-        // SAFETY: this CPU's counter of the entry, valid for the program's run.
-        unsafe { *hits += 1 };
-        return;
-    }
-    if ALLOW_HITS.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
-        return;
-    }
-    match ALLOW_HITS.get_ptr_mut(key) {
-        // SAFETY: as above.
-        Some(hits) => unsafe { *hits += 1 },
-        None => count_shared_hit(value),
+    if !count_on_this_cpu(&ALLOW_HITS, key) {
+        count_shared_hit(value);
     }
 }
 

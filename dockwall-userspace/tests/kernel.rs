@@ -1421,16 +1421,25 @@ fn pin_to(cpu: u32) {
     }
 }
 
-#[test]
-fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
+/// The online CPUs, or None (with a line saying the test is skipped) on a
+/// machine with one: the per-CPU tests need two to tell CPUs apart.
+fn two_or_more_cpus() -> Option<Vec<u32>> {
     let cpus = aya::util::online_cpus().unwrap();
     if cpus.len() < 2 {
         eprintln!(
             "skipped: needs two online CPUs, this machine has {}",
             cpus.len()
         );
-        return;
+        return None;
     }
+    Some(cpus)
+}
+
+#[test]
+fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
+    let Some(cpus) = two_or_more_cpus() else {
+        return;
+    };
     let mut h = Harness::standard();
     let mut ring = events_ring(&mut h);
     let rate = 2 * cpus.len() as u32 + 1; // shares round up: 3 a CPU
@@ -1510,14 +1519,9 @@ fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
 
 #[test]
 fn allowance_hits_are_counted_per_cpu_and_the_trie_and_a_full_counter_map_share_one() {
-    let cpus = aya::util::online_cpus().unwrap();
-    if cpus.len() < 2 {
-        eprintln!(
-            "skipped: needs two online CPUs, this machine has {}",
-            cpus.len()
-        );
+    let Some(cpus) = two_or_more_cpus() else {
         return;
-    }
+    };
     let e = |net: &str| AllowEntry {
         port: 8081,
         proto: Proto::Tcp,
