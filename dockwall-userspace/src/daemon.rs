@@ -220,9 +220,15 @@ impl Daemon<'_, '_> {
                 "dockwall: folding the journal into the saved file failed (it is replayed at the next start): {e:#}"
             );
         }
-        let mut d = runtime::daemon().unwrap_or_default();
-        d.phase = runtime::Phase::Stopped;
-        let _ = runtime::save_daemon(&d);
+        // Only our own record: a daemon started since owns the file.
+        let me = std::process::id();
+        if let Err(e) = runtime::update_daemon(|d| {
+            if d.pid == Some(me) {
+                d.phase = runtime::Phase::Stopped;
+            }
+        }) {
+            eprintln!("dockwall: recording that the daemon stopped failed: {e:#}");
+        }
         println!("dockwall: exiting; the filter stays in force (`dockwall unload` removes it)");
         Ok(ExitCode::SUCCESS)
     }
@@ -457,9 +463,7 @@ impl Daemon<'_, '_> {
 
     /// Tells `status` and the metrics how the store is.
     fn record_store(&self, health: &crate::store::etcd::Health) {
-        let mut d = runtime::daemon().unwrap_or_default();
-        d.store = Some(health.clone());
-        if let Err(e) = runtime::save_daemon(&d) {
+        if let Err(e) = runtime::update_daemon(|d| d.store = Some(health.clone())) {
             eprintln!("dockwall: recording the store's health failed: {e:#}");
         }
     }
@@ -570,9 +574,7 @@ impl Daemon<'_, '_> {
     /// Remembers the saved file as it is now (the daemon's own write, or the
     /// file it just read): any other stamp later is a hand edit.
     fn note_file(&self) {
-        let mut d = runtime::daemon().unwrap_or_default();
-        d.file_stamp = runtime::stamp(self.config_path);
-        if let Err(e) = runtime::save_daemon(&d) {
+        if let Err(e) = runtime::note_saved_file(self.config_path) {
             eprintln!("dockwall: recording the saved file's identity failed: {e:#}");
         }
     }

@@ -9,7 +9,7 @@ use std::{
     fs::{self, File, OpenOptions},
     io::Write as _,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
@@ -29,6 +29,14 @@ const APPLIED_FILE: &str = "applied.toml";
 const DAEMON_LOCK: &str = "load.lock";
 /// The daemon's phase and the policy revision each dataplane holds.
 const DAEMON_FILE: &str = "daemon.json";
+/// Held while one process reads, changes and writes back `DAEMON_FILE`.
+/// `load`, its daemon and a command applying an edit directly each change
+/// some of its fields; unlocked, one of them could write back a copy read
+/// before another's change. That happened: a command's copy, read while
+/// the old daemon was gone, put the dead daemon's pid back under the new
+/// daemon's "running", and `status` said the daemon was stopped. Never
+/// removed (unlinking a lock file others may hold would split the lock).
+const DAEMON_FILE_LOCK: &str = "daemon.json.lock";
 
 pub fn run_dir() -> PathBuf {
     std::env::var_os("DOCKWALL_RUN_DIR")
@@ -86,7 +94,11 @@ pub fn record_repairs(what: &[String]) -> anyhow::Result<()> {
 }
 
 fn read<T: DeserializeOwned + Default>(name: &str) -> anyhow::Result<T> {
-    let path = run_dir().join(name);
+    read_in(&run_dir(), name)
+}
+
+fn read_in<T: DeserializeOwned + Default>(dir: &Path, name: &str) -> anyhow::Result<T> {
+    let path = dir.join(name);
     match fs::read(&path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
@@ -97,8 +109,11 @@ fn read<T: DeserializeOwned + Default>(name: &str) -> anyhow::Result<T> {
 }
 
 fn write<T: Serialize>(name: &str, value: &T) -> anyhow::Result<()> {
-    let dir = run_dir();
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_in(&run_dir(), name, value)
+}
+
+fn write_in<T: Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let bytes = serde_json::to_vec_pretty(value).context("serializing runtime state")?;
@@ -210,22 +225,40 @@ pub fn daemon() -> anyhow::Result<Daemon> {
     read(DAEMON_FILE)
 }
 
-pub fn save_daemon(daemon: &Daemon) -> anyhow::Result<()> {
-    write(DAEMON_FILE, daemon)
+/// Changes what the daemon file says with `change`, under the file's lock:
+/// every writer of it goes through here, so none undoes another's change.
+pub fn update_daemon(change: impl FnOnce(&mut Daemon)) -> anyhow::Result<()> {
+    update_daemon_in(&run_dir(), change)
+}
+
+fn update_daemon_in(dir: &Path, change: impl FnOnce(&mut Daemon)) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(DAEMON_FILE_LOCK);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own; it is released when `lock` closes.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("flock({}, LOCK_EX)", path.display()));
+    }
+    let mut daemon: Daemon = read_in(dir, DAEMON_FILE)?;
+    change(&mut daemon);
+    write_in(dir, DAEMON_FILE, &daemon)
 }
 
 /// Records the saved file as dockwall itself just wrote it (not a hand edit).
-pub fn note_saved_file(config: &std::path::Path) -> anyhow::Result<()> {
-    let mut d = daemon()?;
-    d.file_stamp = stamp(config);
-    save_daemon(&d)
+pub fn note_saved_file(config: &Path) -> anyhow::Result<()> {
+    update_daemon(|d| d.file_stamp = stamp(config))
 }
 
 /// Records that every dataplane in `names` holds `revision` now.
 pub fn record_applied(names: &[String], revision: u64) -> anyhow::Result<()> {
-    let mut d = daemon()?;
-    d.applied = names.iter().map(|n| (n.clone(), revision)).collect();
-    save_daemon(&d)
+    update_daemon(|d| d.applied = names.iter().map(|n| (n.clone(), revision)).collect())
 }
 
 pub fn save_applied(policy: &crate::config::Policy) -> anyhow::Result<()> {
@@ -279,4 +312,36 @@ pub fn daemon_lock() -> anyhow::Result<DaemonLock> {
     file.set_len(0).context("truncating the load lock")?;
     write!(file, "{}", std::process::id()).context("writing the load lock")?;
     Ok(DaemonLock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads stand in for processes: flock locks an open file, so two
+    /// opens in one process exclude each other as two processes would.
+    #[test]
+    fn concurrent_updates_of_the_daemon_file_lose_nothing() {
+        let dir = std::env::temp_dir().join(format!("dockwall-runtime-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        const WRITERS: usize = 6;
+        const EACH: u64 = 40;
+        std::thread::scope(|s| {
+            for w in 0..WRITERS {
+                let dir = &dir;
+                s.spawn(move || {
+                    for _ in 0..EACH {
+                        update_daemon_in(dir, |d| {
+                            *d.applied.entry(format!("writer {w}")).or_default() += 1;
+                        })
+                        .expect("update");
+                    }
+                });
+            }
+        });
+        let d: Daemon = read_in(&dir, DAEMON_FILE).expect("read");
+        fs::remove_dir_all(&dir).expect("cleanup");
+        assert_eq!(d.applied.len(), WRITERS, "{d:?}");
+        assert!(d.applied.values().all(|n| *n == EACH), "{d:?}");
+    }
 }

@@ -188,10 +188,9 @@ pub fn run(
     }
     let _daemon = runtime::daemon_lock()?;
     let previous_daemon = runtime::daemon().unwrap_or_default();
-    runtime::save_daemon(&runtime::Daemon {
-        pid: Some(std::process::id()),
-        phase: runtime::Phase::Starting,
-        ..previous_daemon.clone()
+    runtime::update_daemon(|d| {
+        d.pid = Some(std::process::id());
+        d.phase = runtime::Phase::Starting;
     })?;
     // The writer's lock, for the daemon's whole life, taken before the file
     // is read: an edit applied directly by a command finishes first, and no
@@ -438,10 +437,11 @@ async fn run_loaded(
         // Edits are taken from here on; until now they waited on the lock.
         let requests = control::server::serve(control::server::bind(&control::socket_path())?);
         runtime::record_applied(&dataplanes.names(), policy.revision)?;
-        let mut d = runtime::daemon()?;
-        d.phase = runtime::Phase::Running;
-        d.file_stamp = runtime::stamp(config_path);
-        runtime::save_daemon(&d)?;
+        runtime::update_daemon(|d| {
+            d.pid = Some(std::process::id());
+            d.phase = runtime::Phase::Running;
+            d.file_stamp = runtime::stamp(config_path);
+        })?;
         let mut daemon = Daemon {
             config_path,
             ifaces: &args.ifaces,
