@@ -974,12 +974,21 @@ fn scale(r: &mut Report, dw: &Dockwall, a: &Client, b: &Client) -> anyhow::Resul
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3
         );
-        // nftables replaces the table in one transaction per change (no
-        // in-place element update yet): measured, not held to the target.
         if plane != "nftables" {
             r.expect(
                 &format!("100k allowances ({plane}): one allow/revoke in force within 10 ms at p99 over 100 edits"),
                 p99 <= Duration::from_millis(10),
+                || format!("p50 {p50:.2?}, p99 {p99:.2?}"),
+            );
+        } else {
+            // The kernel takes 8-24 ms to delete one nf_tables set element
+            // (an empty set in a private namespace, measured by hand),
+            // against 0.1 ms to add one: revokes cannot make 10 ms. Held to
+            // 100 ms, so a return of nft's 0.5 s cache read (every edit,
+            // before dockwall sent the elements itself) fails.
+            r.expect(
+                "100k allowances (nftables): one allow/revoke in force within 100 ms at p99 over 100 edits (deleting a set element waits in the kernel)",
+                p99 <= Duration::from_millis(100),
                 || format!("p50 {p50:.2?}, p99 {p99:.2?}"),
             );
         }
@@ -1009,10 +1018,18 @@ pub(crate) fn edit_latency(dw: &Dockwall, n: usize) -> anyhow::Result<(Duration,
         .take(4)
         .map(|(took, i, at)| format!("#{i} {took:.1?} at +{at:.2?}"))
         .collect();
+    // Allows (even #) and revokes (odd) apart: a dataplane may differ.
+    let median = |parity: usize| {
+        let mut t: Vec<Duration> = times.iter().skip(parity).step_by(2).copied().collect();
+        t.sort();
+        t.get(t.len() / 2).copied().unwrap_or_default()
+    };
     println!(
-        "e2e: note slowest of {n} edits over {:.2?}: {}",
+        "e2e: note slowest of {n} edits over {:.2?}: {}; p50 of allows {:.1?}, of revokes {:.1?}",
         begun.elapsed(),
-        worst.join(", ")
+        worst.join(", "),
+        median(0),
+        median(1)
     );
     times.sort();
     let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];

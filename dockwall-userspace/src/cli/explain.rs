@@ -329,7 +329,7 @@ fn nftables_verdict(
     container_ips: &[IpAddr],
 ) -> anyhow::Result<Verdict> {
     let out = Command::new("nft")
-        .args(["list", "chain", "inet", nftables::TABLE, "prerouting"])
+        .args(["list", "chain", "inet", nftables::TABLE, nftables::CHAIN])
         .output()
         .context("running nft list chain inet dockwall prerouting")?;
     if !out.status.success() {

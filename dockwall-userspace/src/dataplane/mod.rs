@@ -7,4 +7,5 @@ pub mod ebpf_allow;
 pub mod fallback;
 pub mod iptables;
 pub mod nftables;
+pub mod nftables_netlink;
 pub mod sync;

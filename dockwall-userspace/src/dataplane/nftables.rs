@@ -20,7 +20,8 @@
 //! live in two sets per (family, protocol, published port): single
 //! addresses in a hash set, wider networks in an interval set. A new table
 //! is written whole in one `nft -f` transaction; an edit that leaves the
-//! rules as they are adds and deletes set elements in one.
+//! rules as they are adds and deletes set elements in one netlink batch
+//! (`nftables_netlink`).
 
 use std::{
     collections::BTreeSet,
@@ -30,12 +31,17 @@ use std::{
 };
 
 use crate::{
-    dataplane::iptables::{COMMENT_ALLOW, COMMENT_DENY},
+    dataplane::{
+        iptables::{COMMENT_ALLOW, COMMENT_DENY},
+        nftables_netlink::{self, ElementOp},
+    },
     policy::{AllowEntry, Proto, Scope, group_allowed},
 };
 
 /// `table inet dockwall`.
 pub const TABLE: &str = "dockwall";
+/// The table's one chain.
+pub const CHAIN: &str = "prerouting";
 /// Priority of the prerouting chain: after conntrack, before DNAT.
 pub const PRIORITY: i32 = -150;
 
@@ -57,7 +63,7 @@ fn family_words(ipv6: bool) -> (&'static str, &'static str, &'static str) {
 
 /// The set of single addresses of one (family, protocol, published port):
 /// a hash set, so adding or deleting one is O(1) however many it holds.
-fn set_name(ipv6: bool, proto: Proto, port: u16) -> String {
+pub fn set_name(ipv6: bool, proto: Proto, port: u16) -> String {
     format!(
         "allow{}_{}_{port}",
         if ipv6 { 6 } else { 4 },
@@ -66,9 +72,10 @@ fn set_name(ipv6: bool, proto: Proto, port: u16) -> String {
 }
 
 /// The set of wider networks of the same group: an interval set, whose
-/// every change costs O(size) in the kernel (nearly 0.5 s at 100k
-/// elements on Linux 6.18), so hosts never go in it.
-fn nets_set_name(ipv6: bool, proto: Proto, port: u16) -> String {
+/// every change costs O(size) in the kernel (Linux 6.18, one element sent
+/// over netlink: an add 0.1 ms into an empty set, 8-24 ms into 100k
+/// networks), so hosts never go in it.
+pub fn nets_set_name(ipv6: bool, proto: Proto, port: u16) -> String {
     format!("{}_nets", set_name(ipv6, proto, port))
 }
 
@@ -205,7 +212,7 @@ pub fn compile(
         }
     }
     format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{sets}\tchain prerouting {{\n\t\ttype filter hook prerouting priority {PRIORITY}; policy accept;\n{rules}\t}}\n}}\n"
+        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{sets}\tchain {CHAIN} {{\n\t\ttype filter hook prerouting priority {PRIORITY}; policy accept;\n{rules}\t}}\n}}\n"
     )
 }
 
@@ -223,47 +230,51 @@ pub fn apply(
 /// (updated here), `changes` says per entry whether it is held afterwards.
 /// Returns false, changing nothing in the kernel, when the rules change
 /// (a port's first or last source, a /0): the caller replaces the table.
+/// The elements go over netlink (see [`nftables_netlink`] for why not nft).
 pub fn update_in_place(
     applied: &mut BTreeSet<AllowEntry>,
     changes: &[(AllowEntry, bool)],
 ) -> anyhow::Result<bool> {
-    match element_delta(applied, changes) {
-        Some(script) => nft_script(&script).map(|()| true),
-        None => Ok(false),
+    let before = applied.clone();
+    let Some(ops) = element_delta(applied, changes) else {
+        return Ok(false);
+    };
+    if let Err(e) = nftables_netlink::apply_elements(TABLE, &ops) {
+        // The transaction changed nothing: the table holds `before`.
+        *applied = before;
+        return Err(e.into());
     }
+    Ok(true)
 }
 
-/// The `nft -f` transaction for [`update_in_place`], with `applied` brought
-/// up to date; None (and `applied` untouched) when the rules change. A
-/// single address is one element of its group's hash set. The interval set
-/// holds the maximal wider networks only (no auto-merge, so no overlaps):
-/// adding a network replaces the elements it covers, removing one brings
-/// back the maximal ones it covered.
+/// The element changes for [`update_in_place`], in order, with `applied`
+/// brought up to date; None (and `applied` untouched) when the rules
+/// change. A single address is one element of its group's hash set. The
+/// interval set holds the maximal wider networks only (no auto-merge, so
+/// no overlaps): adding a network replaces the elements it covers,
+/// removing one brings back the maximal ones it covered.
 pub fn element_delta(
     applied: &mut BTreeSet<AllowEntry>,
     changes: &[(AllowEntry, bool)],
-) -> Option<String> {
+) -> Option<Vec<ElementOp>> {
     use crate::policy::{covered, group_has_everyone, inside, maximal, rules_unchanged};
     if !rules_unchanged(applied, changes) {
         return None;
     }
-    let mut script = String::new();
-    let mut line = |verb: &str, e: &AllowEntry, net: &ipnet::IpNet| {
+    let mut ops = Vec::new();
+    let mut op = |add: bool, e: &AllowEntry, net: &ipnet::IpNet| {
         let (port, proto, ipv6) = e.group();
-        let _ = if is_host(net) {
-            writeln!(
-                script,
-                "{verb} element inet {TABLE} {} {{ {} }}",
-                set_name(ipv6, proto, port),
-                net.addr()
-            )
-        } else {
-            writeln!(
-                script,
-                "{verb} element inet {TABLE} {} {{ {net} }}",
+        let interval = !is_host(net);
+        ops.push(ElementOp {
+            add,
+            set: if interval {
                 nets_set_name(ipv6, proto, port)
-            )
-        };
+            } else {
+                set_name(ipv6, proto, port)
+            },
+            net: *net,
+            interval,
+        });
     };
     // One change after the other: each sees the sets as the last left them.
     for &(e, present) in changes {
@@ -278,7 +289,7 @@ pub fn element_delta(
                 applied.remove(&e);
             }
             if !no_set {
-                line(if present { "add" } else { "delete" }, &e, &e.net);
+                op(present, &e, &e.net);
             }
             continue;
         }
@@ -293,21 +304,21 @@ pub fn element_delta(
                 continue;
             }
             for net in &gone {
-                line("delete", &e, net);
+                op(false, &e, net);
             }
-            line("add", &e, &e.net);
+            op(true, &e, &e.net);
         } else {
             applied.remove(&e);
             if no_set || under {
                 continue;
             }
-            line("delete", &e, &e.net);
+            op(false, &e, &e.net);
             for net in &wider_inside(applied) {
-                line("add", &e, net);
+                op(true, &e, net);
             }
         }
     }
-    Some(script)
+    Some(ops)
 }
 
 fn is_host(net: &ipnet::IpNet) -> bool {
@@ -321,14 +332,22 @@ fn nft_script(script: &str) -> anyhow::Result<()> {
     crate::command::pipe("nft", &["-f", "-"], script, "nftables")
 }
 
-/// Whether dockwall's table is in place.
+/// Whether dockwall's table is in place (its chain exists). Asked of the
+/// kernel over netlink: `nft list chain` reads every set element first
+/// (0.5 s with 100k networks), and the daemon asks every 2 s.
 pub fn installed() -> bool {
-    Command::new("nft")
-        .args(["list", "chain", "inet", TABLE, "prerouting"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    match nftables_netlink::chain_exists(TABLE, CHAIN) {
+        Ok(exists) => exists,
+        Err(e) => {
+            eprintln!("dockwall: {e}; asking nft instead");
+            Command::new("nft")
+                .args(["list", "chain", "inet", TABLE, CHAIN])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        }
+    }
 }
 
 /// Removes dockwall's table (and with it every rule and set of dockwall's).
@@ -400,14 +419,18 @@ mod tests {
                     )
                 })
                 .collect();
-            let script = element_delta(&mut applied, &batch).expect("in place");
-            for line in script.lines() {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let item = (words[4].to_string(), words[6].to_string());
-                match words[0] {
-                    "add" => assert!(elements.insert(item), "step {step}: overlap {line}"),
-                    "delete" => assert!(elements.remove(&item), "step {step}: no element {line}"),
-                    other => panic!("{other}"),
+            let ops = element_delta(&mut applied, &batch).expect("in place");
+            for op in ops {
+                let element = if op.interval {
+                    op.net.to_string()
+                } else {
+                    op.net.addr().to_string()
+                };
+                let item = (op.set.clone(), element);
+                if op.add {
+                    assert!(elements.insert(item), "step {step}: overlap {op}");
+                } else {
+                    assert!(elements.remove(&item), "step {step}: no element {op}");
                 }
             }
             assert_eq!(elements, expected(&applied), "step {step}: {batch:?}");
