@@ -468,11 +468,89 @@ fn chain_exists(tool: &str, chain: &str) -> bool {
     run(tool, &["-S", chain]).unwrap_or(false)
 }
 
+/// One family's filter table as `iptables -S` prints it: what the checks
+/// the daemon makes every 2 s read, from one command. They were one
+/// command per chain and per jump: 28 with two interfaces, each reading
+/// the whole table anyway (iptables-nft fetches it from the kernel).
+struct Listing {
+    chains: BTreeSet<String>,
+    /// The words of each `-A` line.
+    rules: Vec<Vec<String>>,
+}
+
+impl Listing {
+    /// An iptables that fails (no ip6tables, IPv6 off) lists nothing.
+    fn of(tool: &str) -> Listing {
+        let out = Command::new(tool)
+            .arg("-S")
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success());
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        Listing::parse(&text)
+    }
+
+    fn parse(text: &str) -> Listing {
+        let mut listing = Listing {
+            chains: BTreeSet::new(),
+            rules: Vec::new(),
+        };
+        for line in text.lines() {
+            let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+            match words.first().map(String::as_str) {
+                Some("-P" | "-N") if words.len() >= 2 => {
+                    listing.chains.insert(words[1].clone());
+                }
+                Some("-A") => listing.rules.push(words),
+                _ => {}
+            }
+        }
+        listing
+    }
+
+    fn has_chain(&self, chain: &str) -> bool {
+        self.chains.contains(chain)
+    }
+
+    /// `-A parent -i iface -j ours`, as dockwall inserts it.
+    fn has_jump(&self, parent: &str, iface: &str, ours: &str) -> bool {
+        self.rules.iter().any(|w| {
+            w.len() == 6
+                && w[1] == parent
+                && w[2] == "-i"
+                && w[3] == iface
+                && w[4] == "-j"
+                && w[5] == ours
+        })
+    }
+
+    /// The rules of `parent` that jump to `ours`, with the interface each names.
+    fn jumps_to<'a>(
+        &'a self,
+        parent: &'a str,
+        ours: &'a str,
+    ) -> impl Iterator<Item = (&'a [String], Option<&'a str>)> {
+        self.rules
+            .iter()
+            .filter(move |w| {
+                let n = w.len();
+                n >= 4 && w[1] == parent && w[n - 2] == "-j" && w[n - 1] == ours
+            })
+            .map(|w| {
+                let iface = w.windows(2).find(|p| p[0] == "-i").map(|p| p[1].as_str());
+                (w.as_slice(), iface)
+            })
+    }
+}
+
 /// Whether both dockwall chains exist for both families.
 pub fn chains_present(backend: Backend) -> bool {
     Family::ALL.iter().all(|f| {
-        let tool = backend.tool(*f, "");
-        chain_exists(&tool, CHAIN_FWD) && chain_exists(&tool, CHAIN_IN)
+        let listing = Listing::of(&backend.tool(*f, ""));
+        listing.has_chain(CHAIN_FWD) && listing.has_chain(CHAIN_IN)
     })
 }
 
@@ -486,13 +564,14 @@ pub fn ensure_jumps(backend: Backend, ifaces: &[String]) -> anyhow::Result<Vec<S
     let mut added = Vec::new();
     for family in Family::ALL {
         let tool = backend.tool(family, "");
+        let listing = Listing::of(&tool);
         for (parent, ours) in JUMPS {
-            if !chain_exists(&tool, parent) || !chain_exists(&tool, ours) {
+            if !listing.has_chain(parent) || !listing.has_chain(ours) {
                 continue;
             }
             for iface in ifaces {
                 let rule = ["-i", iface.as_str(), "-j", ours];
-                if run(&tool, &[&["-C", parent][..], &rule].concat())? {
+                if listing.has_jump(parent, iface, ours) {
                     continue;
                 }
                 if !run(&tool, &[&["-I", parent, "1"][..], &rule].concat())? {
@@ -520,11 +599,11 @@ pub fn installed(backend: Backend, ifaces: &[String]) -> Vec<Installed> {
     Family::ALL
         .iter()
         .map(|family| {
-            let tool = backend.tool(*family, "");
+            let listing = Listing::of(&backend.tool(*family, ""));
             let jumped = |parent: &str, ours: &str| -> Vec<String> {
                 ifaces
                     .iter()
-                    .filter(|i| run(&tool, &["-C", parent, "-i", i, "-j", ours]).unwrap_or(false))
+                    .filter(|i| listing.has_jump(parent, i, ours))
                     .cloned()
                     .collect()
             };
@@ -534,9 +613,10 @@ pub fn installed(backend: Backend, ifaces: &[String]) -> Vec<Installed> {
                 } else {
                     "ipv4"
                 },
-                chains: chain_exists(&tool, CHAIN_FWD) && chain_exists(&tool, CHAIN_IN),
+                chains: listing.has_chain(CHAIN_FWD) && listing.has_chain(CHAIN_IN),
                 input_jumps: jumped(INPUT, CHAIN_IN),
-                docker_user_jumps: chain_exists(&tool, DOCKER_USER)
+                docker_user_jumps: listing
+                    .has_chain(DOCKER_USER)
                     .then(|| jumped(DOCKER_USER, CHAIN_FWD)),
             }
         })
@@ -560,27 +640,16 @@ pub fn in_force(installed: &[Installed], ifaces: &[String]) -> bool {
 pub fn remove_jumps(backend: Backend, keep: &[String]) -> anyhow::Result<()> {
     for family in Family::ALL {
         let tool = backend.tool(family, "");
+        let listing = Listing::of(&tool);
         for (parent, ours) in JUMPS {
-            if !chain_exists(&tool, parent) {
-                continue;
-            }
-            let out = Command::new(&tool)
-                .args(["-S", parent])
-                .output()
-                .with_context(|| format!("{tool} -S {parent}"))?;
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let iface = words
-                    .windows(2)
-                    .find(|w| w[0] == "-i")
-                    .map(|w| w[1].to_string());
-                let kept = iface.is_some_and(|i| keep.contains(&i));
-                if words.first() == Some(&"-A") && words.ends_with(&["-j", ours]) && !kept {
-                    let mut args = vec!["-D"];
-                    args.extend_from_slice(&words[1..]);
-                    if !run(&tool, &args)? {
-                        bail!("{tool} {} failed", args.join(" "));
-                    }
+            for (words, iface) in listing.jumps_to(parent, ours) {
+                if iface.is_some_and(|i| keep.iter().any(|k| k == i)) {
+                    continue;
+                }
+                let mut args = vec!["-D"];
+                args.extend(words[1..].iter().map(String::as_str));
+                if !run(&tool, &args)? {
+                    bail!("{tool} {} failed", args.join(" "));
                 }
             }
         }
@@ -608,6 +677,44 @@ pub fn remove(backend: Backend) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::policy::{Binding, compile_scope, test_entry as entry};
+
+    #[test]
+    fn one_listing_answers_the_chain_and_jump_checks() {
+        let listing = Listing::parse(
+            "-P INPUT ACCEPT\n\
+             -P FORWARD DROP\n\
+             -N DOCKER-USER\n\
+             -N DOCKWALL-FWD\n\
+             -N DOCKWALL-IN\n\
+             -A INPUT -i dwa0 -j DOCKWALL-IN\n\
+             -A DOCKER-USER -i dwa0 -j DOCKWALL-FWD\n\
+             -A DOCKER-USER -i old0 -j DOCKWALL-FWD\n\
+             -A DOCKER-USER -s 10.0.0.0/8 -j RETURN\n\
+             -A DOCKWALL-FWD -m set --match-set dockwall-4-tcp-8081 src -j RETURN\n",
+        );
+        for chain in [INPUT, DOCKER_USER, CHAIN_FWD, CHAIN_IN] {
+            assert!(listing.has_chain(chain), "{chain}");
+        }
+        assert!(!listing.has_chain("DOCKER"));
+        assert!(listing.has_jump(INPUT, "dwa0", CHAIN_IN));
+        assert!(listing.has_jump(DOCKER_USER, "dwa0", CHAIN_FWD));
+        assert!(!listing.has_jump(DOCKER_USER, "dwb0", CHAIN_FWD));
+        // A jump of INPUT is not one of DOCKER-USER's.
+        assert!(!listing.has_jump(DOCKER_USER, "dwa0", CHAIN_IN));
+        let jumps: Vec<Option<&str>> = listing
+            .jumps_to(DOCKER_USER, CHAIN_FWD)
+            .map(|(_, i)| i)
+            .collect();
+        assert_eq!(jumps, [Some("dwa0"), Some("old0")]);
+        let (words, _) = listing
+            .jumps_to(DOCKER_USER, CHAIN_FWD)
+            .nth(1)
+            .expect("second");
+        assert_eq!(words[1..].join(" "), "DOCKER-USER -i old0 -j DOCKWALL-FWD");
+        // Nothing listed (the command failed): no chains, no jumps.
+        let none = Listing::parse("");
+        assert!(!none.has_chain(INPUT) && none.jumps_to(INPUT, CHAIN_IN).next().is_none());
+    }
 
     #[test]
     fn member_delta_in_place_only_while_the_rules_stay() {
