@@ -18,3 +18,4 @@ pub mod notify;
 pub mod policy;
 pub mod runtime;
 pub mod store;
+pub mod testing;

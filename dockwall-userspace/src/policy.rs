@@ -1372,13 +1372,8 @@ mod tests {
             "2001:db8::1",
         ];
         let targets = ["80", "80/udp", "443"];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::testing::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: usize| rng.index(n);
         let mut policy: BTreeMap<Allowance, Option<u64>> = BTreeMap::new();
         let mut compiled = Compiled::default();
         let mut mirror: BTreeMap<AllowEntry, Option<u64>> = BTreeMap::new();

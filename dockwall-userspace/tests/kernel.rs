@@ -24,6 +24,7 @@ use dockwall_common::{
 use dockwall_userspace::{
     dataplane::ebpf::{self, Maps},
     policy::{self, AllowEntry, Allowance, Binding, Proto, Target},
+    testing::Rng,
 };
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
@@ -1778,21 +1779,6 @@ fn delta_sync_writes_only_changes_and_never_resets_a_running_counter() {
 }
 
 /// xorshift64*: seeded, the same sequence on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A random address near the test's networks: the first bits from a small
 /// set, so that random prefixes overlap, nest and share lengths.
 fn near_addr(rng: &mut Rng, v6: bool) -> IpAddr {
@@ -1833,7 +1819,7 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
     eprintln!("seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut h = Harness::new(&[]);
     let lengths4 = [0u8, 8, 12, 16, 20, 24, 26, 28, 30, 32];
     let lengths6 = [0u8, 16, 32, 48, 64, 96, 112, 120, 127, 128];

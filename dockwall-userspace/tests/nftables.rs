@@ -12,6 +12,7 @@ use std::{collections::BTreeSet, process::Command};
 use dockwall_userspace::{
     dataplane::{nftables, nftables_netlink},
     policy::{AllowEntry, Proto, Scope, maximal},
+    testing::Rng,
 };
 
 /// Runs `test` on a thread in a fresh network namespace.
@@ -130,13 +131,8 @@ fn in_place_edits_over_netlink_keep_the_kernel_sets_equal_to_the_model() {
             .expect("install the table");
         assert!(nftables::installed(), "the chain exists after install");
         assert_eq!(listed(), expected(&applied));
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = Rng::new(7);
+        let mut next = |n: usize| rng.index(n);
         for step in 0..300 {
             let batch: Vec<(AllowEntry, bool)> = (0..1 + next(3))
                 .map(|_| (entry(80, nets[next(nets.len())]), next(2) == 0))

@@ -377,13 +377,8 @@ mod tests {
             "2001:db8::/32",
             "2001:db8::1/128",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::testing::Rng::new(0x2545_f491_4f6c_dd1d);
+        let mut next = |n: usize| rng.index(n);
         // Every group keeps one member that is never touched, so the rules
         // never change and every step goes in place.
         let keep = [
