@@ -156,12 +156,27 @@ fn bench_quick(report: &mut Report) {
             bail!("{n} rows in {}", out.display());
         }
         // The whole-path run checked every packet's outcome as it went;
-        // here: every competitor at both counts, and its three outputs.
+        // here: every competitor at both counts in both families, with the
+        // warm allowed column, and its three outputs.
         let json = std::fs::read_to_string(out.join("path.json"))?;
         let path: serde_json::Value = serde_json::from_str(&json)?;
-        let n = path["rows"].as_array().map_or(0, |r| r.len());
-        if n < 20 || !out.join("path.svg").exists() || !out.join("path.md").exists() {
-            bail!("{n} whole-path rows in {}", out.display());
+        let rows = path["rows"].as_array().cloned().unwrap_or_default();
+        let v6 = rows.iter().filter(|r| r["family"] == "v6").count();
+        let warm = rows
+            .iter()
+            .filter(|r| r["allowed_warm_ns"].is_number())
+            .count();
+        if rows.len() < 40
+            || v6 < 20
+            || warm < 32
+            || !out.join("path.svg").exists()
+            || !out.join("path.md").exists()
+        {
+            bail!(
+                "{} whole-path rows ({v6} IPv6, {warm} with a warm figure) in {}",
+                rows.len(),
+                out.display()
+            );
         }
         Ok(())
     });
