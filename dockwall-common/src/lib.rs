@@ -34,10 +34,11 @@ pub const MAP_ALLOW_LENS: &str = "DW_ALLOW_LENS";
 /// The allowances of the groups `MAP_ALLOW_LENS` lists, one exact-match
 /// entry per allowance ([`AllowNetKey`] -> [`AllowValue`]).
 pub const MAP_ALLOW_NETS: &str = "DW_ALLOW_NETS";
-/// The hit counters of `MAP_ALLOW_NETS`'s allowances, per CPU: same key
-/// ([`AllowNetKey`]) -> a u64 per CPU. The kernel creates an allowance's
-/// entry on its first hit; userspace sums the CPUs, adds
-/// `AllowValue::hits`, and deletes the entry when the allowance goes.
+/// The allowances' hit counters, per CPU: the allowance's `MAP_ALLOW_NETS`
+/// key ([`AllowNetKey`]; a trie entry's is the same bytes) -> a u64 per
+/// CPU. The kernel creates an allowance's entry on its first hit; userspace
+/// sums the CPUs, adds [`AllowValue::count`], and deletes the entry when
+/// the allowance goes.
 pub const MAP_ALLOW_HITS: &str = "DW_ALLOW_HITS";
 pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
 pub const MAP_STATS: &str = "DW_STATS";
@@ -220,15 +221,56 @@ pub struct AllowNetKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowValue {
     /// New connections this allowance let through, counted here (an atomic
-    /// add shared by all CPUs) when the trie decided, or when its per-CPU
-    /// counter in `MAP_ALLOW_HITS` could not be created (that map full).
-    /// An allowance's hits are this plus its `MAP_ALLOW_HITS` entry.
+    /// add shared by all CPUs) when its per-CPU counter in `MAP_ALLOW_HITS`
+    /// could not be used: that map full, or a trie entry without a tag.
+    /// An allowance's hits are [`AllowValue::count`] plus its
+    /// `MAP_ALLOW_HITS` entry.
+    ///
+    /// In the trie (`MAP_ALLOW`) the top byte is a tag: the entry's address
+    /// prefix length plus one ([`AllowValue::for_trie`]). An LPM lookup
+    /// does not say which entry answered; the tag does, so the kernel can
+    /// count the hit per CPU under the entry's own `MAP_ALLOW_HITS` key, as
+    /// for a hash entry. A tag of 0 (an entry an older dockwall wrote, or
+    /// any hash entry) counts shared. The count below it cannot reach the
+    /// tag: 2^56 connections.
     pub hits: u64,
     /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) from which the
     /// entry no longer matches; 0 = never. The kernel checks it on every
     /// match, so an allowance lapses on time with no daemon running. Boot
     /// time, not monotonic: it keeps counting while the host is suspended.
     pub expires_ns: u64,
+}
+
+/// Where the trie tag sits in `AllowValue::hits`.
+pub const TRIE_TAG_SHIFT: u32 = 56;
+const COUNT_MASK: u64 = (1 << TRIE_TAG_SHIFT) - 1;
+
+impl AllowValue {
+    /// A trie entry's value: its count so far, its expiry and, in the
+    /// tag, its address prefix length (0..=128).
+    #[inline(always)]
+    pub const fn for_trie(count: u64, expires_ns: u64, prefix_len: u8) -> Self {
+        AllowValue {
+            hits: (count & COUNT_MASK) | ((prefix_len as u64 + 1) << TRIE_TAG_SHIFT),
+            expires_ns,
+        }
+    }
+
+    /// The hits counted in this value, without a trie entry's tag.
+    #[inline(always)]
+    pub const fn count(&self) -> u64 {
+        self.hits & COUNT_MASK
+    }
+
+    /// A trie entry's address prefix length, from its tag; `None` for an
+    /// untagged value.
+    #[inline(always)]
+    pub const fn trie_prefix_len(&self) -> Option<u8> {
+        match (self.hits >> TRIE_TAG_SHIFT) as u8 {
+            0 => None,
+            tag => Some(tag - 1),
+        }
+    }
 }
 
 /// `Config::flags`: count and log would-be drops, drop nothing (`load --audit`).

@@ -25,9 +25,11 @@
 //! A flood of denied packets writes only this CPU's memory: the verdict
 //! counters, the per-port drop counters and the log limiter are per CPU,
 //! so CPUs dropping in parallel do not bounce a cache line between them
-//! (bench/droppath.md). So are the hit counters of the allowances looked up
-//! by length (`count_hit`); the trie fallback counts in its entry, one
-//! atomic add shared by the CPUs that match it.
+//! (bench/droppath.md). So are the allowances' hit counters (`count_hit`),
+//! for the trie fallback too: its entries carry their prefix length, which
+//! gives the counter's key. Only a full counter map, or a trie entry an
+//! older dockwall wrote, counts in the entry, one atomic add shared by the
+//! CPUs that match it.
 //!
 //! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
 //! after dockwall still run; under the legacy clsact path it lets the next
@@ -95,8 +97,8 @@ static ALLOW_LENS: Array<AllowLens> = Array::with_max_entries(ALLOW_GROUPS, 0);
 static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
     HashMap::with_max_entries(ALLOW_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-// The hit counters of DW_ALLOW_NETS's allowances, per CPU, created by the
-// kernel on an allowance's first hit: a percpu allocation in the program
+// The allowances' hit counters, per CPU, created by the kernel on an
+// allowance's first hit: a percpu allocation in the program
 // (bpf_mem_alloc), not the 22 us one per insert a per-CPU DW_ALLOW_NETS
 // would cost userspace. Bounded: once full, hits count in the entry.
 #[map(name = "DW_ALLOW_HITS")]
@@ -601,13 +603,36 @@ fn allowance_in_trie(pkt: &Packet, policy_port: u16) -> Match {
     match ALLOW.get(&key) {
         Some(value) if lapsed(value) => Match::Expired,
         Some(value) => {
-            // A trie lookup does not say which entry answered, so its
-            // counter is the entry's own.
-            count_shared_hit(value);
+            count_trie_hit(pkt, policy_port, value);
             Match::Hit
         }
         None => Match::Miss,
     }
+}
+
+/// A trie lookup does not say which entry answered; the entry's value
+/// does, in its tag (`AllowValue::for_trie`): its prefix length, so the
+/// hit is counted per CPU under the same key a hash entry would have.
+#[inline(always)]
+fn count_trie_hit(pkt: &Packet, policy_port: u16, value: &AllowValue) {
+    let addr_bits: u8 = if pkt.family == FAMILY_V4 { 32 } else { 128 };
+    if let Some(len) = value.trie_prefix_len()
+        && len <= addr_bits
+    {
+        let key = AllowNetKey {
+            prefix_len: ALLOW_KEY_FIXED_BITS + u32::from(len),
+            data: AllowKey {
+                port: policy_port,
+                proto: pkt.proto,
+                family: pkt.family,
+                addr: masked(pkt.src, len),
+            },
+        };
+        if count_on_this_cpu(&ALLOW_HITS, &key) {
+            return;
+        }
+    }
+    count_shared_hit(value);
 }
 
 /// Whether the deciding entry's expiry has passed.
@@ -617,7 +642,8 @@ fn lapsed(value: &AllowValue) -> bool {
 }
 
 /// Counts a hit of a DW_ALLOW_NETS allowance on this CPU's counter in
-/// DW_ALLOW_HITS; only when that map is full does it go to the shared one.
+/// DW_ALLOW_HITS; only when that map is full does it go to the shared one
+/// (the low bits of `hits`; a hash entry has no tag).
 #[inline(always)]
 fn count_hit(key: &AllowNetKey, value: &AllowValue) {
     if !count_on_this_cpu(&ALLOW_HITS, key) {

@@ -1519,7 +1519,8 @@ fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
 }
 
 #[test]
-fn allowance_hits_are_counted_per_cpu_and_the_trie_and_a_full_counter_map_share_one() {
+fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_counter_map_shares_one()
+{
     let Some(cpus) = two_or_more_cpus() else {
         return;
     };
@@ -1537,15 +1538,18 @@ fn allowance_hits_are_counted_per_cpu_and_the_trie_and_a_full_counter_map_share_
         .enumerate()
         .map(|(i, &cpu)| (cpu, 500 * (i as u32 + 1)))
         .collect();
-    std::thread::scope(|s| {
-        for &(cpu, n) in &floods {
-            let (frame, h) = (&allowed, &h);
-            s.spawn(move || {
-                pin_to(cpu);
-                assert_eq!(run_ingress_shared(&h.ebpf, frame, n), PASS);
-            });
-        }
-    });
+    let flood = |h: &Harness| {
+        std::thread::scope(|s| {
+            for &(cpu, n) in &floods {
+                let frame = &allowed;
+                s.spawn(move || {
+                    pin_to(cpu);
+                    assert_eq!(run_ingress_shared(&h.ebpf, frame, n), PASS);
+                });
+            }
+        })
+    };
+    flood(&h);
     let net = e("192.0.2.0/24");
     let by_cpu = h.maps.allow_hits_by_cpu().unwrap();
     for &(cpu, n) in &floods {
@@ -1570,8 +1574,10 @@ fn allowance_hits_are_counted_per_cpu_and_the_trie_and_a_full_counter_map_share_
         Some(total),
         "explain's read-back counts every CPU"
     );
-    // Eight lengths put the group in the trie: its hits go to the entry,
-    // and the per-CPU count it had comes along in the sum.
+    // Eight lengths put the group in the trie. Its entries carry their
+    // prefix length, so its hits land in the same per-CPU counter, each
+    // CPU's in its own slot, on top of what the hash had counted; the
+    // shorter entries that cover the source are not counted.
     let in_trie: BTreeSet<AllowEntry> = (17..=24)
         .map(|len| e(&format!("192.0.2.0/{len}")))
         .collect();
@@ -1580,14 +1586,59 @@ fn allowance_hits_are_counted_per_cpu_and_the_trie_and_a_full_counter_map_share_
         h.maps.allow_lengths((8081, Proto::Tcp, false)).unwrap(),
         None
     );
-    assert_eq!(h.ingress(&allowed), PASS);
-    assert_eq!(h.maps.allow_values().unwrap()[&net].hits, 1);
-    assert_eq!(h.maps.allow_hits().unwrap()[&net], total + 1);
+    flood(&h);
+    let by_cpu = h.maps.allow_hits_by_cpu().unwrap();
+    for &(cpu, n) in &floods {
+        assert_eq!(
+            by_cpu[&net][cpu as usize],
+            2 * u64::from(n),
+            "CPU {cpu} let {n} more in through the trie: {by_cpu:?}"
+        );
+    }
+    assert_eq!(
+        by_cpu.len(),
+        1,
+        "only the deciding entry counts: {by_cpu:?}"
+    );
+    let values = h.maps.allow_values().unwrap();
+    assert!(
+        in_trie.iter().all(|e| values[e].hits == 0),
+        "nothing shared in the trie: {values:?}"
+    );
+    assert_eq!(h.maps.allow_hits().unwrap()[&net], 2 * total);
+    assert_eq!(
+        h.maps
+            .lookup_allow(8081, Proto::Tcp, "192.0.2.10".parse().unwrap())
+            .unwrap()
+            .map(|v| v.hits),
+        Some(2 * total),
+        "explain's read-back of the trie counts every CPU"
+    );
+    // An IPv6 trie group tags its entries the same way (a /128 in it).
+    let v6 = |net: &str| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: net.parse().unwrap(),
+    };
+    let mut both = in_trie.clone();
+    both.extend((121..=128).map(|len| v6(&format!("2001:db8::a/{len}"))));
+    h.maps.sync_allow(&permanent(&both)).unwrap();
+    assert_eq!(h.ingress(&syn6("2001:db8::a", HOST6, 8081)), PASS);
+    assert_eq!(
+        h.maps.allow_hits_by_cpu().unwrap()[&v6("2001:db8::a/128")]
+            .iter()
+            .sum::<u64>(),
+        1
+    );
+    assert_eq!(
+        h.maps.allow_values().unwrap()[&v6("2001:db8::a/128")].hits,
+        0
+    );
     // Back by length, then removed by an edit: its per-CPU counter goes
     // too, and added again it starts at 0.
     let only = permanent(&BTreeSet::from([net]));
     h.maps.sync_allow(&only).unwrap();
-    assert_eq!(h.maps.allow_hits().unwrap()[&net], total + 1);
+    assert_eq!(h.maps.allow_hits().unwrap()[&net], 2 * total);
     h.maps.sync_allow_delta(&only, &BTreeMap::new()).unwrap();
     assert!(h.maps.allow_hits_by_cpu().unwrap().is_empty());
     h.maps
@@ -1986,27 +2037,37 @@ fn after_an_upgrade_the_trie_decides_until_the_first_sync_moves_each_group_with_
         proto: Proto::Tcp,
         net: "192.0.2.0/24".parse().unwrap(),
     };
+    // And a group with eight lengths, which stays in the trie: its
+    // entries have no tag yet (so their hits count shared).
+    let v6 = |len: u8| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: format!("2001:db8::a/{len}")
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .trunc(),
+    };
+    let stays: BTreeSet<AllowEntry> = (121..=128).map(v6).collect();
     let mut ebpf = load_object();
     {
         let mut trie: aya::maps::LpmTrie<&mut MapData, dockwall_common::AllowKey, AllowValue> =
             aya::maps::LpmTrie::try_from(ebpf.map_mut(dockwall_common::MAP_ALLOW).unwrap())
                 .unwrap();
-        let (len, data) = entry.key();
-        let value = AllowValue {
-            hits: 5,
-            expires_ns: 0,
-        };
-        trie.insert(&aya::maps::lpm_trie::Key::new(len, data), value, 0)
-            .unwrap();
+        for e in std::iter::once(&entry).chain(&stays) {
+            let (len, data) = e.key();
+            let value = AllowValue {
+                hits: if e == &entry { 5 } else { 3 },
+                expires_ns: 0,
+            };
+            trie.insert(&aya::maps::lpm_trie::Key::new(len, data), value, 0)
+                .unwrap();
+        }
     }
     let mut maps = Maps::from_ebpf(&mut ebpf).unwrap();
-    maps.sync_published(&policy::compile_published(&[binding(
-        "web",
-        "0.0.0.0",
-        8081,
-        8080,
-        Proto::Tcp,
-    )]))
+    maps.sync_published(&policy::compile_published(&[
+        binding("web", "0.0.0.0", 8081, 8080, Proto::Tcp),
+        binding("web", "::", 8081, 8080, Proto::Tcp),
+    ]))
     .unwrap();
     let mut h = Harness { ebpf, maps };
     let group = (8081, Proto::Tcp, false);
@@ -2017,14 +2078,43 @@ fn after_an_upgrade_the_trie_decides_until_the_first_sync_moves_each_group_with_
         "the trie decides"
     );
     assert_eq!(h.ingress(&syn4("198.51.100.1", HOST4, 8081)), DROP);
-    // The first sync moves the group to the per-length hash, counter along.
-    h.maps
-        .sync_allow(&permanent(&BTreeSet::from([entry])))
-        .unwrap();
+    assert_eq!(h.ingress(&syn6("2001:db8::a", HOST6, 8081)), PASS);
+    assert_eq!(
+        h.maps.allow_hits().unwrap()[&v6(128)],
+        4,
+        "untagged: shared"
+    );
+    assert!(h.maps.allow_hits_by_cpu().unwrap().is_empty());
+    // The first sync moves the group to the per-length hash, counter along,
+    // and tags the entries that stay in the trie, counts kept.
+    let mut all = stays.clone();
+    all.insert(entry);
+    h.maps.sync_allow(&permanent(&all)).unwrap();
     assert_eq!(h.maps.allow_lengths(group).unwrap(), Some(vec![24]));
     assert_eq!(h.maps.allow_hits().unwrap()[&entry], 6);
     assert_eq!(h.ingress(&syn4("192.0.2.9", HOST4, 8081)), PASS);
     assert_eq!(h.ingress(&syn4("198.51.100.1", HOST4, 8081)), DROP);
     assert_eq!(h.maps.allow_hits().unwrap()[&entry], 7);
-    assert_eq!(h.maps.allow_values().unwrap().len(), 1);
+    assert_eq!(
+        h.maps.allow_lengths((8081, Proto::Tcp, true)).unwrap(),
+        None
+    );
+    assert_eq!(h.ingress(&syn6("2001:db8::a", HOST6, 8081)), PASS);
+    assert_eq!(h.maps.allow_hits().unwrap()[&v6(128)], 5);
+    assert_eq!(
+        h.maps.allow_hits_by_cpu().unwrap()[&v6(128)]
+            .iter()
+            .sum::<u64>(),
+        1,
+        "tagged: counted per CPU"
+    );
+    let values = h.maps.allow_values().unwrap();
+    assert_eq!(values.len(), 9);
+    assert_eq!(values[&v6(128)].hits, 4, "the shared count stays");
+    assert!(
+        stays
+            .iter()
+            .filter(|e| **e != v6(128))
+            .all(|e| values[e].hits == 3)
+    );
 }

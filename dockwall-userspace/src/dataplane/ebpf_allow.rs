@@ -204,13 +204,20 @@ impl Maps {
                     Some(now) if same_expiry(now.expires_ns, expires_ns) => continue,
                     Some(now) => now.hits,
                     // Moving from the trie: its count comes along.
-                    None => trie_now.get(entry).map_or(0, |v| v.hits),
+                    None => trie_now.get(entry).map_or(0, AllowValue::count),
                 };
                 self.net_put(entry, AllowValue { hits, expires_ns })?;
             } else {
                 let hits = match trie_now.get(entry) {
-                    Some(now) if same_expiry(now.expires_ns, expires_ns) => continue,
-                    Some(now) => now.hits,
+                    // Kept as it is, unless an older dockwall wrote it
+                    // without the tag its hits need to count per CPU.
+                    Some(now)
+                        if same_expiry(now.expires_ns, expires_ns)
+                            && now.trie_prefix_len() == Some(entry.net.prefix_len()) =>
+                    {
+                        continue;
+                    }
+                    Some(now) => now.count(),
                     None => nets_now.get(entry).map_or(0, |v| v.hits),
                 };
                 self.trie_put(entry, AllowValue { hits, expires_ns })?;
@@ -396,13 +403,15 @@ impl Maps {
             Err(MapError::KeyNotFound) => AllowValue::default(),
             Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
         };
-        if same_expiry(now.expires_ns, expires_ns) {
+        if same_expiry(now.expires_ns, expires_ns)
+            && now.trie_prefix_len() == Some(entry.net.prefix_len())
+        {
             return Ok(false);
         }
         self.trie_put(
             entry,
             AllowValue {
-                hits: now.hits,
+                hits: now.count(),
                 expires_ns,
             },
         )?;
@@ -411,10 +420,7 @@ impl Maps {
 
     /// Creates a trie entry with a zero counter; false when it exists.
     fn trie_create(&mut self, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
-        let fresh = AllowValue {
-            hits: 0,
-            expires_ns,
-        };
+        let fresh = AllowValue::for_trie(0, expires_ns, entry.net.prefix_len());
         match self.allow.insert(&trie_key(entry), fresh, BPF_NOEXIST) {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(SyscallError { io_error, .. }))
@@ -431,15 +437,18 @@ impl Maps {
     /// answers the longest match, which for an existing entry is itself).
     fn trie_hits(&self, entry: &AllowEntry) -> anyhow::Result<u64> {
         match self.allow.get(&trie_key(entry), 0) {
-            Ok(v) => Ok(v.hits),
+            Ok(v) => Ok(v.count()),
             Err(MapError::KeyNotFound) => Ok(0),
             Err(e) => Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
         }
     }
 
+    /// Writes a trie entry: `value.hits` is its count (no tag), and the
+    /// entry's prefix length goes in the tag.
     fn trie_put(&mut self, entry: &AllowEntry, value: AllowValue) -> anyhow::Result<()> {
+        let tagged = AllowValue::for_trie(value.hits, value.expires_ns, entry.net.prefix_len());
         self.allow
-            .insert(&trie_key(entry), value, 0)
+            .insert(&trie_key(entry), tagged, 0)
             .with_context(|| format!("writing {entry:?} to DW_ALLOW (bpf_map_update_elem)"))
     }
 
@@ -492,7 +501,7 @@ impl Maps {
         }
     }
 
-    /// An allowance's hits counted per CPU (0 when never hit by length).
+    /// An allowance's hits counted per CPU (0 when never hit).
     fn hits_per_cpu(&self, entry: &AllowEntry) -> anyhow::Result<u64> {
         match self.allow_hits_pcpu.get(&net_key(entry), 0) {
             Ok(values) => Ok(values.iter().sum()),
@@ -531,6 +540,8 @@ impl Maps {
             .with_context(|| format!("writing {MAP_ALLOW_LENS}[{index}] (bpf_map_update_elem)"))
     }
 
+    /// The trie's entries as stored: `hits` with its tag (see
+    /// [`AllowValue::count`]).
     fn trie_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
         let mut out = BTreeMap::new();
         for item in self.allow.iter() {
@@ -574,6 +585,9 @@ impl Maps {
     /// kept (`hits`: the entry's own counter, without the per-CPU ones).
     pub fn allow_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
         let mut out = self.trie_values()?;
+        for value in out.values_mut() {
+            value.hits = value.count();
+        }
         for (entry, value) in self.nets_values()? {
             out.insert(entry, value);
         }
@@ -624,11 +638,25 @@ impl Maps {
                 addr,
             },
         );
-        match self.allow.get(&key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
-        }
+        let mut value = match self.allow.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
+        };
+        // The entry that answered, named by its tag, has the per-CPU part.
+        let per_cpu = match value
+            .trie_prefix_len()
+            .and_then(|len| IpNet::new(source, len).ok())
+        {
+            Some(net) => self.hits_per_cpu(&AllowEntry {
+                port,
+                proto,
+                net: net.trunc(),
+            })?,
+            None => 0,
+        };
+        value.hits = value.count() + per_cpu;
+        Ok(Some(value))
     }
 }
 
