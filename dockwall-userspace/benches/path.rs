@@ -35,7 +35,7 @@
 //! where a per-flow cost (or a counter every packet of the flow writes)
 //! would show that many flows spread out.
 //!
-//!   cargo bench -p dockwall-userspace --bench path -- [--quick] [--xdp] [--counts N,N] [--family v4|v6] --out DIR
+//!   cargo bench -p dockwall-userspace --bench path -- [--quick] [--xdp] [--counts N,N] [--family v4|v6] [--competitors KEY,KEY] --out DIR
 //!
 //! writes DIR/path.json, DIR/path.md and DIR/path.svg.
 
@@ -227,10 +227,36 @@ fn main() -> anyhow::Result<()> {
     };
     // --xdp: only the tc and XDP hooks and their floors, into path-xdp.*.
     let xdp = args.iter().any(|a| a == "--xdp");
-    let competitors: &[Competitor] = if xdp {
+    let all: &[Competitor] = if xdp {
         &Competitor::XDP
     } else {
         &Competitor::ALL
+    };
+    // --competitors dockwall_ebpf,ipset_net_port: only these (by their JSON
+    // key) beside the baseline and the drop-all floor, which every ratio
+    // needs: a shorter run that sets two competitors side by side.
+    let competitors: Vec<Competitor> = match args.iter().position(|a| a == "--competitors") {
+        Some(i) => {
+            let list = args
+                .get(i + 1)
+                .context("--competitors needs a comma-separated list of keys, e.g. dockwall_ebpf,ipset_net_port")?;
+            let keys: Vec<&str> = list.split(',').collect();
+            if let Some(bad) = keys.iter().find(|k| !all.iter().any(|c| c.key() == **k)) {
+                let known: Vec<&str> = all.iter().map(|c| c.key()).collect();
+                bail!(
+                    "--competitors: no competitor {bad:?}; known: {}",
+                    known.join(", ")
+                );
+            }
+            all.iter()
+                .copied()
+                .filter(|c| {
+                    matches!(c, Competitor::Baseline | Competitor::DropAll)
+                        || keys.contains(&c.key())
+                })
+                .collect()
+        }
+        None => all.to_vec(),
     };
     // --counts 10,1000000: only these policy sizes (a developer's shortcut).
     let counts: Vec<usize> = match args.iter().position(|a| a == "--counts") {
@@ -268,7 +294,7 @@ fn main() -> anyhow::Result<()> {
         let mut i = 0;
         for &family in &families {
             for &n in &counts {
-                for &competitor in competitors {
+                for &competitor in &competitors {
                     if competitor.linear() && n > LINEAR_MAX {
                         continue;
                     }
