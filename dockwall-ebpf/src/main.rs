@@ -545,16 +545,7 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: AllowLens) -> Match
         if i >= n {
             break;
         }
-        let len = lens.lens[i];
-        let key = AllowNetKey {
-            prefix_len: ALLOW_KEY_FIXED_BITS + u32::from(len),
-            data: AllowKey {
-                port: policy_port,
-                proto: pkt.proto,
-                family: pkt.family,
-                addr: masked(pkt.src, len),
-            },
-        };
+        let key = net_key(pkt, policy_port, lens.lens[i]);
         // SAFETY: the entry lives for the program's run (RCU).
         if let Some(value) = unsafe { ALLOW_NETS.get(&key) } {
             if lapsed(value) {
@@ -565,6 +556,21 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: AllowLens) -> Match
         }
     }
     Match::Miss
+}
+
+/// The DW_ALLOW_NETS (and DW_ALLOW_HITS) key of the allowance of
+/// `policy_port` for the packet's source masked to `len` bits.
+#[inline(always)]
+fn net_key(pkt: &Packet, policy_port: u16, len: u8) -> AllowNetKey {
+    AllowNetKey {
+        prefix_len: ALLOW_KEY_FIXED_BITS + u32::from(len),
+        data: AllowKey {
+            port: policy_port,
+            proto: pkt.proto,
+            family: pkt.family,
+            addr: masked(pkt.src, len),
+        },
+    }
 }
 
 /// The first `len` bits of `addr`, the rest zero.
@@ -619,16 +625,7 @@ fn count_trie_hit(pkt: &Packet, policy_port: u16, value: &AllowValue) {
     if let Some(len) = value.trie_prefix_len()
         && len <= addr_bits
     {
-        let key = AllowNetKey {
-            prefix_len: ALLOW_KEY_FIXED_BITS + u32::from(len),
-            data: AllowKey {
-                port: policy_port,
-                proto: pkt.proto,
-                family: pkt.family,
-                addr: masked(pkt.src, len),
-            },
-        };
-        if count_on_this_cpu(&ALLOW_HITS, &key) {
+        if count_on_this_cpu(&ALLOW_HITS, &net_key(pkt, policy_port, len)) {
             return;
         }
     }

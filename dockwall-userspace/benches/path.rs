@@ -1081,32 +1081,23 @@ fn measure(
             None
         };
         let lets_in = !matches!(competitor, Competitor::DropAll | Competitor::XdpDropAll);
-        let allowed_ns = if lets_in {
-            Some(timed(
+        let mut allowed = |sources: &[IpAddr]| -> anyhow::Result<Option<f64>> {
+            if !lets_in {
+                return Ok(None);
+            }
+            let ns = timed(
                 &lab,
                 config.runs,
-                &allowed_sample,
+                sources,
                 Flows::Many,
                 packets,
                 true,
                 &mut port_base,
-            )?)
-        } else {
-            None
+            )?;
+            Ok(Some(ns))
         };
-        let warm_ns = if lets_in {
-            Some(timed(
-                &lab,
-                config.runs,
-                &warm_source,
-                Flows::Many,
-                packets,
-                true,
-                &mut port_base,
-            )?)
-        } else {
-            None
-        };
+        let allowed_ns = allowed(&allowed_sample)?;
+        let warm_ns = allowed(&warm_source)?;
         Ok(Row {
             competitor,
             family,
