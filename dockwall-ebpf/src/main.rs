@@ -98,12 +98,17 @@ static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
     HashMap::with_max_entries(ALLOW_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 // The allowances' hit counters, per CPU, created by the kernel on an
-// allowance's first hit: a percpu allocation in the program
-// (bpf_mem_alloc), not the 22 us one per insert a per-CPU DW_ALLOW_NETS
-// would cost userspace. Bounded: once full, hits count in the entry.
+// allowance's first hit. Preallocated: an insert takes an element off the
+// map's free list (~0.25 us), where allocating its per-CPU value on the
+// spot cost ~10 us per new allowance hit (BPF_F_NO_PREALLOC; the
+// classifier bench's first-hit table), paid by a burst of new clients.
+// The price is the whole map's memory up front, (~80 + 8 x CPUs) bytes an
+// entry, and a deleted element reused at once: a packet counting while
+// its allowance is removed may add one hit to the allowance that gets the
+// element next. Bounded: once full, hits count in the entry.
 #[map(name = "DW_ALLOW_HITS")]
 static ALLOW_HITS: PerCpuHashMap<AllowNetKey, u64> =
-    PerCpuHashMap::with_max_entries(ALLOW_HITS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(ALLOW_HITS_MAX_ENTRIES, 0);
 
 #[map(name = "DW_UDP_FLOWS")]
 static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX_ENTRIES, 0);

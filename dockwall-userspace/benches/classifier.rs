@@ -51,6 +51,54 @@ impl Mix {
     }
 }
 
+/// An allowance's first hit against its later ones: the first creates the
+/// allowance's per-CPU hit counter in the kernel (DW_ALLOW_HITS), which a
+/// burst of new clients pays once per allowance. Medians and means over
+/// `sources` single executions each, beside the no-op's single execution
+/// (which is mostly the test-run timer). Measured with dockwall's
+/// preallocated counter map and with the one older versions created
+/// (BPF_F_NO_PREALLOC: each counter allocated on its first hit).
+struct FirstHits {
+    family: &'static str,
+    counters: Counters,
+    allowances: usize,
+    sources: usize,
+    noop: Spread,
+    first: Spread,
+    second: Spread,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counters {
+    Preallocated,
+    OnFirstHit,
+}
+
+impl Counters {
+    fn name(self) -> &'static str {
+        match self {
+            Counters::Preallocated => "preallocated",
+            Counters::OnFirstHit => "allocated on first hit (before)",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Spread {
+    median_ns: f64,
+    mean_ns: f64,
+}
+
+impl Spread {
+    fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        Spread {
+            median_ns: samples[samples.len() / 2],
+            mean_ns: samples.iter().sum::<f64>() / samples.len() as f64,
+        }
+    }
+}
+
 struct Row {
     family: &'static str,
     mix: &'static str,
@@ -103,16 +151,48 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    let (first_allowances, first_sources) = if config.quick {
+        (10_000, 1_024)
+    } else {
+        (100_000, 4_096)
+    };
+    let mut first = Vec::new();
+    for v6 in [false, true] {
+        for counters in [Counters::Preallocated, Counters::OnFirstHit] {
+            let f =
+                first_hits(v6, counters, first_allowances, first_sources).with_context(|| {
+                    format!(
+                        "first hits, {}, {}",
+                        if v6 { "IPv6" } else { "IPv4" },
+                        counters.name()
+                    )
+                })?;
+            eprintln!(
+                "{:<5} {:>8} allowances, {} sources once each, counters {}: first hit {:.0} ns median ({:.0} mean), second {:.0} ({:.0}), no-op {:.0} ({:.0})",
+                f.family,
+                f.allowances,
+                f.sources,
+                counters.name(),
+                f.first.median_ns,
+                f.first.mean_ns,
+                f.second.median_ns,
+                f.second.mean_ns,
+                f.noop.median_ns,
+                f.noop.mean_ns
+            );
+            first.push(f);
+        }
+    }
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
     let mode = if config.quick { "quick" } else { "full" };
     write(
         &config.out.join("results.json"),
-        &json(&rows, repeat, runs, mode),
+        &json(&rows, &first, repeat, runs, mode),
     )?;
     write(
         &config.out.join("results.md"),
-        &markdown(&rows, repeat, runs, mode),
+        &markdown(&rows, &first, repeat, runs, mode),
     )?;
     write(&config.out.join("classifier.svg"), &svg(&rows))?;
     println!(
@@ -236,6 +316,144 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
     })
 }
 
+/// `allowances` /32s (/128s); the first `sources` of them each get one
+/// packet from their own address, twice over: the first pass creates each
+/// allowance's per-CPU hit counter, the second only adds to it.
+fn first_hits(
+    v6: bool,
+    counters: Counters,
+    allowances: usize,
+    sources: usize,
+) -> anyhow::Result<FirstHits> {
+    // The older map shape: created here, pinned in a private bpffs folder,
+    // and handed to the loader, which takes a pinned map of that name as it
+    // is (as an upgrade without dockwall's migration would).
+    let older = match counters {
+        Counters::Preallocated => None,
+        Counters::OnFirstHit => Some(UnpreallocatedHits::create()?),
+    };
+    let mut obj = match &older {
+        None => ebpf::load_unpinned(ebpf::Hook::Tc)?,
+        Some(older) => {
+            let cpus = ebpf::log_cpus()?;
+            let mut obj = aya::EbpfLoader::new()
+                .override_global(dockwall_common::GLOBAL_LOG_CPUS, &cpus, true)
+                .map_pin_path(dockwall_common::MAP_ALLOW_HITS, older.pin.as_path())
+                .load(ebpf::object())
+                .context("loading the dockwall eBPF object with the older hit counters")?;
+            ebpf::program(&mut obj, PROG_INGRESS)?
+                .load()
+                .context("loading dw_ingress")?;
+            obj
+        }
+    };
+    ebpf::program(&mut obj, PROG_NOOP)?
+        .load()
+        .context("loading dw_noop")?;
+    let mut maps = Maps::from_ebpf(&mut obj)?;
+    let host: IpAddr = if v6 {
+        "::".parse()?
+    } else {
+        "0.0.0.0".parse()?
+    };
+    maps.sync_published(&policy::compile_published(&[Binding::new(
+        "web",
+        "id",
+        host,
+        8081,
+        8080,
+        Proto::Tcp,
+    )]))?;
+    let set = entries(v6, Mix::Hosts, allowances);
+    let permanent = set.iter().map(|e| (*e, 0)).collect();
+    maps.sync_allow(&permanent)?;
+    let host_addr = if v6 { "2001:db8::80" } else { "203.0.113.80" };
+    // Spread over the policy, not its first entries only, as a burst of new
+    // clients would be.
+    let step = (set.len() / sources).max(1);
+    let frames: Vec<Vec<u8>> = set
+        .iter()
+        .step_by(step)
+        .take(sources)
+        .map(|e| syn(&e.net.addr().to_string(), host_addr, 8081))
+        .collect();
+    anyhow::ensure!(
+        frames.len() == sources,
+        "{} sources of {sources}",
+        frames.len()
+    );
+    let mut pass = |prog: &str, want: u32| -> anyhow::Result<Vec<f64>> {
+        let p = ebpf::program(&mut obj, prog)?;
+        frames
+            .iter()
+            .map(|frame| {
+                let r = p.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    repeat: 1,
+                    ..Default::default()
+                })?;
+                if r.return_value != want {
+                    bail!(
+                        "{prog}: verdict {} where {want} was expected",
+                        r.return_value
+                    );
+                }
+                Ok(r.duration.as_nanos() as f64)
+            })
+            .collect()
+    };
+    let noop = Spread::of(pass(PROG_NOOP, PASS)?);
+    let first = Spread::of(pass(PROG_INGRESS, PASS)?);
+    let second = Spread::of(pass(PROG_INGRESS, PASS)?);
+    drop(obj);
+    drop(older);
+    Ok(FirstHits {
+        family: if v6 { "IPv6" } else { "IPv4" },
+        counters,
+        allowances,
+        sources,
+        noop,
+        first,
+        second,
+    })
+}
+
+/// A DW_ALLOW_HITS shaped as dockwall made it before it was preallocated
+/// (bpftool, which `cargo xtask setup` installs), pinned in a folder of its
+/// own that goes when this does.
+struct UnpreallocatedHits {
+    dir: PathBuf,
+    pin: PathBuf,
+}
+
+impl UnpreallocatedHits {
+    fn create() -> anyhow::Result<Self> {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/dockwall-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let pin = dir.join(dockwall_common::MAP_ALLOW_HITS);
+        let this = UnpreallocatedHits { dir, pin };
+        let status = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&this.pin)
+            .args(["type", "percpu_hash", "key"])
+            .arg(size_of::<dockwall_common::AllowNetKey>().to_string())
+            .args(["value", "8", "entries"])
+            .arg(dockwall_common::ALLOW_HITS_MAX_ENTRIES.to_string())
+            .args(["name", dockwall_common::MAP_ALLOW_HITS, "flags", "1"])
+            .status()
+            .context("running bpftool map create (is bpftool installed? `cargo xtask setup`)")?;
+        anyhow::ensure!(status.success(), "bpftool map create: {status}");
+        Ok(this)
+    }
+}
+
+impl Drop for UnpreallocatedHits {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pin);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// The kernel's `memlock` for the allowance maps together: the per-length
 /// hash, its per-CPU hit counters, the lengths array and the trie fallback, from
 /// /proc/self/fdinfo (aya does not expose it). Ours are told apart from
@@ -311,7 +529,7 @@ fn syn(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     frame
 }
 
-fn json(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
+fn json(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &str) -> String {
     let items: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -321,14 +539,39 @@ fn json(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
             )
         })
         .collect();
+    let spread = |s: &Spread| {
+        format!(
+            "{{\"median_ns\": {:.0}, \"mean_ns\": {:.0}}}",
+            s.median_ns, s.mean_ns
+        )
+    };
+    let first: Vec<String> = first
+        .iter()
+        .map(|f| {
+            format!(
+                "    {{\"family\": \"{}\", \"counters\": \"{}\", \"allowances\": {}, \"sources\": {}, \"noop\": {}, \"first_hit\": {}, \"second_hit\": {}}}",
+                f.family,
+                match f.counters {
+                    Counters::Preallocated => "preallocated",
+                    Counters::OnFirstHit => "on_first_hit",
+                },
+                f.allowances,
+                f.sources,
+                spread(&f.noop),
+                spread(&f.first),
+                spread(&f.second)
+            )
+        })
+        .collect();
     format!(
-        "{{\n  \"benchmark\": \"classifier (BPF_PROG_TEST_RUN)\",\n  \"mode\": \"{mode}\",\n  \"repeat\": {repeat},\n  \"runs_median_of\": {runs},\n  \"machine\": \"{}\",\n  \"rows\": [\n{}\n  ]\n}}\n",
+        "{{\n  \"benchmark\": \"classifier (BPF_PROG_TEST_RUN)\",\n  \"mode\": \"{mode}\",\n  \"repeat\": {repeat},\n  \"runs_median_of\": {runs},\n  \"machine\": \"{}\",\n  \"rows\": [\n{}\n  ],\n  \"first_hits\": [\n{}\n  ]\n}}\n",
         machine(),
-        items.join(",\n")
+        items.join(",\n"),
+        first.join(",\n")
     )
 }
 
-fn markdown(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
+fn markdown(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &str) -> String {
     let mut md = format!(
         "Classifier cost per packet (BPF_PROG_TEST_RUN, {mode} run: median of {runs} runs x {repeat} executions; {}).\n\
          \"+\" columns are dockwall minus the no-op tc program measured in the same run.\n\n\
@@ -351,6 +594,30 @@ fn markdown(rows: &[Row], repeat: u32, runs: usize, mode: &str) -> String {
             r.out_of_scope_ns,
             r.out_of_scope_ns - r.noop_ns,
             r.memlock_bytes / 1024
+        );
+    }
+    md.push_str(
+        "\nAn allowance's first hit, which creates its per-CPU hit counter, against its second \
+         (each source sent once per pass, single executions; median (mean) ns; the no-op's single \
+         execution is mostly the test-run timer).\n\n\
+         | family | hit counters | allowances | sources | no-op | first hit | second hit | first / second |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for f in first {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.1}x |",
+            f.family,
+            f.counters.name(),
+            f.allowances,
+            f.sources,
+            f.noop.median_ns,
+            f.noop.mean_ns,
+            f.first.median_ns,
+            f.first.mean_ns,
+            f.second.median_ns,
+            f.second.mean_ns,
+            f.first.median_ns / f.second.median_ns
         );
     }
     md

@@ -1670,6 +1670,60 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
     );
 }
 
+/// A burst of first hits, each on a new allowance: every one takes its
+/// per-CPU counter off the preallocated DW_ALLOW_HITS (allocating it in the
+/// program cost ~10 us a new allowance; the classifier bench's first-hit
+/// table) and counts exactly once, on this CPU, nothing in the shared value.
+#[test]
+fn a_burst_of_first_hits_counts_each_once_on_preallocated_per_cpu_counters() {
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    const SOURCES: u32 = 2_000;
+    let obj = load_object();
+    let flags = match obj.map(dockwall_common::MAP_ALLOW_HITS) {
+        Some(aya::maps::Map::PerCpuHashMap(data)) => data.info().unwrap().map_flags(),
+        _ => panic!("DW_ALLOW_HITS missing or not a per-CPU hash"),
+    };
+    assert_eq!(
+        flags & BPF_F_NO_PREALLOC,
+        0,
+        "DW_ALLOW_HITS is preallocated"
+    );
+    let sources: Vec<String> = (0..SOURCES)
+        .map(|i| format!("10.{}.{}.1", 100 + i / 256, i % 256))
+        .collect();
+    let allow: Vec<(&str, &str)> = sources.iter().map(|s| (s.as_str(), "8081")).collect();
+    let mut h = Harness::loaded(obj, &allow);
+    for src in &sources {
+        assert_eq!(h.ingress(&syn4(src, HOST4, 8081)), PASS, "{src}");
+    }
+    let by_cpu = h.maps.allow_hits_by_cpu().unwrap();
+    let shared: u64 = h
+        .maps
+        .allow_values()
+        .unwrap()
+        .values()
+        .map(|v| v.hits)
+        .sum();
+    assert_eq!(shared, 0, "no hit counted in the shared value");
+    for src in &sources {
+        let net = format!("{src}/32").parse().unwrap();
+        let entry = AllowEntry {
+            port: 8081,
+            proto: Proto::Tcp,
+            net,
+        };
+        let counts = by_cpu
+            .get(&entry)
+            .unwrap_or_else(|| panic!("{src} has no counter"));
+        assert_eq!(counts.iter().sum::<u64>(), 1, "{src}: {counts:?}");
+        assert_eq!(
+            counts.iter().filter(|&&c| c == 1).count(),
+            1,
+            "{src}: one CPU"
+        );
+    }
+}
+
 #[test]
 fn an_expiring_allowance_stops_matching_in_the_kernel_on_time() {
     let mut h = Harness::new(&[]);

@@ -615,8 +615,9 @@ fn crash_and_reload(
         thread::sleep(Duration::from_millis(500));
         loaded.kill9();
         // The restart is also an upgrade: the per-port drop counters an
-        // older dockwall pinned (shared, not per CPU) are in the pin dir.
-        let legacy = plant_legacy_pin();
+        // older dockwall pinned (shared, not per CPU) are in the pin dir,
+        // and its allowance hit counters are not preallocated.
+        let legacy = plant_legacy_pin().and_then(|()| plant_unpreallocated_hits());
         thread::sleep(Duration::from_secs(1));
         let reloaded = legacy.and_then(|()| dw.load(&ifaces));
         thread::sleep(Duration::from_secs(1));
@@ -647,7 +648,113 @@ fn crash_and_reload(
         said && !std::path::Path::new(LEGACY_PIN).exists(),
         || format!("{:?}", reloaded.output()),
     );
+    let moved = reloaded
+        .output()
+        .iter()
+        .any(|l| l.contains("hit counters into a preallocated DW_ALLOW_HITS"));
+    let (flags, hits) = (hits_map_flags(), a_hits(dw, a));
+    let cpus = online_cpus();
+    r.expect(
+        "load after an older dockwall: its unpreallocated hit counters (and a set-aside one a crashed load left) are replaced by a preallocated map, with their counts",
+        moved
+            && flags == Some(0)
+            && !std::path::Path::new(SET_ASIDE_HITS_PIN).exists()
+            && hits.is_some_and(|h| h >= 2 * PLANTED_HITS * cpus),
+        || {
+            format!(
+                "said so: {moved}; flags {flags:?}; {a} hits {hits:?} (planted {PLANTED_HITS} on each of {cpus} CPUs in two maps); output {:?}",
+                reloaded.output(),
+                a = a.addr4
+            )
+        },
+    );
     Ok(reloaded)
+}
+
+const HITS_PIN: &str = "/sys/fs/bpf/dockwall/DW_ALLOW_HITS";
+const SET_ASIDE_HITS_PIN: &str = "/sys/fs/bpf/dockwall/DW_ALLOW_HITS_UNPREALLOCATED";
+/// Each CPU's count of every counter the planted map holds: far above
+/// what the test's own traffic adds, so the check sees it was carried.
+const PLANTED_HITS: u64 = 1_000_000;
+
+/// Replaces the pinned DW_ALLOW_HITS with one shaped like an older
+/// dockwall's (BPF_F_NO_PREALLOC) holding the same counters, each CPU's at
+/// [`PLANTED_HITS`], and pins a second such map where a load that crashed
+/// mid-upgrade leaves it set aside: the load must carry both.
+/// The attached program keeps its own map meanwhile.
+fn plant_unpreallocated_hits() -> anyhow::Result<()> {
+    let dump = capture(Command::new("bpftool").args(["map", "dump", "pinned", HITS_PIN, "-j"]))?;
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_str(&dump).context("bpftool's dump of DW_ALLOW_HITS")?;
+    if entries.is_empty() {
+        bail!("no hit counter in {HITS_PIN} to carry over: no allowed traffic was counted");
+    }
+    std::fs::remove_file(HITS_PIN).with_context(|| format!("removing {HITS_PIN}"))?;
+    let value: Vec<String> = PLANTED_HITS
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for pin in [HITS_PIN, SET_ASIDE_HITS_PIN] {
+        crate::util::run(Command::new("bpftool").args([
+            "map",
+            "create",
+            pin,
+            "type",
+            "percpu_hash",
+            "key",
+            "24",
+            "value",
+            "8",
+            "entries",
+            "131072",
+            "name",
+            "DW_ALLOW_HITS",
+            "flags",
+            "1",
+        ]))?;
+        for entry in &entries {
+            let key: Vec<String> = entry["key"]
+                .as_array()
+                .context("a key in bpftool's dump")?
+                .iter()
+                .filter_map(|b| b.as_str())
+                .map(|b| b.trim_start_matches("0x").to_string())
+                .collect();
+            let mut cmd = Command::new("bpftool");
+            cmd.args(["map", "update", "pinned", pin, "key", "hex"])
+                .args(&key)
+                .args(["value", "hex"])
+                .args(&value);
+            crate::util::run(&mut cmd)?;
+        }
+    }
+    Ok(())
+}
+
+/// The flags of the map pinned as DW_ALLOW_HITS (bpftool).
+fn hits_map_flags() -> Option<u64> {
+    let show =
+        capture(Command::new("bpftool").args(["map", "show", "pinned", HITS_PIN, "-j"])).ok()?;
+    serde_json::from_str::<serde_json::Value>(&show).ok()?["flags"].as_u64()
+}
+
+/// `a`'s allowance's hits as `list --json` gives them.
+fn a_hits(dw: &Dockwall, a: &Client) -> Option<u64> {
+    let (_, out, _) = dw.run(&["list", "--json"]).ok()?;
+    let rows: serde_json::Value = serde_json::from_str(&out).ok()?;
+    rows.as_array()?
+        .iter()
+        .find(|row| {
+            row["source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&a.addr4))
+        })
+        .and_then(|row| row["hits"].as_u64())
+}
+
+fn online_cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
 /// The pin of an older dockwall's shared per-port drop counters.

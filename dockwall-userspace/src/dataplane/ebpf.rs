@@ -180,6 +180,7 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
     check_kernel(hook)?;
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     remove_legacy_pins()?;
+    set_aside_unpreallocated_hits()?;
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
     let cpus = log_cpus()?;
     let mut loader = EbpfLoader::new();
@@ -191,7 +192,120 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
         .load(object())
         .context("loading the dockwall eBPF object (bpf_map_create / BPF_OBJ_GET)")?;
     load_programs(&mut ebpf, hook)?;
+    carry_over_set_aside_hits()?;
     Ok(ebpf)
+}
+
+/// Where an older dockwall's `DW_ALLOW_HITS` waits while its counts move
+/// into the preallocated map that replaces it.
+const SET_ASIDE_ALLOW_HITS: &str = "DW_ALLOW_HITS_UNPREALLOCATED";
+
+/// An older dockwall created `DW_ALLOW_HITS` with BPF_F_NO_PREALLOC, which
+/// makes an allowance's first hit cost ~10 us in the kernel (see the map's
+/// definition). Its pin is moved aside, so the load below creates the
+/// preallocated map, and [`carry_over_set_aside_hits`] then moves the
+/// counts. A rename, not a delete: a crash in between leaves the counts
+/// where the next load finds them.
+fn set_aside_unpreallocated_hits() -> anyhow::Result<()> {
+    let pin = map_pin(MAP_ALLOW_HITS);
+    let info = match aya::maps::MapInfo::from_pin(&pin) {
+        Ok(info) => info,
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading {} (BPF_OBJ_GET_INFO_BY_FD)", pin.display()));
+        }
+    };
+    if info.map_flags() & BPF_F_NO_PREALLOC == 0 {
+        return Ok(());
+    }
+    let aside = map_pin(SET_ASIDE_ALLOW_HITS);
+    if aside.exists() {
+        // Counts an earlier load set aside and did not carry over (it
+        // crashed), and an unpreallocated map pinned again since (an older
+        // daemon re-pins what it keeps open): one set aside at a time.
+        carry_hits(&aside, &pin)?;
+    }
+    std::fs::rename(&pin, &aside)
+        .with_context(|| format!("renaming {} to {}", pin.display(), aside.display()))
+}
+
+/// `BPF_F_NO_PREALLOC`, as the kernel reports it in a map's flags.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Moves the set-aside counts, if any, into the new `DW_ALLOW_HITS`. The
+/// program the old map belongs to may count until the new one is attached;
+/// those few hits are lost.
+fn carry_over_set_aside_hits() -> anyhow::Result<()> {
+    let aside = map_pin(SET_ASIDE_ALLOW_HITS);
+    if !aside.exists() {
+        return Ok(());
+    }
+    let moved = carry_hits(&aside, &map_pin(MAP_ALLOW_HITS))?;
+    println!(
+        "dockwall: moved {moved} allowances' hit counters into a preallocated {MAP_ALLOW_HITS} (an older dockwall allocated each on its first hit, ~10 us in the kernel)"
+    );
+    Ok(())
+}
+
+/// Adds each count of the hit-counter map pinned at `from` to the one at
+/// `into`, CPU by CPU, removing each key from `from` as it goes (a crash
+/// midway repeats one key's count at most), then removes `from`'s pin.
+/// Returns how many counters moved.
+fn carry_hits(from: &Path, into: &Path) -> anyhow::Result<usize> {
+    let open = |path: &Path| -> anyhow::Result<PerCpuHashMap<MapData, AllowNetKey, u64>> {
+        let data = MapData::from_pin(path)
+            .with_context(|| format!("opening {} (BPF_OBJ_GET)", path.display()))?;
+        PerCpuHashMap::try_from(Map::from_map_data(data)?)
+            .with_context(|| format!("{} is not a per-CPU hash map", path.display()))
+    };
+    let mut old = open(from)?;
+    let mut new = open(into)?;
+    let keys: Vec<AllowNetKey> = old
+        .keys()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {} (bpf_map_get_next_key)", from.display()))?;
+    let read = |map: &PerCpuHashMap<MapData, AllowNetKey, u64>,
+                key: &AllowNetKey,
+                path: &Path|
+     -> anyhow::Result<Option<Vec<u64>>> {
+        match map.get(key, 0) {
+            Ok(counts) => Ok(Some(counts.iter().copied().collect())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("reading {} (bpf_map_lookup_elem)", path.display()))
+            }
+        }
+    };
+    for key in &keys {
+        let Some(mut sum) = read(&old, key, from)? else {
+            continue;
+        };
+        if let Some(already) = read(&new, key, into)? {
+            for (s, a) in sum.iter_mut().zip(already) {
+                *s += a;
+            }
+        }
+        let values = aya::maps::PerCpuValues::try_from(sum)
+            .map_err(|e| anyhow!("per-CPU counts of {key:?}: {e}"))?;
+        new.insert(key, values, 0)
+            .with_context(|| format!("writing {} (bpf_map_update_elem)", into.display()))?;
+        match old.remove(key) {
+            Ok(()) => {}
+            Err(e) if already_gone(&e) => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("removing from {} (bpf_map_delete_elem)", from.display())
+                });
+            }
+        }
+    }
+    std::fs::remove_file(from).with_context(|| format!("removing {}", from.display()))?;
+    Ok(keys.len())
 }
 
 /// Loads the object with private, unpinned maps (tests, benchmarks).
