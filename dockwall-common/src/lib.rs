@@ -48,13 +48,16 @@ pub const MAP_STATS: &str = "DW_STATS";
 pub const MAP_PORTS: &str = "DW_PORTS";
 /// One [`Config`]: audit mode and the drop-log rate, set by `load`.
 pub const MAP_CONFIG: &str = "DW_CONFIG";
-/// Drops (or would-be drops in audit mode) per published port: [`PortKey`] ->
-/// a u64 per CPU (summed by userspace), so CPUs dropping a flood in parallel
-/// write no shared counter.
-pub const MAP_PORT_DROPS: &str = "DW_PCPU_DROPS";
-/// The per-port drop counters of dockwall before they were per CPU (one
-/// shared u64): a pin by this name is an older load's, removed on load.
-pub const LEGACY_MAP_PORT_DROPS: &str = "DW_PORT_DROPS";
+/// Drops (or would-be drops in audit mode) per published port: a per-CPU
+/// array of u64 at [`port_drop_index`] (summed by userspace), so CPUs
+/// dropping a flood in parallel write no shared counter, and a drop costs
+/// an array load, not a hash lookup.
+pub const MAP_PORT_DROPS: &str = "DW_DROP_COUNTS";
+/// The per-port drop counters of older dockwalls, each replaced by the
+/// next: one shared u64 a port (a hash), then a per-CPU hash keyed by
+/// [`PortKey`]. A pin by one of these names is an older load's, removed on
+/// load; the counts start again from zero.
+pub const LEGACY_MAPS_PORT_DROPS: [&str; 2] = ["DW_PORT_DROPS", "DW_PCPU_DROPS"];
 /// Ring buffer of [`DropEvent`]s for the daemon's drop log. Not pinned: it
 /// belongs to the program that writes it and the daemon that reads it.
 pub const MAP_EVENTS: &str = "DW_EVENTS";
@@ -64,6 +67,9 @@ pub const MAP_LOG_LIMIT: &str = "DW_LOG_LIMIT";
 /// The object's read-only global holding the CPUs online at load, which
 /// share the drop-log rate; set by the loader.
 pub const GLOBAL_LOG_CPUS: &str = "LOG_CPUS";
+/// The object's read-only global saying the kernel has
+/// `bpf_ktime_get_coarse_ns` (Linux 5.11): 1 or 0, set by the loader.
+pub const GLOBAL_COARSE_CLOCK: &str = "COARSE_CLOCK";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
@@ -94,8 +100,16 @@ pub const ALLOW_MAX_LENS: usize = 7;
 /// 2 MiB here), its entries (one u64 per CPU) only on a first hit.
 pub const ALLOW_HITS_MAX_ENTRIES: u32 = 1 << 17;
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
-/// One counter per (published port, protocol) at most.
+/// One counter per (port, TCP or UDP): [`port_drop_index`]. 1 MiB a CPU.
 pub const PORT_DROPS_MAX_ENTRIES: u32 = 2 * 65_536;
+
+/// Where `MAP_PORT_DROPS` counts drops of (`proto`, `port`): TCP's ports
+/// first, then UDP's. Only TCP and UDP ports are published.
+#[inline(always)]
+pub fn port_drop_index(proto: u8, port: u16) -> u32 {
+    let base = if proto == PROTO_UDP { 65_536 } else { 0 };
+    base + u32::from(port)
+}
 /// Drop-log ring buffer size: 4096 events of 48 bytes (plus headers) queue
 /// while the daemon is busy; more are lost and counted.
 pub const EVENTS_BYTE_SIZE: u32 = 256 * 1024;
@@ -286,7 +300,8 @@ pub struct Config {
     pub log_rate: u32,
 }
 
-/// Key of `MAP_PORT_DROPS`: a published port.
+/// A published port and its protocol, as userspace reports drops
+/// ([`port_drop_index`] is where the kernel counts them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortKey {
@@ -392,6 +407,21 @@ mod tests {
     use core::mem::size_of;
 
     use super::*;
+
+    #[test]
+    fn every_tcp_and_udp_port_has_its_own_drop_counter_in_the_array() {
+        // no_std: a bitmap of the slots taken.
+        let mut seen = [0u64; PORT_DROPS_MAX_ENTRIES as usize / 64];
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            for port in 0..=u16::MAX {
+                let index = port_drop_index(proto, port);
+                assert!(index < PORT_DROPS_MAX_ENTRIES, "{proto}/{port}: {index}");
+                let (word, bit) = (index as usize / 64, index % 64);
+                assert_eq!(seen[word] >> bit & 1, 0, "{proto}/{port}: {index} taken");
+                seen[word] |= 1 << bit;
+            }
+        }
+    }
 
     #[test]
     fn no_implicit_padding() {

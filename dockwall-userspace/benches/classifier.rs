@@ -335,9 +335,10 @@ fn first_hits(
     let mut obj = match &older {
         None => ebpf::load_unpinned(ebpf::Hook::Tc)?,
         Some(older) => {
-            let cpus = ebpf::log_cpus()?;
-            let mut obj = aya::EbpfLoader::new()
-                .override_global(dockwall_common::GLOBAL_LOG_CPUS, &cpus, true)
+            let globals = ebpf::Globals::for_this_host()?;
+            let mut loader = aya::EbpfLoader::new();
+            globals.set(&mut loader);
+            let mut obj = loader
                 .map_pin_path(dockwall_common::MAP_ALLOW_HITS, older.pin.as_path())
                 .load(ebpf::object())
                 .context("loading the dockwall eBPF object with the older hit counters")?;

@@ -1405,6 +1405,54 @@ fn drop_log_is_rate_limited_in_the_kernel_under_a_flood() {
     assert!(drain_events(&mut ring).is_empty());
 }
 
+/// The drop log's budget comes back when its window has passed, whichever
+/// clock the kernel gives the program (the coarse one since Linux 5.11,
+/// which lags by up to a tick): a flood, another at once, and one after the
+/// window, all on one CPU.
+#[test]
+fn the_drop_log_budget_comes_back_after_its_window() {
+    let cpu = aya::util::online_cpus().unwrap()[0];
+    let mut h = Harness::standard();
+    let mut ring = events_ring(&mut h);
+    let rate = 4;
+    h.maps
+        .set_config(Config {
+            flags: 0,
+            log_rate: rate,
+        })
+        .unwrap();
+    let share = u64::from(rate.div_ceil(ebpf::log_cpus().unwrap()));
+    let window = std::time::Duration::from_nanos(dockwall_common::LOG_WINDOW_NS);
+    let frame = syn4("192.0.3.10", HOST4, 8081);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pin_to(cpu);
+            let mut flood = || {
+                assert_eq!(run_repeat(&mut h, &frame, 10_000), DROP);
+                drain_events(&mut ring).len() as u64
+            };
+            let started = std::time::Instant::now();
+            let (first, second) = (flood(), flood());
+            let quick = started.elapsed() < window / 2;
+            // Within a window (or across one boundary at most): one budget,
+            // or two.
+            assert!(
+                first >= share && first + second <= 2 * share,
+                "{first} then {second} events, {share} a window"
+            );
+            if quick {
+                assert!(first + second <= share, "{first} + {second} in one window");
+            }
+            std::thread::sleep(window + std::time::Duration::from_millis(100));
+            let after = flood();
+            assert_eq!(
+                after, share,
+                "a flood after the window: a whole budget again"
+            );
+        });
+    });
+}
+
 /// Runs the calling thread on `cpu` only (TEST_RUN runs the program on the
 /// CPU that calls it).
 fn pin_to(cpu: u32) {

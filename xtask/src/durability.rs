@@ -614,9 +614,9 @@ fn crash_and_reload(
     let (t, reloaded) = under_traffic(a, &a8081(a), b, &b8081(b), || {
         thread::sleep(Duration::from_millis(500));
         loaded.kill9();
-        // The restart is also an upgrade: the per-port drop counters an
-        // older dockwall pinned (shared, not per CPU) are in the pin dir,
-        // and its allowance hit counters are not preallocated.
+        // The restart is also an upgrade: the per-port drop counters older
+        // dockwalls pinned (shared, then a per-CPU hash) are in the pin
+        // dir, and the allowance hit counters are not preallocated.
         let legacy = plant_legacy_pin().and_then(|()| plant_unpreallocated_hits());
         thread::sleep(Duration::from_secs(1));
         let reloaded = legacy.and_then(|()| dw.load(&ifaces));
@@ -639,13 +639,18 @@ fn crash_and_reload(
     );
     std::mem::forget(loaded); // its daemon is dead; the new load owns the state
     let reloaded = reloaded?;
-    let said = reloaded
-        .output()
+    let said = LEGACY_PINS.iter().all(|(pin, _, _)| {
+        reloaded
+            .output()
+            .iter()
+            .any(|l| l.contains(&format!("removed {pin}")))
+    });
+    let gone = LEGACY_PINS
         .iter()
-        .any(|l| l.contains(&format!("removed {LEGACY_PIN}")));
+        .all(|(pin, _, _)| !std::path::Path::new(pin).exists());
     r.expect(
-        "load after an older dockwall: its shared drop-counter pin is removed, and load says so",
-        said && !std::path::Path::new(LEGACY_PIN).exists(),
+        "load after older dockwalls: their drop-counter pins (shared, per-CPU hash) are removed, and load says so",
+        said && gone,
         || format!("{:?}", reloaded.output()),
     );
     let moved = reloaded
@@ -757,27 +762,25 @@ fn online_cpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
-/// The pin of an older dockwall's shared per-port drop counters.
-const LEGACY_PIN: &str = "/sys/fs/bpf/dockwall/DW_PORT_DROPS";
+/// The pins of older dockwalls' per-port drop counters, with the map type
+/// each had: shared (a plain hash), then a per-CPU hash (not preallocated),
+/// both of port key -> u64.
+const LEGACY_PINS: [(&str, &str, &str); 2] = [
+    ("/sys/fs/bpf/dockwall/DW_PORT_DROPS", "hash", "0"),
+    ("/sys/fs/bpf/dockwall/DW_PCPU_DROPS", "percpu_hash", "1"),
+];
 
-/// Pins a map shaped like an older dockwall's DW_PORT_DROPS (a plain hash
-/// of port key -> u64) where it pinned it.
+/// Pins maps shaped like older dockwalls' per-port drop counters where they
+/// pinned them.
 fn plant_legacy_pin() -> anyhow::Result<()> {
-    crate::util::run(Command::new("bpftool").args([
-        "map",
-        "create",
-        LEGACY_PIN,
-        "type",
-        "hash",
-        "key",
-        "4",
-        "value",
-        "8",
-        "entries",
-        "131072",
-        "name",
-        "DW_PORT_DROPS",
-    ]))
+    for (pin, kind, flags) in LEGACY_PINS {
+        let name = pin.rsplit('/').next().unwrap_or(pin);
+        crate::util::run(Command::new("bpftool").args([
+            "map", "create", pin, "type", kind, "key", "4", "value", "8", "entries", "131072",
+            "name", name, "flags", flags,
+        ]))?;
+    }
+    Ok(())
 }
 
 /// A container removed and created again: enforcement is back within 1 s.

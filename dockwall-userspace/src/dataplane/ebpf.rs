@@ -2,7 +2,7 @@
 //! interfaces, pinning, and keeping its maps equal to the policy.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     path::{Path, PathBuf},
 };
@@ -21,10 +21,11 @@ use aya::{
     util::KernelVersion,
 };
 use dockwall_common::{
-    ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_LOG_CPUS,
-    LEGACY_MAP_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_HITS, MAP_ALLOW_LENS, MAP_ALLOW_NETS, MAP_CONFIG,
-    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
-    PortKey, PublishedKey, PublishedValue, scope_bit, stat,
+    ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
+    GLOBAL_LOG_CPUS, LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_HITS, MAP_ALLOW_LENS,
+    MAP_ALLOW_NETS, MAP_CONFIG, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS,
+    PROG_INGRESS, PROG_XDP, PortKey, PublishedKey, PublishedValue, port_drop_index, scope_bit,
+    stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -182,9 +183,9 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
     remove_legacy_pins()?;
     set_aside_unpreallocated_hits()?;
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
-    let cpus = log_cpus()?;
+    let globals = Globals::for_this_host()?;
     let mut loader = EbpfLoader::new();
-    loader.override_global(GLOBAL_LOG_CPUS, &cpus, true);
+    globals.set(&mut loader);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -310,13 +311,39 @@ fn carry_hits(from: &Path, into: &Path) -> anyhow::Result<usize> {
 
 /// Loads the object with private, unpinned maps (tests, benchmarks).
 pub fn load_unpinned(hook: Hook) -> anyhow::Result<Ebpf> {
-    let cpus = log_cpus()?;
-    let mut ebpf = EbpfLoader::new()
-        .override_global(GLOBAL_LOG_CPUS, &cpus, true)
+    let globals = Globals::for_this_host()?;
+    let mut loader = EbpfLoader::new();
+    globals.set(&mut loader);
+    let mut ebpf = loader
         .load(object())
         .context("loading the dockwall eBPF object")?;
     load_programs(&mut ebpf, hook)?;
     Ok(ebpf)
+}
+
+/// The object's read-only globals, which the verifier treats as constants.
+pub struct Globals {
+    /// The CPUs online now, between which the kernel shares the drop-log rate.
+    log_cpus: u32,
+    /// 1: the kernel has bpf_ktime_get_coarse_ns (Linux 5.11).
+    coarse_clock: u32,
+}
+
+impl Globals {
+    pub fn for_this_host() -> anyhow::Result<Self> {
+        let kernel = KernelVersion::current().context("reading the kernel's version (uname)")?;
+        Ok(Globals {
+            log_cpus: log_cpus()?,
+            coarse_clock: u32::from(kernel >= KernelVersion::new(5, 11, 0)),
+        })
+    }
+
+    /// Sets them on `loader`, before it loads the object.
+    pub fn set<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader
+            .override_global(GLOBAL_LOG_CPUS, &self.log_cpus, true)
+            .override_global(GLOBAL_COARSE_CLOCK, &self.coarse_clock, true);
+    }
 }
 
 /// The CPUs online now, between which the kernel shares the drop-log rate.
@@ -327,22 +354,23 @@ pub fn log_cpus() -> anyhow::Result<u32> {
     Ok(u32::try_from(cpus.max(1)).unwrap_or(u32::MAX))
 }
 
-/// Pins an older dockwall left that this one has replaced: its shared
-/// per-port drop counters (now per CPU, under a new name). Their counts
-/// start again from zero, as a Prometheus counter does after a restart.
+/// Pins an older dockwall left that this one has replaced: its per-port
+/// drop counters (shared, then a per-CPU hash; now a per-CPU array under a
+/// new name). Their counts start again from zero, as a Prometheus counter
+/// does after a restart.
 fn remove_legacy_pins() -> anyhow::Result<()> {
-    let legacy = map_pin(LEGACY_MAP_PORT_DROPS);
-    match std::fs::remove_file(&legacy) {
-        Ok(()) => {
-            println!(
-                "dockwall: removed {} (per-port drop counters of an older dockwall; they are per CPU now and start from zero)",
+    for name in LEGACY_MAPS_PORT_DROPS {
+        let legacy = map_pin(name);
+        match std::fs::remove_file(&legacy) {
+            Ok(()) => println!(
+                "dockwall: removed {} (per-port drop counters of an older dockwall; they are a per-CPU array now and start from zero)",
                 legacy.display()
-            );
-            Ok(())
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", legacy.display())),
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", legacy.display())),
     }
+    Ok(())
 }
 
 /// The tc programs always (a switch back to `--hook tc` needs the ingress
@@ -785,7 +813,7 @@ pub struct Maps {
     pub(super) allow_hits_pcpu: PerCpuHashMap<MapData, AllowNetKey, u64>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
-    port_drops: PerCpuHashMap<MapData, PortKey, u64>,
+    port_drops: PerCpuArray<MapData, u64>,
 }
 
 /// The DW_PORTS byte of each port that has published-map keys.
@@ -995,13 +1023,37 @@ impl Maps {
             .collect())
     }
 
-    /// Drops per published port as each CPU counted them (index: CPU id).
+    /// Drops per published port as each CPU counted them (index: CPU id):
+    /// the ports `DW_PUBLISHED` holds now that have a drop. The counter of a
+    /// port no longer published stays in the array, and counts on if it is
+    /// published again.
     pub fn port_drops_by_cpu(&self) -> anyhow::Result<BTreeMap<PortKey, Vec<u64>>> {
-        self.port_drops
-            .iter()
-            .map(|entry| entry.map(|(key, values)| (key, values.iter().copied().collect())))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("reading {MAP_PORT_DROPS} (bpf_map_lookup_elem per CPU)"))
+        let mut ports = BTreeSet::new();
+        for key in self.published.keys() {
+            let key = key.context("reading DW_PUBLISHED (bpf_map_get_next_key)")?;
+            ports.insert(PortKey {
+                port: key.port,
+                proto: key.proto,
+                _pad: 0,
+            });
+        }
+        let mut out = BTreeMap::new();
+        for key in ports {
+            let index = port_drop_index(key.proto, key.port);
+            let per_cpu: Vec<u64> = self
+                .port_drops
+                .get(&index, 0)
+                .with_context(|| {
+                    format!("reading {MAP_PORT_DROPS}[{index}] (bpf_map_lookup_elem per CPU)")
+                })?
+                .iter()
+                .copied()
+                .collect();
+            if per_cpu.iter().any(|&n| n > 0) {
+                out.insert(key, per_cpu);
+            }
+        }
+        Ok(out)
     }
 
     /// The verdict counters, summed over CPUs.
