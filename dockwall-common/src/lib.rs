@@ -96,8 +96,9 @@ pub const ALLOW_GROUPS: u32 = 4 * 65_536;
 pub const ALLOW_MAX_LENS: usize = 7;
 /// Allowances whose hits are counted per CPU (`MAP_ALLOW_HITS`), in the
 /// order they are first hit; past this the shared `AllowValue::hits`
-/// counts them. The hash's buckets are allocated up front (16 bytes each,
-/// 2 MiB here), its entries (one u64 per CPU) only on a first hit.
+/// counts them. The hash is preallocated: buckets and entries (about 96
+/// bytes plus one u64 per CPU each) are reserved up front, 14 MiB on two
+/// CPUs, so a first hit takes an entry instead of allocating one.
 pub const ALLOW_HITS_MAX_ENTRIES: u32 = 1 << 17;
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
 /// One counter per (port, TCP or UDP): [`port_drop_index`]. 1 MiB a CPU.

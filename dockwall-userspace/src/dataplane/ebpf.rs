@@ -282,6 +282,7 @@ fn carry_hits(from: &Path, into: &Path) -> anyhow::Result<usize> {
             }
         }
     };
+    let mut lost = 0;
     for key in &keys {
         let Some(mut sum) = read(&old, key, from)? else {
             continue;
@@ -293,8 +294,21 @@ fn carry_hits(from: &Path, into: &Path) -> anyhow::Result<usize> {
         }
         let values = aya::maps::PerCpuValues::try_from(sum)
             .map_err(|e| anyhow!("per-CPU counts of {key:?}: {e}"))?;
-        new.insert(key, values, 0)
-            .with_context(|| format!("writing {} (bpf_map_update_elem)", into.display()))?;
+        match new.insert(key, values, 0) {
+            Ok(()) => {}
+            // Full (only when two older maps are merged): the rest of the
+            // counts are lost, not the load; the kernel counts those
+            // allowances in their shared value from now on.
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                lost += 1;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("writing {} (bpf_map_update_elem)", into.display()));
+            }
+        }
         match old.remove(key) {
             Ok(()) => {}
             Err(e) if already_gone(&e) => {}
@@ -306,7 +320,15 @@ fn carry_hits(from: &Path, into: &Path) -> anyhow::Result<usize> {
         }
     }
     std::fs::remove_file(from).with_context(|| format!("removing {}", from.display()))?;
-    Ok(keys.len())
+    if lost > 0 {
+        println!(
+            "dockwall: {lost} hit counters of {} did not fit in {} ({} entries) and start again from zero",
+            from.display(),
+            into.display(),
+            dockwall_common::ALLOW_HITS_MAX_ENTRIES
+        );
+    }
+    Ok(keys.len() - lost)
 }
 
 /// Loads the object with private, unpinned maps (tests, benchmarks).
