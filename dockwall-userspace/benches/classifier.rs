@@ -15,7 +15,10 @@
 use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions},
+};
 use dockwall_common::{PROG_INGRESS, PROG_NOOP};
 use dockwall_userspace::{
     dataplane::ebpf::{self, Maps},
@@ -202,6 +205,31 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads dw_noop beside the object's programs, takes the maps, and fills
+/// them: web's 8081/tcp published on every address of the family, and
+/// `allow` as permanent allowances. The maps must outlive the runs.
+fn with_policy(obj: &mut Ebpf, v6: bool, allow: &BTreeSet<AllowEntry>) -> anyhow::Result<Maps> {
+    ebpf::program(obj, PROG_NOOP)?
+        .load()
+        .context("loading dw_noop")?;
+    let mut maps = Maps::from_ebpf(obj)?;
+    let host: IpAddr = if v6 {
+        "::".parse()?
+    } else {
+        "0.0.0.0".parse()?
+    };
+    maps.sync_published(&policy::compile_published(&[Binding::new(
+        "web",
+        "id",
+        host,
+        8081,
+        8080,
+        Proto::Tcp,
+    )]))?;
+    maps.sync_allow(&allow.iter().map(|e| (*e, 0)).collect())?;
+    Ok(maps)
+}
+
 fn write(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -256,25 +284,7 @@ fn entries(v6: bool, mix: Mix, n: usize) -> BTreeSet<AllowEntry> {
 
 fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Result<Row> {
     let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
-    ebpf::program(&mut obj, PROG_NOOP)?
-        .load()
-        .context("loading dw_noop")?;
-    let mut maps = Maps::from_ebpf(&mut obj)?;
-    let host: IpAddr = if v6 {
-        "::".parse()?
-    } else {
-        "0.0.0.0".parse()?
-    };
-    maps.sync_published(&policy::compile_published(&[Binding::new(
-        "web",
-        "id",
-        host,
-        8081,
-        8080,
-        Proto::Tcp,
-    )]))?;
-    let permanent = entries(v6, mix, n).into_iter().map(|e| (e, 0)).collect();
-    maps.sync_allow(&permanent)?;
+    let _maps = with_policy(&mut obj, v6, &entries(v6, mix, n))?;
     let memlock_bytes = allow_map_memlock()?;
     let (allowed, dropped, host_addr) = if v6 {
         ("2001:db8:aaaa::1", "2001:db8:ffff::1", "2001:db8::80")
@@ -348,26 +358,8 @@ fn first_hits(
             obj
         }
     };
-    ebpf::program(&mut obj, PROG_NOOP)?
-        .load()
-        .context("loading dw_noop")?;
-    let mut maps = Maps::from_ebpf(&mut obj)?;
-    let host: IpAddr = if v6 {
-        "::".parse()?
-    } else {
-        "0.0.0.0".parse()?
-    };
-    maps.sync_published(&policy::compile_published(&[Binding::new(
-        "web",
-        "id",
-        host,
-        8081,
-        8080,
-        Proto::Tcp,
-    )]))?;
     let set = entries(v6, Mix::Hosts, allowances);
-    let permanent = set.iter().map(|e| (*e, 0)).collect();
-    maps.sync_allow(&permanent)?;
+    let _maps = with_policy(&mut obj, v6, &set)?;
     let host_addr = if v6 { "2001:db8::80" } else { "203.0.113.80" };
     // Spread over the policy, not its first entries only, as a burst of new
     // clients would be.

@@ -1362,17 +1362,22 @@ fn drops_are_counted_per_published_port_including_direct_container_access() {
     assert_eq!(drops.len(), 2, "{drops:?}");
 }
 
-#[test]
-fn drop_log_is_rate_limited_in_the_kernel_under_a_flood() {
-    let mut h = Harness::standard();
-    let mut ring = events_ring(&mut h);
-    let rate = 10;
+/// Enforcing, with the drop log on at `rate` lines a second for the host.
+fn log_at(h: &mut Harness, rate: u32) {
     h.maps
         .set_config(Config {
             flags: 0,
             log_rate: rate,
         })
         .unwrap();
+}
+
+#[test]
+fn drop_log_is_rate_limited_in_the_kernel_under_a_flood() {
+    let mut h = Harness::standard();
+    let mut ring = events_ring(&mut h);
+    let rate = 10;
+    log_at(&mut h, rate);
     let flood = 100_000;
     let started = std::time::Instant::now();
     assert_eq!(
@@ -1415,12 +1420,7 @@ fn the_drop_log_budget_comes_back_after_its_window() {
     let mut h = Harness::standard();
     let mut ring = events_ring(&mut h);
     let rate = 4;
-    h.maps
-        .set_config(Config {
-            flags: 0,
-            log_rate: rate,
-        })
-        .unwrap();
+    log_at(&mut h, rate);
     let share = u64::from(rate.div_ceil(ebpf::log_cpus().unwrap()));
     let window = std::time::Duration::from_nanos(dockwall_common::LOG_WINDOW_NS);
     let frame = syn4("192.0.3.10", HOST4, 8081);
@@ -1493,12 +1493,7 @@ fn a_flood_on_each_cpu_writes_only_that_cpus_drop_counter_and_log_budget() {
     let mut ring = events_ring(&mut h);
     let rate = 2 * cpus.len() as u32 + 1; // shares round up: 3 a CPU
     let share = u64::from(rate.div_ceil(cpus.len() as u32));
-    h.maps
-        .set_config(Config {
-            flags: 0,
-            log_rate: rate,
-        })
-        .unwrap();
+    log_at(&mut h, rate);
     let denied = syn4("192.0.3.10", HOST4, 8081);
     // A different number of drops on each CPU, so a shared counter (or one
     // CPU's count landing in another's slot) shows.
