@@ -34,12 +34,22 @@ pub const MAP_ALLOW_LENS: &str = "DW_ALLOW_LENS";
 /// The allowances of the groups `MAP_ALLOW_LENS` lists, one exact-match
 /// entry per allowance ([`AllowNetKey`] -> [`AllowValue`]).
 pub const MAP_ALLOW_NETS: &str = "DW_ALLOW_NETS";
-/// The allowances' hit counters, per CPU: the allowance's `MAP_ALLOW_NETS`
-/// key ([`AllowNetKey`]; a trie entry's is the same bytes) -> a u64 per
-/// CPU. The kernel creates an allowance's entry on its first hit; userspace
-/// sums the CPUs, adds [`AllowValue::count`], and deletes the entry when
-/// the allowance goes.
-pub const MAP_ALLOW_HITS: &str = "DW_ALLOW_HITS";
+/// The allowances' hit counters: a per-CPU array of u64, indexed by the
+/// slot userspace gives each allowance and writes into its value
+/// ([`AllowValue::hit_slot`]), so a hit is an array load on this CPU, not a
+/// hash lookup. Userspace sums the CPUs and adds [`AllowValue::count`].
+pub const MAP_HIT_COUNTS: &str = "DW_HIT_COUNTS";
+/// Which slots of `MAP_HIT_COUNTS` are taken: a bitmap in
+/// [`HitSlotWords`] elements, kept beside the maps (and gone with them) so
+/// an edit allocates a slot without reading every allowance. Only
+/// userspace reads or writes it; a full sync rebuilds it from the
+/// allowances.
+pub const MAP_HIT_SLOTS: &str = "DW_HIT_SLOTS";
+/// The hit counters of older dockwalls: a per-CPU hash keyed by
+/// [`AllowNetKey`], the kernel creating an entry on an allowance's first
+/// hit, and where one of them set its unpreallocated map aside. `load`
+/// adds their counts into the allowances' slots and removes them.
+pub const LEGACY_MAPS_ALLOW_HITS: [&str; 2] = ["DW_ALLOW_HITS", "DW_ALLOW_HITS_UNPREALLOCATED"];
 pub const MAP_UDP_FLOWS: &str = "DW_UDP_FLOWS";
 pub const MAP_STATS: &str = "DW_STATS";
 /// Per destination port (65,536 bytes): which kinds of `MAP_PUBLISHED` keys
@@ -73,13 +83,14 @@ pub const GLOBAL_COARSE_CLOCK: &str = "COARSE_CLOCK";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_PUBLISHED,
     MAP_PORTS,
     MAP_ALLOW,
     MAP_ALLOW_LENS,
     MAP_ALLOW_NETS,
-    MAP_ALLOW_HITS,
+    MAP_HIT_COUNTS,
+    MAP_HIT_SLOTS,
     MAP_UDP_FLOWS,
     MAP_STATS,
     MAP_CONFIG,
@@ -94,12 +105,15 @@ pub const ALLOW_GROUPS: u32 = 4 * 65_536;
 /// length (one hash probe each, longest first); a group with more is
 /// looked up in the trie.
 pub const ALLOW_MAX_LENS: usize = 7;
-/// Allowances whose hits are counted per CPU (`MAP_ALLOW_HITS`), in the
-/// order they are first hit; past this the shared `AllowValue::hits`
-/// counts them. The hash is preallocated: buckets and entries (about 96
-/// bytes plus one u64 per CPU each) are reserved up front, 14 MiB on two
-/// CPUs, so a first hit takes an entry instead of allocating one.
-pub const ALLOW_HITS_MAX_ENTRIES: u32 = 1 << 17;
+/// Allowances whose hits are counted per CPU: the slots of
+/// `MAP_HIT_COUNTS`, 1 MiB a CPU. An allowance userspace finds no free
+/// slot for counts in its shared `AllowValue::hits`.
+pub const HIT_SLOTS: u32 = 1 << 17;
+/// Slots one `MAP_HIT_SLOTS` element covers, a bit each.
+pub const HIT_SLOTS_PER_WORDS: u32 = 64 * HIT_SLOT_WORDS as u32;
+const HIT_SLOT_WORDS: usize = 512;
+/// `MAP_HIT_SLOTS` elements.
+pub const HIT_SLOT_ELEMENTS: u32 = HIT_SLOTS / HIT_SLOTS_PER_WORDS;
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
 /// One counter per (port, TCP or UDP): [`port_drop_index`]. 1 MiB a CPU.
 pub const PORT_DROPS_MAX_ENTRIES: u32 = 2 * 65_536;
@@ -235,19 +249,23 @@ pub struct AllowNetKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowValue {
-    /// New connections this allowance let through, counted here (an atomic
-    /// add shared by all CPUs) when its per-CPU counter in `MAP_ALLOW_HITS`
-    /// could not be used: that map full, or a trie entry without a tag.
-    /// An allowance's hits are [`AllowValue::count`] plus its
-    /// `MAP_ALLOW_HITS` entry.
+    /// Where the allowance's hits are counted, and a tag:
     ///
-    /// In the trie (`MAP_ALLOW`) the top byte is a tag: the entry's address
-    /// prefix length plus one ([`AllowValue::for_trie`]). An LPM lookup
-    /// does not say which entry answered; the tag does, so the kernel can
-    /// count the hit per CPU under the entry's own `MAP_ALLOW_HITS` key, as
-    /// for a hash entry. A tag of 0 (an entry an older dockwall wrote, or
-    /// any hash entry) counts shared. The count below it cannot reach the
-    /// tag: 2^56 connections.
+    /// - bit 55 set ([`AllowValue::counted_in_slot`]): bits 32..55 are the
+    ///   allowance's slot in `MAP_HIT_COUNTS`, where the kernel counts its
+    ///   hits on the CPU that matched; the low 32 bits a shared count (only
+    ///   for a slot past the map, which userspace never writes);
+    /// - bit 55 clear: the low 55 bits are a count shared by every CPU (one
+    ///   atomic add a hit): an allowance userspace had no slot for, or one
+    ///   an older dockwall wrote, until a sync gives it a slot and carries
+    ///   the count into it;
+    /// - in the trie (`MAP_ALLOW`), the top byte is the entry's address
+    ///   prefix length plus one ([`AllowValue::in_trie`]). An LPM lookup
+    ///   does not say which entry answered; the tag lets userspace tell an
+    ///   exact hit from a covering prefix. 0 in a hash entry.
+    ///
+    /// A shared count cannot reach the bits above it: 2^32 hits of an
+    /// allowance with a slot past the map, 2^55 of one without a slot.
     pub hits: u64,
     /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) from which the
     /// entry no longer matches; 0 = never. The kernel checks it on every
@@ -258,23 +276,71 @@ pub struct AllowValue {
 
 /// Where the trie tag sits in `AllowValue::hits`.
 pub const TRIE_TAG_SHIFT: u32 = 56;
-const COUNT_MASK: u64 = (1 << TRIE_TAG_SHIFT) - 1;
+const TAG_MASK: u64 = 0xff << TRIE_TAG_SHIFT;
+/// `AllowValue::hits`: the allowance counts in its slot.
+const SLOT_FLAG: u64 = 1 << 55;
+const SLOT_SHIFT: u32 = 32;
+const SLOT_MASK: u64 = (1 << 23) - 1;
+const SHARED_MASK: u64 = SLOT_FLAG - 1;
+const SLOTTED_SHARED_MASK: u64 = (1 << SLOT_SHIFT) - 1;
 
 impl AllowValue {
-    /// A trie entry's value: its count so far, its expiry and, in the
-    /// tag, its address prefix length (0..=128).
+    /// An allowance counted per CPU in `slot` of `MAP_HIT_COUNTS`.
     #[inline(always)]
-    pub const fn for_trie(count: u64, expires_ns: u64, prefix_len: u8) -> Self {
+    pub const fn counted_in_slot(slot: u32, expires_ns: u64) -> Self {
         AllowValue {
-            hits: (count & COUNT_MASK) | ((prefix_len as u64 + 1) << TRIE_TAG_SHIFT),
+            hits: SLOT_FLAG | ((slot as u64 & SLOT_MASK) << SLOT_SHIFT),
             expires_ns,
         }
     }
 
-    /// The hits counted in this value, without a trie entry's tag.
+    /// An allowance counted in this value, by every CPU, from `count`.
+    #[inline(always)]
+    pub const fn counted_shared(count: u64, expires_ns: u64) -> Self {
+        AllowValue {
+            hits: count & SHARED_MASK,
+            expires_ns,
+        }
+    }
+
+    /// The same value as a trie entry of address prefix length
+    /// `prefix_len` (0..=128): tagged with it.
+    #[inline(always)]
+    pub const fn in_trie(self, prefix_len: u8) -> Self {
+        AllowValue {
+            hits: (self.hits & !TAG_MASK) | ((prefix_len as u64 + 1) << TRIE_TAG_SHIFT),
+            expires_ns: self.expires_ns,
+        }
+    }
+
+    /// The same value as a hash entry: no tag.
+    #[inline(always)]
+    pub const fn untagged(self) -> Self {
+        AllowValue {
+            hits: self.hits & !TAG_MASK,
+            expires_ns: self.expires_ns,
+        }
+    }
+
+    /// The allowance's slot in `MAP_HIT_COUNTS`, if it counts in one.
+    #[inline(always)]
+    pub const fn hit_slot(&self) -> Option<u32> {
+        if self.hits & SLOT_FLAG == 0 {
+            None
+        } else {
+            Some(((self.hits >> SLOT_SHIFT) & SLOT_MASK) as u32)
+        }
+    }
+
+    /// The hits counted in this value, shared by the CPUs (without a slot's
+    /// per-CPU counts, the slot or a trie entry's tag).
     #[inline(always)]
     pub const fn count(&self) -> u64 {
-        self.hits & COUNT_MASK
+        if self.hits & SLOT_FLAG == 0 {
+            self.hits & SHARED_MASK
+        } else {
+            self.hits & SLOTTED_SHARED_MASK
+        }
     }
 
     /// A trie entry's address prefix length, from its tag; `None` for an
@@ -284,6 +350,23 @@ impl AllowValue {
         match (self.hits >> TRIE_TAG_SHIFT) as u8 {
             0 => None,
             tag => Some(tag - 1),
+        }
+    }
+}
+
+/// One element of `MAP_HIT_SLOTS`: a bit per slot, slot `s` of the
+/// element at `s / HIT_SLOTS_PER_WORDS` in word `s % HIT_SLOTS_PER_WORDS /
+/// 64`, bit `s % 64`. 1: taken.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HitSlotWords {
+    pub words: [u64; HIT_SLOT_WORDS],
+}
+
+impl Default for HitSlotWords {
+    fn default() -> Self {
+        HitSlotWords {
+            words: [0; HIT_SLOT_WORDS],
         }
     }
 }
@@ -401,6 +484,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::LogLimit {}
+    unsafe impl aya::Pod for super::HitSlotWords {}
 }
 
 #[cfg(test)]
@@ -422,6 +506,50 @@ mod tests {
                 seen[word] |= 1 << bit;
             }
         }
+    }
+
+    #[test]
+    fn a_value_says_where_its_hits_count_whatever_its_tag() {
+        for slot in [0, 1, 4097, HIT_SLOTS - 1] {
+            let v = AllowValue::counted_in_slot(slot, 7);
+            assert_eq!((v.hit_slot(), v.count(), v.expires_ns), (Some(slot), 0, 7));
+            for len in [0u8, 24, 32, 127, 128] {
+                let t = v.in_trie(len);
+                assert_eq!(
+                    (t.hit_slot(), t.count(), t.trie_prefix_len()),
+                    (Some(slot), 0, Some(len))
+                );
+                assert_eq!(t.untagged(), v);
+            }
+        }
+        let shared = AllowValue::counted_shared(123_456_789_012, 0);
+        assert_eq!((shared.hit_slot(), shared.count()), (None, 123_456_789_012));
+        let t = shared.in_trie(128);
+        assert_eq!((t.hit_slot(), t.count()), (None, 123_456_789_012));
+        // What the previous dockwall wrote: a trie entry tagged with its
+        // length (129 sets the top bit) and a count below the tag.
+        let older = AllowValue {
+            hits: (129u64 << TRIE_TAG_SHIFT) | ((1 << 55) - 1),
+            expires_ns: 0,
+        };
+        assert_eq!(older.hit_slot(), None);
+        assert_eq!(older.count(), (1 << 55) - 1);
+        assert_eq!(older.trie_prefix_len(), Some(128));
+        // The kernel's shared add on a slotted value stays in the low bits
+        // until 2^32.
+        let mut slotted = AllowValue::counted_in_slot(HIT_SLOTS - 1, 0);
+        slotted.hits += (1 << 32) - 1;
+        assert_eq!(
+            (slotted.hit_slot(), slotted.count()),
+            (Some(HIT_SLOTS - 1), (1 << 32) - 1)
+        );
+    }
+
+    #[test]
+    fn the_slot_bitmap_covers_every_slot() {
+        assert_eq!(HIT_SLOT_ELEMENTS * HIT_SLOTS_PER_WORDS, HIT_SLOTS);
+        assert!(u64::from(HIT_SLOTS) <= SLOT_MASK + 1);
+        assert_eq!(size_of::<HitSlotWords>(), 4096);
     }
 
     #[test]

@@ -25,11 +25,10 @@
 //! A flood of denied packets writes only this CPU's memory: the verdict
 //! counters, the per-port drop counters and the log limiter are per CPU,
 //! so CPUs dropping in parallel do not bounce a cache line between them
-//! (bench/droppath.md). So are the allowances' hit counters (`count_hit`),
-//! for the trie fallback too: its entries carry their prefix length, which
-//! gives the counter's key. Only a full counter map, or a trie entry an
-//! older dockwall wrote, counts in the entry, one atomic add shared by the
-//! CPUs that match it.
+//! (bench/droppath.md). So are the allowances' hit counters (`count_hit`):
+//! each allowance's value names its slot in a per-CPU array. Only an
+//! allowance userspace had no slot for, or one an older dockwall wrote,
+//! counts in the entry, one atomic add shared by the CPUs that match it.
 //!
 //! "Pass" is `TC_ACT_UNSPEC`: under tcx that is NEXT, so programs attached
 //! after dockwall still run; under the legacy clsact path it lets the next
@@ -54,21 +53,19 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{
         bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_load_bytes,
     },
     macros::{classifier, map, xdp},
-    maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use dockwall_common::{
-    ALLOW_GROUPS, ALLOW_HITS_MAX_ENTRIES, ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, ALLOW_MAX_LENS,
-    AllowKey, AllowLens, AllowNetKey, AllowValue, CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT,
-    EVENTS_BYTE_SIZE, FAMILY_V4, FAMILY_V6, FlowKey, LOG_WINDOW_NS, LogLimit,
-    PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PublishedKey,
+    ALLOW_GROUPS, ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, ALLOW_MAX_LENS, AllowKey, AllowLens,
+    AllowNetKey, AllowValue, CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, EVENTS_BYTE_SIZE,
+    FAMILY_V4, FAMILY_V6, FlowKey, HIT_SLOT_ELEMENTS, HIT_SLOTS, HitSlotWords, LOG_WINDOW_NS,
+    LogLimit, PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PublishedKey,
     PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES,
     allow_group_index, port_drop_index, scope_bit, stat,
 };
@@ -88,7 +85,7 @@ static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 // preallocated, so it holds memory only for allowances that exist. Its
 // values are not per CPU: that costs userspace a percpu allocation per
 // insert, measured at 22 us (2.3 s to load 100k allowances, against 1.6 us
-// for the trie); the per-CPU hit counters are DW_ALLOW_HITS instead.
+// for the trie); the per-CPU hit counters are DW_HIT_COUNTS instead.
 #[map(name = "DW_ALLOW")]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 
@@ -99,18 +96,18 @@ static ALLOW_LENS: Array<AllowLens> = Array::with_max_entries(ALLOW_GROUPS, 0);
 static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
     HashMap::with_max_entries(ALLOW_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-// The allowances' hit counters, per CPU, created by the kernel on an
-// allowance's first hit. Preallocated: an insert takes an element off the
-// map's free list (~0.25 us), where allocating its per-CPU value on the
-// spot cost ~10 us per new allowance hit (BPF_F_NO_PREALLOC; the
-// classifier bench's first-hit table), paid by a burst of new clients.
-// The price is the whole map's memory up front, (~80 + 8 x CPUs) bytes an
-// entry, and a deleted element reused at once: a packet counting while
-// its allowance is removed may add one hit to the allowance that gets the
-// element next. Bounded: once full, hits count in the entry.
-#[map(name = "DW_ALLOW_HITS")]
-static ALLOW_HITS: PerCpuHashMap<AllowNetKey, u64> =
-    PerCpuHashMap::with_max_entries(ALLOW_HITS_MAX_ENTRIES, 0);
+// The allowances' hit counters, per CPU, at the slot userspace wrote in
+// each allowance's value: a hit is an array load (inlined by the verifier
+// on Linux 6.x). The per-CPU hash keyed by allowance it replaces cost ~25
+// ns of the allowed path in its lookup (BPF_PROG_TEST_RUN) and ~0.25 us,
+// or ~10 us unpreallocated, on an allowance's first hit.
+#[map(name = "DW_HIT_COUNTS")]
+static HIT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIT_SLOTS, 0);
+
+// Which slots are taken: userspace's, never read here. Declared so the
+// loader creates and pins it with the other maps, and it goes with them.
+#[map(name = "DW_HIT_SLOTS")]
+static HIT_SLOTS_TAKEN: Array<HitSlotWords> = Array::with_max_entries(HIT_SLOT_ELEMENTS, 0);
 
 #[map(name = "DW_UDP_FLOWS")]
 static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX_ENTRIES, 0);
@@ -410,30 +407,6 @@ fn count_port_drop(proto: u8, port: u16) {
     }
 }
 
-/// Adds one to this CPU's counter of `key`, creating the entry on its
-/// first count with this CPU's slot at 1 and the others at 0. If another
-/// CPU created it since the lookup, counts on that entry (this CPU's slot
-/// there is ours). False only when the map is full.
-#[inline(always)]
-fn count_on_this_cpu<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
-    if let Some(count) = map.get_ptr_mut(key) {
-        // SAFETY: this CPU's counter of the entry, valid for the program's run.
-        unsafe { *count += 1 };
-        return true;
-    }
-    if map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
-        return true;
-    }
-    match map.get_ptr_mut(key) {
-        Some(count) => {
-            // SAFETY: as above.
-            unsafe { *count += 1 };
-            true
-        }
-        None => false,
-    }
-}
-
 /// The drop log's clock. The coarse clock reads the time of the last tick
 /// (1-10 ms old, well inside the 1 s window) where the full one reads the
 /// clock source: ~21 ns less per drop under a flood in a KVM guest
@@ -574,14 +547,14 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: AllowLens) -> Match
             if lapsed(value) {
                 return Match::Expired;
             }
-            count_hit(&key, value);
+            count_hit(value);
             return Match::Hit;
         }
     }
     Match::Miss
 }
 
-/// The DW_ALLOW_NETS (and DW_ALLOW_HITS) key of the allowance of
+/// The DW_ALLOW_NETS key of the allowance of
 /// `policy_port` for the packet's source masked to `len` bits.
 #[inline(always)]
 fn net_key(pkt: &Packet, policy_port: u16, len: u8) -> AllowNetKey {
@@ -632,27 +605,11 @@ fn allowance_in_trie(pkt: &Packet, policy_port: u16) -> Match {
     match ALLOW.get(&key) {
         Some(value) if lapsed(value) => Match::Expired,
         Some(value) => {
-            count_trie_hit(pkt, policy_port, value);
+            count_hit(value);
             Match::Hit
         }
         None => Match::Miss,
     }
-}
-
-/// A trie lookup does not say which entry answered; the entry's value
-/// does, in its tag (`AllowValue::for_trie`): its prefix length, so the
-/// hit is counted per CPU under the same key a hash entry would have.
-#[inline(always)]
-fn count_trie_hit(pkt: &Packet, policy_port: u16, value: &AllowValue) {
-    let addr_bits: u8 = if pkt.family == FAMILY_V4 { 32 } else { 128 };
-    if let Some(len) = value.trie_prefix_len()
-        && len <= addr_bits
-    {
-        if count_on_this_cpu(&ALLOW_HITS, &net_key(pkt, policy_port, len)) {
-            return;
-        }
-    }
-    count_shared_hit(value);
 }
 
 /// Whether the deciding entry's expiry has passed.
@@ -661,14 +618,18 @@ fn lapsed(value: &AllowValue) -> bool {
     value.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= value.expires_ns
 }
 
-/// Counts a hit of a DW_ALLOW_NETS allowance on this CPU's counter in
-/// DW_ALLOW_HITS; only when that map is full does it go to the shared one
-/// (the low bits of `hits`; a hash entry has no tag).
+/// Counts a hit of an allowance on this CPU's counter in its slot; one
+/// without a slot in the entry, shared.
 #[inline(always)]
-fn count_hit(key: &AllowNetKey, value: &AllowValue) {
-    if !count_on_this_cpu(&ALLOW_HITS, key) {
-        count_shared_hit(value);
+fn count_hit(value: &AllowValue) {
+    if let Some(slot) = value.hit_slot()
+        && let Some(count) = HIT_COUNTS.get_ptr_mut(slot)
+    {
+        // SAFETY: this CPU's counter, valid for the program's run.
+        unsafe { *count += 1 };
+        return;
     }
+    count_shared_hit(value);
 }
 
 /// One atomic add to the entry's own counter, which every CPU matching it

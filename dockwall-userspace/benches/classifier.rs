@@ -54,36 +54,21 @@ impl Mix {
     }
 }
 
-/// An allowance's first hit against its later ones: the first creates the
-/// allowance's per-CPU hit counter in the kernel (DW_ALLOW_HITS), which a
-/// burst of new clients pays once per allowance. Medians and means over
-/// `sources` single executions each, beside the no-op's single execution
-/// (which is mostly the test-run timer). Measured with dockwall's
-/// preallocated counter map and with the one older versions created
-/// (BPF_F_NO_PREALLOC: each counter allocated on its first hit).
+/// An allowance's first hit against its later ones. The per-CPU hash of
+/// hit counters older dockwalls used created an allowance's counter on its
+/// first hit (~10 us unpreallocated, ~0.25 us preallocated; bench/README.md
+/// has those runs); with a slot each in a per-CPU array, nothing is
+/// created, and a first hit should cost what a later one does, but for
+/// cold caches. Medians and means over `sources` single executions each,
+/// beside the no-op's single execution (which is mostly the test-run
+/// timer).
 struct FirstHits {
     family: &'static str,
-    counters: Counters,
     allowances: usize,
     sources: usize,
     noop: Spread,
     first: Spread,
     second: Spread,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Counters {
-    Preallocated,
-    OnFirstHit,
-}
-
-impl Counters {
-    fn name(self) -> &'static str {
-        match self {
-            Counters::Preallocated => "preallocated",
-            Counters::OnFirstHit => "allocated on first hit (before)",
-        }
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -161,30 +146,21 @@ fn main() -> anyhow::Result<()> {
     };
     let mut first = Vec::new();
     for v6 in [false, true] {
-        for counters in [Counters::Preallocated, Counters::OnFirstHit] {
-            let f =
-                first_hits(v6, counters, first_allowances, first_sources).with_context(|| {
-                    format!(
-                        "first hits, {}, {}",
-                        if v6 { "IPv6" } else { "IPv4" },
-                        counters.name()
-                    )
-                })?;
-            eprintln!(
-                "{:<5} {:>8} allowances, {} sources once each, counters {}: first hit {:.0} ns median ({:.0} mean), second {:.0} ({:.0}), no-op {:.0} ({:.0})",
-                f.family,
-                f.allowances,
-                f.sources,
-                counters.name(),
-                f.first.median_ns,
-                f.first.mean_ns,
-                f.second.median_ns,
-                f.second.mean_ns,
-                f.noop.median_ns,
-                f.noop.mean_ns
-            );
-            first.push(f);
-        }
+        let f = first_hits(v6, first_allowances, first_sources)
+            .with_context(|| format!("first hits, {}", if v6 { "IPv6" } else { "IPv4" }))?;
+        eprintln!(
+            "{:<5} {:>8} allowances, {} sources once each: first hit {:.0} ns median ({:.0} mean), second {:.0} ({:.0}), no-op {:.0} ({:.0})",
+            f.family,
+            f.allowances,
+            f.sources,
+            f.first.median_ns,
+            f.first.mean_ns,
+            f.second.median_ns,
+            f.second.mean_ns,
+            f.noop.median_ns,
+            f.noop.mean_ns
+        );
+        first.push(f);
     }
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
@@ -284,8 +260,9 @@ fn entries(v6: bool, mix: Mix, n: usize) -> BTreeSet<AllowEntry> {
 
 fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Result<Row> {
     let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
+    let ids = allow_map_ids(&obj)?;
     let _maps = with_policy(&mut obj, v6, &entries(v6, mix, n))?;
-    let memlock_bytes = allow_map_memlock()?;
+    let memlock_bytes = allow_map_memlock(&ids)?;
     let (allowed, dropped, host_addr) = if v6 {
         ("2001:db8:aaaa::1", "2001:db8:ffff::1", "2001:db8::80")
     } else {
@@ -326,38 +303,11 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
     })
 }
 
-/// `allowances` /32s (/128s); the first `sources` of them each get one
-/// packet from their own address, twice over: the first pass creates each
-/// allowance's per-CPU hit counter, the second only adds to it.
-fn first_hits(
-    v6: bool,
-    counters: Counters,
-    allowances: usize,
-    sources: usize,
-) -> anyhow::Result<FirstHits> {
-    // The older map shape: created here, pinned in a private bpffs folder,
-    // and handed to the loader, which takes a pinned map of that name as it
-    // is (as an upgrade without dockwall's migration would).
-    let older = match counters {
-        Counters::Preallocated => None,
-        Counters::OnFirstHit => Some(UnpreallocatedHits::create()?),
-    };
-    let mut obj = match &older {
-        None => ebpf::load_unpinned(ebpf::Hook::Tc)?,
-        Some(older) => {
-            let globals = ebpf::Globals::for_this_host()?;
-            let mut loader = aya::EbpfLoader::new();
-            globals.set(&mut loader);
-            let mut obj = loader
-                .map_pin_path(dockwall_common::MAP_ALLOW_HITS, older.pin.as_path())
-                .load(ebpf::object())
-                .context("loading the dockwall eBPF object with the older hit counters")?;
-            ebpf::program(&mut obj, PROG_INGRESS)?
-                .load()
-                .context("loading dw_ingress")?;
-            obj
-        }
-    };
+/// `allowances` /32s (/128s); `sources` of them each get one packet from
+/// their own address, twice over: the first pass is each allowance's first
+/// hit, the second its second.
+fn first_hits(v6: bool, allowances: usize, sources: usize) -> anyhow::Result<FirstHits> {
+    let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
     let set = entries(v6, Mix::Hosts, allowances);
     let _maps = with_policy(&mut obj, v6, &set)?;
     let host_addr = if v6 { "2001:db8::80" } else { "203.0.113.80" };
@@ -398,11 +348,8 @@ fn first_hits(
     let noop = Spread::of(pass(PROG_NOOP, PASS)?);
     let first = Spread::of(pass(PROG_INGRESS, PASS)?);
     let second = Spread::of(pass(PROG_INGRESS, PASS)?);
-    drop(obj);
-    drop(older);
     Ok(FirstHits {
         family: if v6 { "IPv6" } else { "IPv4" },
-        counters,
         allowances,
         sources,
         noop,
@@ -411,52 +358,46 @@ fn first_hits(
     })
 }
 
-/// A DW_ALLOW_HITS shaped as dockwall made it before it was preallocated
-/// (bpftool, which `cargo xtask setup` installs), pinned in a folder of its
-/// own that goes when this does.
-struct UnpreallocatedHits {
-    dir: PathBuf,
-    pin: PathBuf,
-}
+/// The allowance maps, whose kernel `memlock` is summed: the per-length
+/// hash, the trie fallback, the lengths array, and the hit counters and
+/// their slot bitmap.
+const ALLOW_MAPS: [&str; 5] = [
+    dockwall_common::MAP_ALLOW_NETS,
+    dockwall_common::MAP_ALLOW,
+    dockwall_common::MAP_ALLOW_LENS,
+    dockwall_common::MAP_HIT_COUNTS,
+    dockwall_common::MAP_HIT_SLOTS,
+];
 
-impl UnpreallocatedHits {
-    fn create() -> anyhow::Result<Self> {
-        let dir = PathBuf::from(format!("/sys/fs/bpf/dockwall-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let pin = dir.join(dockwall_common::MAP_ALLOW_HITS);
-        let this = UnpreallocatedHits { dir, pin };
-        let status = std::process::Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(&this.pin)
-            .args(["type", "percpu_hash", "key"])
-            .arg(size_of::<dockwall_common::AllowNetKey>().to_string())
-            .args(["value", "8", "entries"])
-            .arg(dockwall_common::ALLOW_HITS_MAX_ENTRIES.to_string())
-            .args(["name", dockwall_common::MAP_ALLOW_HITS, "flags", "1"])
-            .status()
-            .context("running bpftool map create (is bpftool installed? `cargo xtask setup`)")?;
-        anyhow::ensure!(status.success(), "bpftool map create: {status}");
-        Ok(this)
+/// The kernel's ids of `obj`'s allowance maps, read before the maps are
+/// taken out of it.
+fn allow_map_ids(obj: &Ebpf) -> anyhow::Result<BTreeSet<String>> {
+    let mut ids = BTreeSet::new();
+    for name in ALLOW_MAPS {
+        let map = obj
+            .map(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        let data = match map {
+            aya::maps::Map::Array(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LpmTrie(d)
+            | aya::maps::Map::PerCpuArray(d) => d,
+            _ => bail!("map {name}: unexpected type"),
+        };
+        ids.insert(
+            data.info()
+                .with_context(|| format!("map {name} (BPF_OBJ_GET_INFO_BY_FD)"))?
+                .id()
+                .to_string(),
+        );
     }
+    Ok(ids)
 }
 
-impl Drop for UnpreallocatedHits {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.pin);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// The kernel's `memlock` for the allowance maps together: the per-length
-/// hash, its per-CPU hit counters, the lengths array and the trie fallback, from
-/// /proc/self/fdinfo (aya does not expose it). Ours are told apart from
-/// other maps by type and size; one object is open at a time.
-fn allow_map_memlock() -> anyhow::Result<u64> {
-    const LPM_TRIE: &str = "11";
-    const HASH: &str = "1";
-    const ARRAY: &str = "2";
-    const PERCPU_HASH: &str = "5";
-    let (mut total, mut found) = (0, 0);
+/// The kernel's `memlock` for the allowance maps with these ids together,
+/// from /proc/self/fdinfo (aya does not expose it).
+fn allow_map_memlock(ids: &BTreeSet<String>) -> anyhow::Result<u64> {
+    let (mut total, mut found) = (0, BTreeSet::new());
     for entry in std::fs::read_dir("/proc/self/fdinfo").context("reading /proc/self/fdinfo")? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
@@ -466,30 +407,22 @@ fn allow_map_memlock() -> anyhow::Result<u64> {
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_string())
         };
-        let kind = field("map_type:");
-        let max = field("max_entries:");
-        let allow_max = Some(dockwall_common::ALLOW_MAX_ENTRIES.to_string());
-        let ours = match kind.as_deref() {
-            Some(LPM_TRIE) | Some(HASH) => max == allow_max,
-            Some(ARRAY) => max == Some(dockwall_common::ALLOW_GROUPS.to_string()),
-            // The per-port drop counters are a per-CPU hash too, with 4-byte keys.
-            Some(PERCPU_HASH) => {
-                max == Some(dockwall_common::ALLOW_HITS_MAX_ENTRIES.to_string())
-                    && field("key_size:")
-                        == Some(size_of::<dockwall_common::AllowNetKey>().to_string())
-            }
-            _ => false,
+        let Some(id) = field("map_id:").filter(|id| ids.contains(id)) else {
+            continue;
         };
-        if ours {
+        // An object's map may be open twice (the maps taken out of it):
+        // each id counts once.
+        if found.insert(id) {
             total += field("memlock:")
                 .and_then(|v| v.parse::<u64>().ok())
                 .context("memlock in fdinfo")?;
-            found += 1;
         }
     }
     anyhow::ensure!(
-        found == 4,
-        "found {found} of the 4 allowance maps in /proc/self/fdinfo"
+        found.len() == ALLOW_MAPS.len(),
+        "found {} of the {} allowance maps in /proc/self/fdinfo",
+        found.len(),
+        ALLOW_MAPS.len()
     );
     Ok(total)
 }
@@ -542,12 +475,8 @@ fn json(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &str)
         .iter()
         .map(|f| {
             format!(
-                "    {{\"family\": \"{}\", \"counters\": \"{}\", \"allowances\": {}, \"sources\": {}, \"noop\": {}, \"first_hit\": {}, \"second_hit\": {}}}",
+                "    {{\"family\": \"{}\", \"counters\": \"slot\", \"allowances\": {}, \"sources\": {}, \"noop\": {}, \"first_hit\": {}, \"second_hit\": {}}}",
                 f.family,
-                match f.counters {
-                    Counters::Preallocated => "preallocated",
-                    Counters::OnFirstHit => "on_first_hit",
-                },
                 f.allowances,
                 f.sources,
                 spread(&f.noop),
@@ -590,18 +519,18 @@ fn markdown(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &
         );
     }
     md.push_str(
-        "\nAn allowance's first hit, which creates its per-CPU hit counter, against its second \
-         (each source sent once per pass, single executions; median (mean) ns; the no-op's single \
-         execution is mostly the test-run timer).\n\n\
-         | family | hit counters | allowances | sources | no-op | first hit | second hit | first / second |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "\nAn allowance's first hit against its second: its hit counter is a slot in a per-CPU \
+         array that exists before the hit, so the difference is cold caches (each source sent \
+         once per pass, single executions; median (mean) ns; the no-op's single execution is \
+         mostly the test-run timer).\n\n\
+         | family | allowances | sources | no-op | first hit | second hit | first / second |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for f in first {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.1}x |",
+            "| {} | {} | {} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.1}x |",
             f.family,
-            f.counters.name(),
             f.allowances,
             f.sources,
             f.noop.median_ns,

@@ -10,7 +10,7 @@
 //! per packet would show here as a cost that grows with the CPUs flooding;
 //! per-CPU counters keep it flat. An allowed SYN is measured the same way,
 //! every CPU matching one allowance, whose hits are counted per CPU
-//! (DW_ALLOW_HITS). Every verdict is checked.
+//! (its slot in DW_HIT_COUNTS). Every verdict is checked.
 //!
 //!   cargo bench -p dockwall-userspace --bench droppath -- [--quick] --out DIR
 //!

@@ -1604,7 +1604,7 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
     }
     let total: u64 = floods.iter().map(|&(_, n)| u64::from(n)).sum();
     assert_eq!(
-        h.maps.allow_values().unwrap()[&net].hits,
+        h.maps.allow_values().unwrap()[&net].count(),
         0,
         "nothing shared"
     );
@@ -1617,9 +1617,9 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
         Some(total),
         "explain's read-back counts every CPU"
     );
-    // Eight lengths put the group in the trie. Its entries carry their
-    // prefix length, so its hits land in the same per-CPU counter, each
-    // CPU's in its own slot, on top of what the hash had counted; the
+    // Eight lengths put the group in the trie. Its entries keep their
+    // counters' slots, so its hits land in the same per-CPU counter, each
+    // CPU's in its own place, on top of what the hash had counted; the
     // shorter entries that cover the source are not counted.
     let in_trie: BTreeSet<AllowEntry> = (17..=24)
         .map(|len| e(&format!("192.0.2.0/{len}")))
@@ -1645,7 +1645,7 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
     );
     let values = h.maps.allow_values().unwrap();
     assert!(
-        in_trie.iter().all(|e| values[e].hits == 0),
+        in_trie.iter().all(|e| values[e].count() == 0),
         "nothing shared in the trie: {values:?}"
     );
     assert_eq!(h.maps.allow_hits().unwrap()[&net], 2 * total);
@@ -1674,11 +1674,14 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
         1
     );
     assert_eq!(
-        h.maps.allow_values().unwrap()[&v6("2001:db8::a/128")].hits,
+        h.maps.allow_values().unwrap()[&v6("2001:db8::a/128")].count(),
         0
     );
-    // Back by length, then removed by an edit: its per-CPU counter goes
-    // too, and added again it starts at 0.
+    // Back by length, then removed by an edit: its slot is freed, and
+    // added again it takes that slot (the lowest free), zeroed: it starts
+    // at 0.
+    let slot_before = h.maps.allow_values().unwrap()[&net].hit_slot();
+    assert!(slot_before.is_some());
     let only = permanent(&BTreeSet::from([net]));
     h.maps.sync_allow(&only).unwrap();
     assert_eq!(h.maps.allow_hits().unwrap()[&net], 2 * total);
@@ -1687,25 +1690,34 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
     h.maps
         .sync_allow_delta(&BTreeMap::new(), &permanent(&BTreeSet::from([net])))
         .unwrap();
+    assert_eq!(
+        h.maps.allow_values().unwrap()[&net].hit_slot(),
+        slot_before,
+        "the freed slot is reused"
+    );
     assert_eq!(h.maps.allow_hits().unwrap()[&net], 0);
-    // DW_ALLOW_HITS full: one more allowance counts in its own entry.
-    let max = dockwall_common::ALLOW_HITS_MAX_ENTRIES;
+    // Every slot taken: one more allowance counts in its own entry.
+    let max = dockwall_common::HIT_SLOTS;
     let host = |i: u32| std::net::Ipv4Addr::from(0x0a00_0000 + i);
     let many: BTreeSet<AllowEntry> = (0..=max).map(|i| e(&format!("{}/32", host(i)))).collect();
+    // (Emptied first: a sync keeps the slots of the allowances it removes
+    // taken until they are gone, so it would have one slot less.)
+    h.maps.sync_allow(&BTreeMap::new()).unwrap();
     h.maps.sync_allow(&permanent(&many)).unwrap();
     for i in 0..=max {
         assert_eq!(h.ingress(&syn4(&host(i).to_string(), HOST4, 8081)), PASS);
     }
     let by_cpu = h.maps.allow_hits_by_cpu().unwrap();
-    assert_eq!(by_cpu.len(), max as usize, "the counter map is full");
+    assert_eq!(by_cpu.len(), max as usize, "every slot is taken");
     let values = h.maps.allow_values().unwrap();
-    let shared: Vec<&AllowEntry> = many.iter().filter(|e| values[e].hits == 1).collect();
+    let shared: Vec<&AllowEntry> = many.iter().filter(|e| values[e].count() == 1).collect();
     assert_eq!(
         shared.len(),
         1,
         "exactly the one past the limit counts shared"
     );
     assert!(!by_cpu.contains_key(shared[0]));
+    assert_eq!(values[shared[0]].hit_slot(), None);
     let hits = h.maps.allow_hits().unwrap();
     assert!(
         many.iter().all(|e| hits[e] == 1),
@@ -1713,23 +1725,20 @@ fn allowance_hits_are_counted_per_cpu_by_length_and_in_the_trie_and_a_full_count
     );
 }
 
-/// A burst of first hits, each on a new allowance: every one takes its
-/// per-CPU counter off the preallocated DW_ALLOW_HITS (allocating it in the
-/// program cost ~10 us a new allowance; the classifier bench's first-hit
-/// table) and counts exactly once, on this CPU, nothing in the shared value.
+/// A burst of first hits, each on a new allowance: every one counts exactly
+/// once, on this CPU, in its own slot of the per-CPU array, nothing in the
+/// shared value. (The per-CPU hash this replaced created an allowance's
+/// counter on its first hit: ~10 us unpreallocated, ~0.25 us preallocated.)
 #[test]
-fn a_burst_of_first_hits_counts_each_once_on_preallocated_per_cpu_counters() {
-    const BPF_F_NO_PREALLOC: u32 = 1;
+fn a_burst_of_first_hits_counts_each_once_in_its_own_slot() {
     const SOURCES: u32 = 2_000;
     let obj = load_object();
-    let flags = match obj.map(dockwall_common::MAP_ALLOW_HITS) {
-        Some(aya::maps::Map::PerCpuHashMap(data)) => data.info().unwrap().map_flags(),
-        _ => panic!("DW_ALLOW_HITS missing or not a per-CPU hash"),
-    };
-    assert_eq!(
-        flags & BPF_F_NO_PREALLOC,
-        0,
-        "DW_ALLOW_HITS is preallocated"
+    assert!(
+        matches!(
+            obj.map(dockwall_common::MAP_HIT_COUNTS),
+            Some(aya::maps::Map::PerCpuArray(_))
+        ),
+        "DW_HIT_COUNTS is a per-CPU array"
     );
     let sources: Vec<String> = (0..SOURCES)
         .map(|i| format!("10.{}.{}.1", 100 + i / 256, i % 256))
@@ -1745,9 +1754,18 @@ fn a_burst_of_first_hits_counts_each_once_on_preallocated_per_cpu_counters() {
         .allow_values()
         .unwrap()
         .values()
-        .map(|v| v.hits)
+        .map(|v| v.count())
         .sum();
     assert_eq!(shared, 0, "no hit counted in the shared value");
+    let slots: BTreeSet<Option<u32>> = h
+        .maps
+        .allow_values()
+        .unwrap()
+        .values()
+        .map(|v| v.hit_slot())
+        .collect();
+    assert_eq!(slots.len(), SOURCES as usize, "a slot each: {slots:?}");
+    assert!(!slots.contains(&None));
     for src in &sources {
         let net = format!("{src}/32").parse().unwrap();
         let entry = AllowEntry {
@@ -2047,6 +2065,18 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
                 ctx()
             );
         }
+        // A hit-counter slot each, none shared, and the bitmap of taken
+        // slots exactly those (a leak or a double use shows here).
+        let slots: Vec<u32> = kernel.values().filter_map(|v| v.hit_slot()).collect();
+        assert_eq!(slots.len(), kernel.len(), "{}: a slot each", ctx());
+        let distinct: BTreeSet<u32> = slots.iter().copied().collect();
+        assert_eq!(distinct.len(), slots.len(), "{}: a slot shared", ctx());
+        assert_eq!(
+            h.maps.taken_slots().unwrap(),
+            distinct,
+            "{}: the bitmap is the slots in use",
+            ctx()
+        );
         // Untouched entries kept their counters (their own and the per-CPU
         // ones) through every move; a new one starts from zero.
         let counted = h.maps.allow_hits().unwrap();
@@ -2176,14 +2206,11 @@ fn after_an_upgrade_the_trie_decides_until_the_first_sync_moves_each_group_with_
     );
     assert_eq!(h.ingress(&syn4("198.51.100.1", HOST4, 8081)), DROP);
     assert_eq!(h.ingress(&syn6("2001:db8::a", HOST6, 8081)), PASS);
-    assert_eq!(
-        h.maps.allow_hits().unwrap()[&v6(128)],
-        4,
-        "untagged: shared"
-    );
+    assert_eq!(h.maps.allow_hits().unwrap()[&v6(128)], 4, "no slot: shared");
     assert!(h.maps.allow_hits_by_cpu().unwrap().is_empty());
-    // The first sync moves the group to the per-length hash, counter along,
-    // and tags the entries that stay in the trie, counts kept.
+    // The first sync moves the group to the per-length hash, and gives
+    // every entry a slot, its shared count carried into it; the entries
+    // that stay in the trie are tagged.
     let mut all = stays.clone();
     all.insert(entry);
     h.maps.sync_allow(&permanent(&all)).unwrap();
@@ -2202,16 +2229,22 @@ fn after_an_upgrade_the_trie_decides_until_the_first_sync_moves_each_group_with_
         h.maps.allow_hits_by_cpu().unwrap()[&v6(128)]
             .iter()
             .sum::<u64>(),
-        1,
-        "tagged: counted per CPU"
+        5,
+        "in its slot: the carried 4 and this hit"
     );
     let values = h.maps.allow_values().unwrap();
     assert_eq!(values.len(), 9);
-    assert_eq!(values[&v6(128)].hits, 4, "the shared count stays");
+    assert!(
+        values
+            .values()
+            .all(|v| v.count() == 0 && v.hit_slot().is_some()),
+        "every shared count moved into a slot: {values:?}"
+    );
+    let hits = h.maps.allow_hits().unwrap();
     assert!(
         stays
             .iter()
             .filter(|e| **e != v6(128))
-            .all(|e| values[e].hits == 3)
+            .all(|e| hits[e] == 3)
     );
 }

@@ -616,8 +616,8 @@ fn crash_and_reload(
         loaded.kill9();
         // The restart is also an upgrade: the per-port drop counters older
         // dockwalls pinned (shared, then a per-CPU hash) are in the pin
-        // dir, and the allowance hit counters are not preallocated.
-        let legacy = plant_legacy_pin().and_then(|()| plant_unpreallocated_hits());
+        // dir, and so are their allowance hit counters (per-CPU hashes).
+        let legacy = plant_legacy_pin().and_then(|()| plant_legacy_hits());
         thread::sleep(Duration::from_secs(1));
         let reloaded = legacy.and_then(|()| dw.load(&ifaces));
         thread::sleep(Duration::from_secs(1));
@@ -653,21 +653,23 @@ fn crash_and_reload(
         said && gone,
         || format!("{:?}", reloaded.output()),
     );
-    let moved = reloaded
-        .output()
+    let moved = LEGACY_HITS_PINS.iter().all(|pin| {
+        reloaded
+            .output()
+            .iter()
+            .any(|l| l.contains("moved the hit counts") && l.contains(pin))
+    });
+    let gone = LEGACY_HITS_PINS
         .iter()
-        .any(|l| l.contains("hit counters into a preallocated DW_ALLOW_HITS"));
-    let (flags, hits) = (hits_map_flags(), a_hits(dw, a));
+        .all(|pin| !std::path::Path::new(pin).exists());
+    let hits = a_hits(dw, a);
     let cpus = online_cpus();
     r.expect(
-        "load after an older dockwall: its unpreallocated hit counters (and a set-aside one a crashed load left) are replaced by a preallocated map, with their counts",
-        moved
-            && flags == Some(0)
-            && !std::path::Path::new(SET_ASIDE_HITS_PIN).exists()
-            && hits.is_some_and(|h| h >= 2 * PLANTED_HITS * cpus),
+        "load after older dockwalls: their per-CPU hash hit counters (unpreallocated, and one a crashed load set aside) are added into the allowances' slots and removed, and load says so",
+        moved && gone && hits.is_some_and(|h| h >= 2 * PLANTED_HITS * cpus),
         || {
             format!(
-                "said so: {moved}; flags {flags:?}; {a} hits {hits:?} (planted {PLANTED_HITS} on each of {cpus} CPUs in two maps); output {:?}",
+                "said so: {moved}; pins gone: {gone}; {a} hits {hits:?} (planted {PLANTED_HITS} on each of {cpus} CPUs in two maps); output {:?}",
                 reloaded.output(),
                 a = a.addr4
             )
@@ -676,31 +678,35 @@ fn crash_and_reload(
     Ok(reloaded)
 }
 
-const HITS_PIN: &str = "/sys/fs/bpf/dockwall/DW_ALLOW_HITS";
-const SET_ASIDE_HITS_PIN: &str = "/sys/fs/bpf/dockwall/DW_ALLOW_HITS_UNPREALLOCATED";
-/// Each CPU's count of every counter the planted map holds: far above
+/// Where older dockwalls pinned their allowance hit counters: the per-CPU
+/// hash, and where one of them set an unpreallocated one aside.
+const LEGACY_HITS_PINS: [&str; 2] = [
+    "/sys/fs/bpf/dockwall/DW_ALLOW_HITS",
+    "/sys/fs/bpf/dockwall/DW_ALLOW_HITS_UNPREALLOCATED",
+];
+/// The allowances, keyed as the older hit counters were.
+const NETS_PIN: &str = "/sys/fs/bpf/dockwall/DW_ALLOW_NETS";
+/// Each CPU's count of every counter the planted maps hold: far above
 /// what the test's own traffic adds, so the check sees it was carried.
 const PLANTED_HITS: u64 = 1_000_000;
 
-/// Replaces the pinned DW_ALLOW_HITS with one shaped like an older
-/// dockwall's (BPF_F_NO_PREALLOC) holding the same counters, each CPU's at
-/// [`PLANTED_HITS`], and pins a second such map where a load that crashed
-/// mid-upgrade leaves it set aside: the load must carry both.
-/// The attached program keeps its own map meanwhile.
-fn plant_unpreallocated_hits() -> anyhow::Result<()> {
-    let dump = capture(Command::new("bpftool").args(["map", "dump", "pinned", HITS_PIN, "-j"]))?;
+/// Pins two maps shaped like older dockwalls' hit counters (a per-CPU hash
+/// keyed by allowance; one preallocated, one not) where they pinned them,
+/// each holding every allowance's counter at [`PLANTED_HITS`] on each CPU:
+/// the load must add both into the allowances' slots.
+fn plant_legacy_hits() -> anyhow::Result<()> {
+    let dump = capture(Command::new("bpftool").args(["map", "dump", "pinned", NETS_PIN, "-j"]))?;
     let entries: Vec<serde_json::Value> =
-        serde_json::from_str(&dump).context("bpftool's dump of DW_ALLOW_HITS")?;
+        serde_json::from_str(&dump).context("bpftool's dump of DW_ALLOW_NETS")?;
     if entries.is_empty() {
-        bail!("no hit counter in {HITS_PIN} to carry over: no allowed traffic was counted");
+        bail!("no allowance in {NETS_PIN} to plant hit counters for");
     }
-    std::fs::remove_file(HITS_PIN).with_context(|| format!("removing {HITS_PIN}"))?;
     let value: Vec<String> = PLANTED_HITS
         .to_le_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    for pin in [HITS_PIN, SET_ASIDE_HITS_PIN] {
+    for (pin, flags) in LEGACY_HITS_PINS.iter().zip(["0", "1"]) {
         crate::util::run(Command::new("bpftool").args([
             "map",
             "create",
@@ -716,7 +722,7 @@ fn plant_unpreallocated_hits() -> anyhow::Result<()> {
             "name",
             "DW_ALLOW_HITS",
             "flags",
-            "1",
+            flags,
         ]))?;
         for entry in &entries {
             let key: Vec<String> = entry["key"]
@@ -735,13 +741,6 @@ fn plant_unpreallocated_hits() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The flags of the map pinned as DW_ALLOW_HITS (bpftool).
-fn hits_map_flags() -> Option<u64> {
-    let show =
-        capture(Command::new("bpftool").args(["map", "show", "pinned", HITS_PIN, "-j"])).ok()?;
-    serde_json::from_str::<serde_json::Value>(&show).ok()?["flags"].as_u64()
 }
 
 /// `a`'s allowance's hits as `list --json` gives them.

@@ -339,6 +339,11 @@ async fn run_loaded(
                 }
             }
         }
+        // An older dockwall's hit counts, into the slots the sync above
+        // gave its allowances; its program counted until the attach.
+        if let Some(maps) = dataplanes.maps.as_mut() {
+            maps.drain_legacy_hits()?;
+        }
         if let Some(fallback) = fallback {
             fallback.hook(&args.ifaces)?;
         }

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -22,10 +22,10 @@ use aya::{
 };
 use dockwall_common::{
     ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
-    GLOBAL_LOG_CPUS, LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_HITS, MAP_ALLOW_LENS,
-    MAP_ALLOW_NETS, MAP_CONFIG, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS,
-    PROG_INGRESS, PROG_XDP, PortKey, PublishedKey, PublishedValue, port_drop_index, scope_bit,
-    stat,
+    GLOBAL_LOG_CPUS, HitSlotWords, LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS,
+    MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS,
+    MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey,
+    PublishedValue, port_drop_index, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -119,7 +119,7 @@ pub fn check_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn map_pin(name: &str) -> PathBuf {
+pub(super) fn map_pin(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join(name)
 }
 
@@ -181,7 +181,6 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
     check_kernel(hook)?;
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     remove_legacy_pins()?;
-    set_aside_unpreallocated_hits()?;
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, map_pin(m))).collect();
     let globals = Globals::for_this_host()?;
     let mut loader = EbpfLoader::new();
@@ -193,142 +192,7 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
         .load(object())
         .context("loading the dockwall eBPF object (bpf_map_create / BPF_OBJ_GET)")?;
     load_programs(&mut ebpf, hook)?;
-    carry_over_set_aside_hits()?;
     Ok(ebpf)
-}
-
-/// Where an older dockwall's `DW_ALLOW_HITS` waits while its counts move
-/// into the preallocated map that replaces it.
-const SET_ASIDE_ALLOW_HITS: &str = "DW_ALLOW_HITS_UNPREALLOCATED";
-
-/// An older dockwall created `DW_ALLOW_HITS` with BPF_F_NO_PREALLOC, which
-/// makes an allowance's first hit cost ~10 us in the kernel (see the map's
-/// definition). Its pin is moved aside, so the load below creates the
-/// preallocated map, and [`carry_over_set_aside_hits`] then moves the
-/// counts. A rename, not a delete: a crash in between leaves the counts
-/// where the next load finds them.
-fn set_aside_unpreallocated_hits() -> anyhow::Result<()> {
-    let pin = map_pin(MAP_ALLOW_HITS);
-    let info = match aya::maps::MapInfo::from_pin(&pin) {
-        Ok(info) => info,
-        Err(MapError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound =>
-        {
-            return Ok(());
-        }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("reading {} (BPF_OBJ_GET_INFO_BY_FD)", pin.display()));
-        }
-    };
-    if info.map_flags() & BPF_F_NO_PREALLOC == 0 {
-        return Ok(());
-    }
-    let aside = map_pin(SET_ASIDE_ALLOW_HITS);
-    if aside.exists() {
-        // Counts an earlier load set aside and did not carry over (it
-        // crashed), and an unpreallocated map pinned again since (an older
-        // daemon re-pins what it keeps open): one set aside at a time.
-        carry_hits(&aside, &pin)?;
-    }
-    std::fs::rename(&pin, &aside)
-        .with_context(|| format!("renaming {} to {}", pin.display(), aside.display()))
-}
-
-/// `BPF_F_NO_PREALLOC`, as the kernel reports it in a map's flags.
-const BPF_F_NO_PREALLOC: u32 = 1;
-
-/// Moves the set-aside counts, if any, into the new `DW_ALLOW_HITS`. The
-/// program the old map belongs to may count until the new one is attached;
-/// those few hits are lost.
-fn carry_over_set_aside_hits() -> anyhow::Result<()> {
-    let aside = map_pin(SET_ASIDE_ALLOW_HITS);
-    if !aside.exists() {
-        return Ok(());
-    }
-    let moved = carry_hits(&aside, &map_pin(MAP_ALLOW_HITS))?;
-    println!(
-        "dockwall: moved {moved} allowances' hit counters into a preallocated {MAP_ALLOW_HITS} (an older dockwall allocated each on its first hit, ~10 us in the kernel)"
-    );
-    Ok(())
-}
-
-/// Adds each count of the hit-counter map pinned at `from` to the one at
-/// `into`, CPU by CPU, removing each key from `from` as it goes (a crash
-/// midway repeats one key's count at most), then removes `from`'s pin.
-/// Returns how many counters moved.
-fn carry_hits(from: &Path, into: &Path) -> anyhow::Result<usize> {
-    let open = |path: &Path| -> anyhow::Result<PerCpuHashMap<MapData, AllowNetKey, u64>> {
-        let data = MapData::from_pin(path)
-            .with_context(|| format!("opening {} (BPF_OBJ_GET)", path.display()))?;
-        PerCpuHashMap::try_from(Map::from_map_data(data)?)
-            .with_context(|| format!("{} is not a per-CPU hash map", path.display()))
-    };
-    let mut old = open(from)?;
-    let mut new = open(into)?;
-    let keys: Vec<AllowNetKey> = old
-        .keys()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {} (bpf_map_get_next_key)", from.display()))?;
-    let read = |map: &PerCpuHashMap<MapData, AllowNetKey, u64>,
-                key: &AllowNetKey,
-                path: &Path|
-     -> anyhow::Result<Option<Vec<u64>>> {
-        match map.get(key, 0) {
-            Ok(counts) => Ok(Some(counts.iter().copied().collect())),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => {
-                Err(e).with_context(|| format!("reading {} (bpf_map_lookup_elem)", path.display()))
-            }
-        }
-    };
-    let mut lost = 0;
-    for key in &keys {
-        let Some(mut sum) = read(&old, key, from)? else {
-            continue;
-        };
-        if let Some(already) = read(&new, key, into)? {
-            for (s, a) in sum.iter_mut().zip(already) {
-                *s += a;
-            }
-        }
-        let values = aya::maps::PerCpuValues::try_from(sum)
-            .map_err(|e| anyhow!("per-CPU counts of {key:?}: {e}"))?;
-        match new.insert(key, values, 0) {
-            Ok(()) => {}
-            // Full (only when two older maps are merged): the rest of the
-            // counts are lost, not the load; the kernel counts those
-            // allowances in their shared value from now on.
-            Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                lost += 1;
-            }
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("writing {} (bpf_map_update_elem)", into.display()));
-            }
-        }
-        match old.remove(key) {
-            Ok(()) => {}
-            Err(e) if already_gone(&e) => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("removing from {} (bpf_map_delete_elem)", from.display())
-                });
-            }
-        }
-    }
-    std::fs::remove_file(from).with_context(|| format!("removing {}", from.display()))?;
-    if lost > 0 {
-        println!(
-            "dockwall: {lost} hit counters of {} did not fit in {} ({} entries) and start again from zero",
-            from.display(),
-            into.display(),
-            dockwall_common::ALLOW_HITS_MAX_ENTRIES
-        );
-    }
-    Ok(keys.len() - lost)
 }
 
 /// Loads the object with private, unpinned maps (tests, benchmarks).
@@ -831,8 +695,10 @@ pub struct Maps {
     pub(super) allow_lens: Array<MapData, AllowLens>,
     /// The allowances of the groups with lengths listed.
     pub(super) allow_nets: HashMap<MapData, AllowNetKey, AllowValue>,
-    /// Their hit counters, per CPU (created by the kernel on a first hit).
-    pub(super) allow_hits_pcpu: PerCpuHashMap<MapData, AllowNetKey, u64>,
+    /// The allowances' hit counters, per CPU, a slot each (see `ebpf_hits`).
+    pub(super) hit_counts: PerCpuArray<MapData, u64>,
+    /// Which of those slots are taken.
+    pub(super) hit_slots: Array<MapData, HitSlotWords>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     port_drops: PerCpuArray<MapData, u64>,
@@ -889,7 +755,8 @@ impl Maps {
             take(MAP_ALLOW)?,
             take(MAP_ALLOW_LENS)?,
             take(MAP_ALLOW_NETS)?,
-            take(MAP_ALLOW_HITS)?,
+            take(MAP_HIT_COUNTS)?,
+            take(MAP_HIT_SLOTS)?,
             take(MAP_STATS)?,
             take(MAP_CONFIG)?,
             take(MAP_PORT_DROPS)?,
@@ -914,7 +781,8 @@ impl Maps {
             open(MAP_ALLOW)?,
             open(MAP_ALLOW_LENS)?,
             open(MAP_ALLOW_NETS)?,
-            open(MAP_ALLOW_HITS)?,
+            open(MAP_HIT_COUNTS)?,
+            open(MAP_HIT_SLOTS)?,
             open(MAP_STATS)?,
             open(MAP_CONFIG)?,
             open(MAP_PORT_DROPS)?,
@@ -928,11 +796,12 @@ impl Maps {
             allow,
             allow_lens,
             allow_nets,
-            allow_hits_pcpu,
+            hit_counts,
+            hit_slots,
             stats,
             config,
             port_drops,
-        ]: [Map; 9],
+        ]: [Map; 10],
     ) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
@@ -941,7 +810,8 @@ impl Maps {
             allow: allow.try_into().context(MAP_ALLOW)?,
             allow_lens: allow_lens.try_into().context(MAP_ALLOW_LENS)?,
             allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
-            allow_hits_pcpu: allow_hits_pcpu.try_into().context(MAP_ALLOW_HITS)?,
+            hit_counts: hit_counts.try_into().context(MAP_HIT_COUNTS)?,
+            hit_slots: hit_slots.try_into().context(MAP_HIT_SLOTS)?,
             stats: stats.try_into().context(MAP_STATS)?,
             config: config.try_into().context(MAP_CONFIG)?,
             port_drops: port_drops.try_into().context(MAP_PORT_DROPS)?,

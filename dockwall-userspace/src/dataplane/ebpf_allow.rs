@@ -17,13 +17,11 @@
 //! listed (its entries miss: fail closed), never an allowance the policy
 //! does not grant.
 //!
-//! Hit counters: the kernel counts a hit of a `DW_ALLOW_NETS` allowance on
-//! its CPU's counter in `DW_ALLOW_HITS` (same key), a trie hit in the
-//! entry's own `hits`. An allowance's count is the two together, so a group
-//! changing place keeps its count by carrying `hits` over and leaving
-//! `DW_ALLOW_HITS` alone. An allowance that leaves the policy has its
-//! per-CPU counter deleted; a full sync also deletes any counter whose
-//! allowance is not there (a packet counted while it was being removed).
+//! Hit counters: each allowance's value names its slot in the per-CPU
+//! array `DW_HIT_COUNTS` (see `ebpf_hits`). A value written again (its
+//! expiry moved, or its group changing place) keeps its slot, so its
+//! count; an allowance that leaves the policy frees its slot after it is
+//! gone, and a new one takes a free slot, zeroed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,12 +32,13 @@ use aya::{
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
-    FAMILY_V6, MAP_ALLOW_HITS, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
+    FAMILY_V6, HIT_SLOTS, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
 
 use super::ebpf::{BPF_NOEXIST, Changes, Maps, already_gone, same_expiry};
+use super::ebpf_hits::SlotBitmap;
 use crate::policy::{AllowEntry, Proto};
 
 /// (published port, protocol, IPv6?): the allowances one `DW_ALLOW_LENS`
@@ -179,9 +178,10 @@ fn trie_key(entry: &AllowEntry) -> Key<AllowKey> {
 impl Maps {
     /// Makes the allowance maps hold exactly `desired` (entry -> kernel
     /// `expires_ns`, 0 = never), each group in its place. Kept entries are
-    /// rewritten only when their expiry moved, with their hit counters
-    /// carried over (also into a group's new place). Repairs anything a
-    /// crash or a hand edit left: what is not desired goes.
+    /// rewritten only when their expiry moved, with their hit counters'
+    /// slots (also into a group's new place). Repairs anything a crash or
+    /// a hand edit left: what is not desired goes, an entry without a slot
+    /// or sharing one gets its own, and the slot bitmap is rebuilt.
     pub fn sync_allow(&mut self, desired: &BTreeMap<AllowEntry, u64>) -> anyhow::Result<Changes> {
         let trie_now = self.trie_values()?;
         let nets_now = self.nets_values()?;
@@ -196,31 +196,89 @@ impl Maps {
             places.entry(entry.group()).or_insert(Place::Trie);
         }
         let in_nets = |e: &AllowEntry| matches!(places.get(&e.group()), Some(Place::Nets(_)));
+        // 0. Hit-counter slots. A kept entry keeps the slot its value names
+        // (in its place, else the other: a group moving), the first to
+        // name it; any other gets a free one. Until the end, the slots of
+        // every entry still in the maps stay taken, so no new allowance is
+        // counted where a leaving one still counts.
+        let now_of = |e: &AllowEntry| {
+            let (first, second) = if in_nets(e) {
+                (&nets_now, &trie_now)
+            } else {
+                (&trie_now, &nets_now)
+            };
+            first.get(e).or_else(|| second.get(e)).copied()
+        };
+        let mut kept_slots = SlotBitmap::empty();
+        let mut counters: BTreeMap<AllowEntry, AllowValue> = BTreeMap::new();
+        let mut unslotted = Vec::new();
+        for entry in desired.keys() {
+            let now = now_of(entry);
+            match now.and_then(|v| v.hit_slot()) {
+                Some(slot) if kept_slots.take(slot) => {
+                    counters.insert(*entry, now.unwrap_or_default().untagged());
+                }
+                _ => unslotted.push((*entry, now.map_or(0, |v| v.count()))),
+            }
+        }
+        let mut taken = kept_slots.clone();
+        for value in trie_now.values().chain(nets_now.values()) {
+            if let Some(slot) = value.hit_slot() {
+                taken.take(slot);
+            }
+        }
+        // Slots the map has taken that no entry names (a crash between
+        // removing an allowance and freeing its slot) are freed, zeroed
+        // first: a free slot's counters are zero, so the slots given out
+        // below need no write unless a count moves in (one syscall each
+        // fewer for a policy loaded whole).
+        let was = self.read_slots()?;
+        for slot in was.taken_slots().filter(|s| !taken.is_taken(*s)) {
+            self.set_slot_counts(slot, 0)?;
+        }
+        for (entry, count) in unslotted {
+            let counter = match taken.take_free() {
+                Some(slot) => {
+                    kept_slots.take(slot);
+                    if count != 0 {
+                        self.set_slot_counts(slot, count)?;
+                    }
+                    AllowValue::counted_in_slot(slot, 0)
+                }
+                None => AllowValue::counted_shared(count, 0),
+            };
+            counters.insert(entry, counter);
+        }
+        // Taken in the map before any entry names them.
+        self.write_slots(&taken, Some(&was))?;
         let mut changes = Changes::default();
         // 1. Every entry into its place.
         for (entry, &expires_ns) in desired {
+            let counter = counters.get(entry).copied().unwrap_or_default();
+            let value = AllowValue {
+                hits: counter.hits,
+                expires_ns,
+            };
+            let unchanged = |now: Option<&AllowValue>| {
+                now.is_some_and(|now| {
+                    same_expiry(now.expires_ns, expires_ns) && now.untagged().hits == counter.hits
+                })
+            };
             if in_nets(entry) {
-                let hits = match nets_now.get(entry) {
-                    Some(now) if same_expiry(now.expires_ns, expires_ns) => continue,
-                    Some(now) => now.hits,
-                    // Moving from the trie: its count comes along.
-                    None => trie_now.get(entry).map_or(0, AllowValue::count),
-                };
-                self.net_put(entry, AllowValue { hits, expires_ns })?;
+                if unchanged(nets_now.get(entry)) {
+                    continue;
+                }
+                self.net_put(entry, value)?;
             } else {
-                let hits = match trie_now.get(entry) {
-                    // Kept as it is, unless an older dockwall wrote it
-                    // without the tag its hits need to count per CPU.
-                    Some(now)
-                        if same_expiry(now.expires_ns, expires_ns)
-                            && now.trie_prefix_len() == Some(entry.net.prefix_len()) =>
-                    {
-                        continue;
-                    }
-                    Some(now) => now.count(),
-                    None => nets_now.get(entry).map_or(0, |v| v.hits),
-                };
-                self.trie_put(entry, AllowValue { hits, expires_ns })?;
+                let now = trie_now.get(entry);
+                // Rewritten too when an older dockwall wrote it without
+                // the tag that names it.
+                if unchanged(now)
+                    && now.and_then(AllowValue::trie_prefix_len) == Some(entry.net.prefix_len())
+                {
+                    continue;
+                }
+                self.trie_put(entry, value)?;
             }
             changes.added += 1;
         }
@@ -245,22 +303,12 @@ impl Maps {
                 changes.removed += usize::from(!desired.contains_key(entry));
             }
         }
-        // 4. Per-CPU counters of allowances that are not kept (gone, or
-        // created just now: a new allowance starts from zero).
-        let kept = |e: &AllowEntry| {
-            desired.contains_key(e) && (nets_now.contains_key(e) || trie_now.contains_key(e))
-        };
-        let mut stale = Vec::new();
-        for key in self.allow_hits_pcpu.keys() {
-            let key =
-                key.with_context(|| format!("reading {MAP_ALLOW_HITS} (bpf_map_get_next_key)"))?;
-            if !AllowEntry::from_key(key.prefix_len, &key.data).is_some_and(|e| kept(&e)) {
-                stale.push(key);
-            }
+        // 4. Only the kept entries' slots stay taken; the others, their
+        // entries gone, are zeroed, then freed.
+        for slot in taken.taken_slots().filter(|s| !kept_slots.is_taken(*s)) {
+            self.set_slot_counts(slot, 0)?;
         }
-        for key in &stale {
-            self.hits_remove(key)?;
-        }
+        self.write_slots(&kept_slots, Some(&taken))?;
         Ok(changes)
     }
 
@@ -293,16 +341,18 @@ impl Maps {
     }
 
     /// Writes one edit's entries: `Some(expires_ns)` puts the entry in (a
-    /// running hit counter carried over), `None` takes it out. `desired`
-    /// is the whole policy after the edit, which decides each group's
-    /// place. O(change), or O(group) when a group moves between the hash
-    /// and the trie or lives in the trie.
+    /// running hit counter's slot carried over, a new entry given a free
+    /// one), `None` takes it out and frees its slot. `desired` is the whole
+    /// policy after the edit, which decides each group's place.
+    /// O(change), or O(group) when a group moves between the hash and the
+    /// trie or lives in the trie.
     pub fn apply_allow_changes(
         &mut self,
         changes: &BTreeMap<AllowEntry, Option<u64>>,
         desired: &impl Desired,
     ) -> anyhow::Result<Changes> {
         let mut done = Changes::default();
+        let mut slots = self.read_slots()?;
         let groups: BTreeSet<Group> = changes.keys().map(AllowEntry::group).collect();
         for group in groups {
             let edit: Vec<(AllowEntry, Option<u64>)> = group_entries(changes, group)
@@ -310,56 +360,53 @@ impl Maps {
                 .collect();
             let now = self.slot(group)?;
             let place = place_after(now, group, &edit, desired);
+            let old_place = if now.n == 0 {
+                Place::Trie
+            } else {
+                Place::Nets(now)
+            };
             let moving = (now.n != 0) != matches!(place, Place::Nets(_));
             if moving {
                 let want = desired.entries(group);
                 // Whole into the new place, flip the slot, empty the old
-                // place of the group's entries (old and new). Counters
-                // move along. (An entry this edit adds is created in the
-                // trie first, only to learn whether it was there: a trie
-                // lookup answers the longest match. It is granted by the
-                // new policy, and goes with the rest of the trie's.)
+                // place of the group's entries (old and new). Counter
+                // slots move along.
                 for (entry, &expires_ns) in &want {
-                    let edited = edit.iter().any(|(e, _)| e == entry);
+                    let carried = match place {
+                        Place::Nets(_) => self.trie_exact(entry)?,
+                        Place::Trie => self.net_get(entry)?,
+                    };
+                    let counter = self.counter_for(&mut slots, carried)?;
+                    let value = AllowValue {
+                        hits: counter.hits,
+                        expires_ns,
+                    };
                     match place {
-                        Place::Nets(_) => {
-                            let hits = if edited && self.trie_create(entry, expires_ns)? {
-                                0
-                            } else {
-                                self.trie_hits(entry)?
-                            };
-                            self.net_put(entry, AllowValue { hits, expires_ns })?;
-                        }
-                        Place::Trie => {
-                            let hits = self.net_get(entry)?.map_or(0, |v| v.hits);
-                            self.trie_put(entry, AllowValue { hits, expires_ns })?;
-                        }
+                        Place::Nets(_) => self.net_put(entry, value)?,
+                        Place::Trie => self.trie_put(entry, value)?,
                     }
                 }
                 self.set_slot(group, slot_of(place))?;
-                for entry in want.keys().chain(edit.iter().map(|(e, _)| e)) {
-                    match place {
-                        Place::Nets(_) => self.trie_remove(entry)?,
-                        Place::Trie => self.net_remove(entry)?,
-                    }
+                for entry in want.keys() {
+                    self.remove_from(old_place, entry)?;
                 }
                 for (entry, _) in edit.iter().filter(|(_, c)| c.is_none()) {
-                    self.hits_remove(&net_key(entry))?;
+                    if let Some(gone) = self.take_from(old_place, entry)? {
+                        self.free_slot(&mut slots, &gone)?;
+                    }
                 }
                 done.added += edit.iter().filter(|(_, c)| c.is_some()).count();
             } else {
                 for (entry, expires_ns) in edit.iter().filter_map(|(e, c)| c.map(|c| (e, c))) {
-                    done.added += usize::from(self.put(place, entry, expires_ns)?);
+                    done.added += usize::from(self.put(&mut slots, place, entry, expires_ns)?);
                 }
                 if now != slot_of(place) {
                     self.set_slot(group, slot_of(place))?;
                 }
                 for (entry, _) in edit.iter().filter(|(_, c)| c.is_none()) {
-                    match place {
-                        Place::Nets(_) => self.net_remove(entry)?,
-                        Place::Trie => self.trie_remove(entry)?,
+                    if let Some(gone) = self.take_from(place, entry)? {
+                        self.free_slot(&mut slots, &gone)?;
                     }
-                    self.hits_remove(&net_key(entry))?;
                 }
             }
             done.removed += edit.iter().filter(|(_, c)| c.is_none()).count();
@@ -367,86 +414,127 @@ impl Maps {
         Ok(done)
     }
 
-    /// Puts one entry in `place`, its running hit counter carried over.
-    /// False when it was there already with this expiry (nothing written).
-    fn put(&mut self, place: Place, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
+    /// Puts one entry in `place`, its running hit counter's slot carried
+    /// over (a new one given a free slot). False when it was there already
+    /// with this expiry (nothing written).
+    fn put(
+        &mut self,
+        slots: &mut SlotBitmap,
+        place: Place,
+        entry: &AllowEntry,
+        expires_ns: u64,
+    ) -> anyhow::Result<bool> {
+        let now = match place {
+            Place::Nets(_) => self.net_get(entry)?,
+            Place::Trie => self.trie_exact(entry)?,
+        };
+        if now.is_some_and(|v| {
+            same_expiry(v.expires_ns, expires_ns) && v.hit_slot().is_some_and(|s| s < HIT_SLOTS)
+        }) {
+            return Ok(false);
+        }
+        let counter = match (place, now) {
+            (Place::Trie, None) => return self.trie_upsert(slots, entry, expires_ns),
+            _ => self.counter_for(slots, now)?,
+        };
+        let value = AllowValue {
+            hits: counter.hits,
+            expires_ns,
+        };
         match place {
-            Place::Nets(_) => {
-                let now = self.net_get(entry)?;
-                if now
-                    .as_ref()
-                    .is_some_and(|v| same_expiry(v.expires_ns, expires_ns))
-                {
-                    return Ok(false);
-                }
-                let hits = now.map_or(0, |v| v.hits);
-                self.net_put(entry, AllowValue { hits, expires_ns })?;
-                Ok(true)
-            }
-            Place::Trie => self.trie_upsert(entry, expires_ns),
+            Place::Nets(_) => self.net_put(entry, value)?,
+            Place::Trie => self.trie_put(entry, value)?,
+        }
+        Ok(true)
+    }
+
+    /// The entry of `place`, read then removed; `None` when it was not
+    /// there.
+    fn take_from(
+        &mut self,
+        place: Place,
+        entry: &AllowEntry,
+    ) -> anyhow::Result<Option<AllowValue>> {
+        let value = match place {
+            Place::Nets(_) => self.net_get(entry)?,
+            Place::Trie => self.trie_exact(entry)?,
+        };
+        self.remove_from(place, entry)?;
+        Ok(value)
+    }
+
+    fn remove_from(&mut self, place: Place, entry: &AllowEntry) -> anyhow::Result<()> {
+        match place {
+            Place::Nets(_) => self.net_remove(entry),
+            Place::Trie => self.trie_remove(entry),
         }
     }
 
-    /// Creates a trie entry, or rewrites an existing one's expiry keeping
-    /// its counter. Only create is tried first: a trie lookup answers the
-    /// longest match, so it cannot tell whether this very entry exists.
-    /// Linux before 6.13 (without the stable backport; Debian's 5.10 here)
-    /// ignores BPF_NOEXIST for LPM tries and overwrites, resetting that
-    /// entry's hit counter.
-    fn trie_upsert(&mut self, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
-        if self.trie_create(entry, expires_ns)? {
-            return Ok(true);
+    /// Puts a trie entry that [`Maps::trie_exact`] did not find: a new one,
+    /// or one an older dockwall wrote without the tag that names it. Only
+    /// create is tried first: a trie lookup answers the longest match, so
+    /// for an untagged entry it cannot tell whether this very entry
+    /// exists. Linux before 6.13 (without the stable backport; Debian's
+    /// 5.10 here) ignores BPF_NOEXIST for LPM tries and overwrites, so such
+    /// an untagged entry's count restarts there.
+    fn trie_upsert(
+        &mut self,
+        slots: &mut SlotBitmap,
+        entry: &AllowEntry,
+        expires_ns: u64,
+    ) -> anyhow::Result<bool> {
+        let fresh = self.counter_for(slots, None)?;
+        let value = AllowValue {
+            hits: fresh.hits,
+            expires_ns,
         }
-        // It exists, so the lookup answers this very entry.
-        let now = match self.allow.get(&trie_key(entry), 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => AllowValue::default(),
-            Err(e) => return Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
-        };
-        if same_expiry(now.expires_ns, expires_ns)
-            && now.trie_prefix_len() == Some(entry.net.prefix_len())
-        {
-            return Ok(false);
+        .in_trie(entry.net.prefix_len());
+        match self.allow.insert(&trie_key(entry), value, BPF_NOEXIST) {
+            Ok(()) => return Ok(true),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)")
+                });
+            }
         }
+        // It exists, untagged: the lookup answers this very entry. Its
+        // shared count moves into the slot just taken.
+        self.free_slot(slots, &fresh)?;
+        let now = self.trie_lookup(entry)?;
+        let counter = self.counter_for(slots, now)?;
         self.trie_put(
             entry,
             AllowValue {
-                hits: now.count(),
+                hits: counter.hits,
                 expires_ns,
             },
         )?;
         Ok(true)
     }
 
-    /// Creates a trie entry with a zero counter; false when it exists.
-    fn trie_create(&mut self, entry: &AllowEntry, expires_ns: u64) -> anyhow::Result<bool> {
-        let fresh = AllowValue::for_trie(0, expires_ns, entry.net.prefix_len());
-        match self.allow.insert(&trie_key(entry), fresh, BPF_NOEXIST) {
-            Ok(()) => Ok(true),
-            Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e)
-                .with_context(|| format!("adding {entry:?} to DW_ALLOW (bpf_map_update_elem)")),
-        }
-    }
-
-    /// The hit counter of a trie entry known to exist (a trie lookup
-    /// answers the longest match, which for an existing entry is itself).
-    fn trie_hits(&self, entry: &AllowEntry) -> anyhow::Result<u64> {
+    /// The trie's longest match for `entry`'s address, at its length.
+    fn trie_lookup(&self, entry: &AllowEntry) -> anyhow::Result<Option<AllowValue>> {
         match self.allow.get(&trie_key(entry), 0) {
-            Ok(v) => Ok(v.count()),
-            Err(MapError::KeyNotFound) => Ok(0),
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading DW_ALLOW (bpf_map_lookup_elem)"),
         }
     }
 
-    /// Writes a trie entry: `value.hits` is its count (no tag), and the
-    /// entry's prefix length goes in the tag.
+    /// `entry`'s own trie value: the longest match, when its tag says it
+    /// has `entry`'s length (then it is `entry`: same length, covering
+    /// `entry`'s address). `None` when absent, or written untagged.
+    fn trie_exact(&self, entry: &AllowEntry) -> anyhow::Result<Option<AllowValue>> {
+        Ok(self
+            .trie_lookup(entry)?
+            .filter(|v| v.trie_prefix_len() == Some(entry.net.prefix_len())))
+    }
+
+    /// Writes a trie entry, tagged with its prefix length.
     fn trie_put(&mut self, entry: &AllowEntry, value: AllowValue) -> anyhow::Result<()> {
-        let tagged = AllowValue::for_trie(value.hits, value.expires_ns, entry.net.prefix_len());
+        let tagged = value.in_trie(entry.net.prefix_len());
         self.allow
             .insert(&trie_key(entry), tagged, 0)
             .with_context(|| format!("writing {entry:?} to DW_ALLOW (bpf_map_update_elem)"))
@@ -474,7 +562,7 @@ impl Maps {
 
     fn net_put(&mut self, entry: &AllowEntry, value: AllowValue) -> anyhow::Result<()> {
         self.allow_nets
-            .insert(net_key(entry), value, 0)
+            .insert(net_key(entry), value.untagged(), 0)
             .with_context(|| format!("writing {entry:?} to {MAP_ALLOW_NETS} (bpf_map_update_elem)"))
     }
 
@@ -489,38 +577,17 @@ impl Maps {
         }
     }
 
-    /// Deletes an allowance's per-CPU hit counter; none there is fine (the
-    /// kernel creates it on the first hit only).
-    fn hits_remove(&mut self, key: &AllowNetKey) -> anyhow::Result<()> {
-        match self.allow_hits_pcpu.remove(key) {
-            Ok(()) => Ok(()),
-            Err(e) if already_gone(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| {
-                format!("removing {key:?} from {MAP_ALLOW_HITS} (bpf_map_delete_elem)")
-            }),
-        }
-    }
-
-    /// An allowance's hits counted per CPU (0 when never hit).
-    fn hits_per_cpu(&self, entry: &AllowEntry) -> anyhow::Result<u64> {
-        match self.allow_hits_pcpu.get(&net_key(entry), 0) {
-            Ok(values) => Ok(values.iter().sum()),
-            Err(MapError::KeyNotFound) => Ok(0),
-            Err(e) => Err(e)
-                .with_context(|| format!("reading {MAP_ALLOW_HITS} (bpf_map_lookup_elem per CPU)")),
-        }
-    }
-
-    /// Each allowance's hits as each CPU counted them in `DW_ALLOW_HITS`
-    /// (index: CPU id); the shared part is in its value's `hits`.
+    /// Each allowance's hits as each CPU counted them in its slot of
+    /// `DW_HIT_COUNTS` (index: CPU id), for those any CPU counted; the
+    /// shared part is in its value's `hits`.
     pub fn allow_hits_by_cpu(&self) -> anyhow::Result<BTreeMap<AllowEntry, Vec<u64>>> {
         let mut out = BTreeMap::new();
-        for item in self.allow_hits_pcpu.iter() {
-            let (key, values) = item.with_context(|| {
-                format!("reading {MAP_ALLOW_HITS} (bpf_map_lookup_elem per CPU)")
-            })?;
-            if let Some(entry) = AllowEntry::from_key(key.prefix_len, &key.data) {
-                out.insert(entry, values.iter().copied().collect());
+        for (entry, value) in self.allow_values()? {
+            if let Some(slot) = value.hit_slot().filter(|s| *s < HIT_SLOTS) {
+                let counts = self.slot_counts(slot)?;
+                if counts.iter().any(|c| *c != 0) {
+                    out.insert(entry, counts);
+                }
             }
         }
         Ok(out)
@@ -566,30 +633,25 @@ impl Maps {
     }
 
     /// Every allowance entry in the kernel with its hits: its own counter
-    /// plus what each CPU counted.
+    /// plus what each CPU counted in its slot.
     pub fn allow_hits(&self) -> anyhow::Result<BTreeMap<AllowEntry, u64>> {
-        let mut out: BTreeMap<AllowEntry, u64> = self
-            .allow_values()?
+        self.allow_values()?
             .into_iter()
-            .map(|(e, v)| (e, v.hits))
-            .collect();
-        for (entry, per_cpu) in self.allow_hits_by_cpu()? {
-            if let Some(hits) = out.get_mut(&entry) {
-                *hits += per_cpu.iter().sum::<u64>();
-            }
-        }
-        Ok(out)
+            .map(|(e, v)| Ok((e, self.hits_of(&v)?)))
+            .collect()
     }
 
     /// Every allowance entry in the kernel with its value, wherever it is
-    /// kept (`hits`: the entry's own counter, without the per-CPU ones).
+    /// kept, untagged (`count()`: the entry's own counter, without the
+    /// per-CPU ones; `hit_slot()`: where those are).
     pub fn allow_values(&self) -> anyhow::Result<BTreeMap<AllowEntry, AllowValue>> {
-        let mut out = self.trie_values()?;
-        for value in out.values_mut() {
-            value.hits = value.count();
-        }
+        let mut out: BTreeMap<AllowEntry, AllowValue> = self
+            .trie_values()?
+            .into_iter()
+            .map(|(e, v)| (e, v.untagged()))
+            .collect();
         for (entry, value) in self.nets_values()? {
-            out.insert(entry, value);
+            out.insert(entry, value.untagged());
         }
         Ok(out)
     }
@@ -620,9 +682,11 @@ impl Maps {
                     continue;
                 };
                 let entry = AllowEntry { port, proto, net };
-                if let Some(mut value) = self.net_get(&entry)? {
-                    value.hits += self.hits_per_cpu(&entry)?;
-                    return Ok(Some(value));
+                if let Some(value) = self.net_get(&entry)? {
+                    return Ok(Some(AllowValue {
+                        hits: self.hits_of(&value)?,
+                        expires_ns: value.expires_ns,
+                    }));
                 }
             }
             return Ok(None);
@@ -638,25 +702,15 @@ impl Maps {
                 addr,
             },
         );
-        let mut value = match self.allow.get(&key, 0) {
+        let value = match self.allow.get(&key, 0) {
             Ok(v) => v,
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
         };
-        // The entry that answered, named by its tag, has the per-CPU part.
-        let per_cpu = match value
-            .trie_prefix_len()
-            .and_then(|len| IpNet::new(source, len).ok())
-        {
-            Some(net) => self.hits_per_cpu(&AllowEntry {
-                port,
-                proto,
-                net: net.trunc(),
-            })?,
-            None => 0,
-        };
-        value.hits = value.count() + per_cpu;
-        Ok(Some(value))
+        Ok(Some(AllowValue {
+            hits: self.hits_of(&value)?,
+            expires_ns: value.expires_ns,
+        }))
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod ebpf;
 pub mod ebpf_allow;
+pub mod ebpf_hits;
 pub mod fallback;
 pub mod iptables;
 pub mod nftables;
