@@ -274,12 +274,25 @@ const TCP_NEEDED: usize = 14;
 /// Bytes of the UDP header we read: the ports.
 const UDP_NEEDED: usize = 4;
 
+/// An address as four 32-bit words in packet byte order (IPv4: word 0,
+/// the rest zero): kept in words, not bytes, so masking it and building
+/// map keys from it are word loads and stores. As bytes ([u8; 16], map keys
+/// and events) it is the same memory ([`bytes`]).
+type Addr = [u32; 4];
+
+#[inline(always)]
+fn bytes(addr: Addr) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern valid; the bytes are the words'
+    // memory, so in packet order.
+    unsafe { core::mem::transmute::<Addr, [u8; 16]>(addr) }
+}
+
 /// The fields of a TCP/UDP packet that dockwall decides on.
 struct Packet {
     family: u8,
     proto: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: Addr,
+    dst: Addr,
     sport: u16,
     dport: u16,
     tcp_flags: u8,
@@ -452,8 +465,8 @@ fn log_drop<F: Frame>(ctx: &F, pkt: &Packet, policy_port: u16, audit: bool, rate
         return;
     }
     let event = DropEvent {
-        src: pkt.src,
-        dst: pkt.dst,
+        src: bytes(pkt.src),
+        dst: bytes(pkt.dst),
         ifindex: ctx.ifindex(),
         sport: pkt.sport,
         dport: pkt.dport,
@@ -486,7 +499,7 @@ fn published_port(pkt: &Packet) -> Option<u16> {
     let specific = bits & scope_bit(pkt.proto, pkt.family, true) != 0;
     if specific {
         let key = PublishedKey {
-            addr: pkt.dst,
+            addr: bytes(pkt.dst),
             port: pkt.dport,
             proto: pkt.proto,
             family: pkt.family,
@@ -526,7 +539,12 @@ enum Match {
 #[inline(always)]
 fn allowance(pkt: &Packet, policy_port: u16) -> Match {
     let group = allow_group_index(policy_port, pkt.proto, pkt.family);
-    match ALLOW_LENS.get(group).copied() {
+    // Read in place, each byte as it is needed: a copy of the 8-byte slot
+    // is eight byte loads and the shifts to put them together. Userspace
+    // may rewrite the slot meanwhile; any mix of its old and new bytes
+    // lists only lengths whose entries exist while it changes (see
+    // ebpf_allow's ordering).
+    match ALLOW_LENS.get(group) {
         Some(lens) if lens.n != 0 => allowance_by_length(pkt, policy_port, lens),
         _ => allowance_in_trie(pkt, policy_port),
     }
@@ -535,7 +553,7 @@ fn allowance(pkt: &Packet, policy_port: u16) -> Match {
 /// One exact lookup per prefix length the group uses, longest first: the
 /// first entry found is the longest matching prefix.
 #[inline(always)]
-fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: AllowLens) -> Match {
+fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Match {
     let n = usize::from(lens.n);
     for i in 0..ALLOW_MAX_LENS {
         if i >= n {
@@ -564,25 +582,24 @@ fn net_key(pkt: &Packet, policy_port: u16, len: u8) -> AllowNetKey {
             port: policy_port,
             proto: pkt.proto,
             family: pkt.family,
-            addr: masked(pkt.src, len),
+            addr: bytes(masked(pkt.src, len)),
         },
     }
 }
 
 /// The first `len` bits of `addr`, the rest zero.
 #[inline(always)]
-fn masked(addr: [u8; 16], len: u8) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for word in 0..4 {
+fn masked(addr: Addr, len: u8) -> Addr {
+    let mut out = [0u32; 4];
+    for (word, out) in out.iter_mut().enumerate() {
         let bits = u32::from(len).saturating_sub(word as u32 * 32).min(32);
+        // The mask in host order, then as the word sits in memory.
         let mask = if bits == 0 {
             0
         } else {
-            u32::MAX << (32 - bits)
+            (u32::MAX << (32 - bits)).to_be()
         };
-        let at = word * 4;
-        let value = u32::from_be_bytes([addr[at], addr[at + 1], addr[at + 2], addr[at + 3]]) & mask;
-        out[at..at + 4].copy_from_slice(&value.to_be_bytes());
+        *out = addr[word] & mask;
     }
     out
 }
@@ -599,7 +616,7 @@ fn allowance_in_trie(pkt: &Packet, policy_port: u16) -> Match {
             port: policy_port,
             proto: pkt.proto,
             family: pkt.family,
-            addr: pkt.src,
+            addr: bytes(pkt.src),
         },
     );
     match ALLOW.get(&key) {
@@ -644,8 +661,8 @@ fn count_shared_hit(value: &AllowValue) {
 #[inline(always)]
 fn is_udp_reply(pkt: &Packet) -> bool {
     let key = FlowKey {
-        local_addr: pkt.dst,
-        remote_addr: pkt.src,
+        local_addr: bytes(pkt.dst),
+        remote_addr: bytes(pkt.src),
         local_port: pkt.dport,
         remote_port: pkt.sport,
         family: pkt.family,
@@ -664,8 +681,8 @@ fn is_udp_reply(pkt: &Packet) -> bool {
 #[inline(always)]
 fn note_udp_flow(pkt: &Packet) {
     let key = FlowKey {
-        local_addr: pkt.src,
-        remote_addr: pkt.dst,
+        local_addr: bytes(pkt.src),
+        remote_addr: bytes(pkt.dst),
         local_port: pkt.sport,
         remote_port: pkt.dport,
         family: pkt.family,
@@ -690,7 +707,14 @@ fn load<T: Copy, F: Frame>(ctx: &F, offset: usize) -> Option<T> {
     // place, no helper call. The bound on `offset` is for the verifier.
     if offset <= MAX_DIRECT_OFFSET && start + offset + size_of::<T>() <= end {
         // SAFETY: the bytes lie between data and data_end, checked above.
-        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+        // A plain read, not `read_unaligned`: the BPF backend splits an
+        // unaligned read into byte loads (a u32 address took four loads
+        // and shifts, and every key built from it as many stores). The
+        // kernel allows unaligned packet loads where the CPU does them
+        // (x86-64, arm64: CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS), which
+        // is where dockwall's eBPF filter runs; a kernel that enforces
+        // alignment would refuse the program as a misaligned packet access.
+        return Some(unsafe { core::ptr::read((start + offset) as *const T) });
     }
     // Paged or short: the helper copies across fragments, or fails.
     ctx.copy::<T>(offset)
@@ -738,26 +762,28 @@ fn parse<F: Frame>(ctx: &F) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4<F: Frame>(ctx: &F, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u8; 20], F>(ctx, l3) else {
+    // Read as words, so the addresses are word loads (see `load`); the
+    // other fields are bytes of the first three words.
+    let Some(hdr) = load::<[u32; 5], F>(ctx, l3) else {
         return Parsed::Malformed;
     };
-    let ihl = usize::from(hdr[0] & 0x0f) * 4;
-    if hdr[0] >> 4 != 4 || ihl < 20 {
+    let [version_ihl, _, len_hi, len_lo] = hdr[0].to_ne_bytes();
+    let [_, _, frag_hi, frag_lo] = hdr[1].to_ne_bytes();
+    let [_, proto, _, _] = hdr[2].to_ne_bytes();
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
     }
-    let total_len = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let total_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    let frag = u16::from_be_bytes([frag_hi, frag_lo]);
     if frag & 0x1fff != 0 {
         return Parsed::Fragment;
     }
-    let proto = hdr[9];
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::NotInScope;
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&hdr[12..16]);
-    dst[..4].copy_from_slice(&hdr[16..20]);
+    let src = [hdr[3], 0, 0, 0];
+    let dst = [hdr[4], 0, 0, 0];
     // total_len 0 is GSO's "see the skb length" (BIG TCP); else the transport
     // fields must lie inside the datagram, not in trailing padding. A first
     // fragment too short to hold them (tiny-fragment attack) fails here.
@@ -774,18 +800,19 @@ fn parse_ipv4<F: Frame>(ctx: &F, l3: usize) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv6<F: Frame>(ctx: &F, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u8; IPV6_HLEN], F>(ctx, l3) else {
+    // Words, as for IPv4.
+    let Some(hdr) = load::<[u32; IPV6_HLEN / 4], F>(ctx, l3) else {
         return Parsed::Malformed;
     };
-    if hdr[0] >> 4 != 6 {
+    let [version, ..] = hdr[0].to_ne_bytes();
+    let [len_hi, len_lo, next_header, _] = hdr[1].to_ne_bytes();
+    if version >> 4 != 6 {
         return Parsed::Malformed;
     }
-    let payload_len = usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
-    let mut next = hdr[6];
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&hdr[8..24]);
-    dst.copy_from_slice(&hdr[24..40]);
+    let payload_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    let mut next = next_header;
+    let src = [hdr[2], hdr[3], hdr[4], hdr[5]];
+    let dst = [hdr[6], hdr[7], hdr[8], hdr[9]];
     let mut l4 = l3 + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
@@ -840,8 +867,8 @@ fn parse_l4<F: Frame>(
     end: usize,
     family: u8,
     proto: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: Addr,
+    dst: Addr,
     direct: bool,
 ) -> Parsed {
     let read = |offset| {
