@@ -699,6 +699,8 @@ pub struct Maps {
     pub(super) hit_counts: PerCpuArray<MapData, u64>,
     /// Which of those slots are taken.
     pub(super) hit_slots: Array<MapData, HitSlotWords>,
+    /// The kernel's possible CPUs: the values of a per-CPU map entry.
+    pub(super) possible_cpus: usize,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     port_drops: PerCpuArray<MapData, u64>,
@@ -812,6 +814,8 @@ impl Maps {
             allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
             hit_counts: hit_counts.try_into().context(MAP_HIT_COUNTS)?,
             hit_slots: hit_slots.try_into().context(MAP_HIT_SLOTS)?,
+            possible_cpus: aya::util::nr_cpus()
+                .map_err(|(path, e)| anyhow!("reading {path}: {e}"))?,
             stats: stats.try_into().context(MAP_STATS)?,
             config: config.try_into().context(MAP_CONFIG)?,
             port_drops: port_drops.try_into().context(MAP_PORT_DROPS)?,

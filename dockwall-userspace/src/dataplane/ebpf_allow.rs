@@ -32,13 +32,13 @@ use aya::{
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
-    FAMILY_V6, HIT_SLOTS, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
+    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
 
 use super::ebpf::{BPF_NOEXIST, Changes, Maps, already_gone, same_expiry};
-use super::ebpf_hits::SlotBitmap;
+use super::ebpf_hits::{SlotBitmap, counting_slot};
 use crate::policy::{AllowEntry, Proto};
 
 /// (published port, protocol, IPv6?): the allowances one `DW_ALLOW_LENS`
@@ -372,19 +372,9 @@ impl Maps {
                 // place of the group's entries (old and new). Counter
                 // slots move along.
                 for (entry, &expires_ns) in &want {
-                    let carried = match place {
-                        Place::Nets(_) => self.trie_exact(entry)?,
-                        Place::Trie => self.net_get(entry)?,
-                    };
-                    let counter = self.counter_for(&mut slots, carried)?;
-                    let value = AllowValue {
-                        hits: counter.hits,
-                        expires_ns,
-                    };
-                    match place {
-                        Place::Nets(_) => self.net_put(entry, value)?,
-                        Place::Trie => self.trie_put(entry, value)?,
-                    }
+                    let carried = self.get_from(old_place, entry)?;
+                    let value = self.counter_for(&mut slots, carried, expires_ns)?;
+                    self.put_into(place, entry, value)?;
                 }
                 self.set_slot(group, slot_of(place))?;
                 for entry in want.keys() {
@@ -424,28 +414,37 @@ impl Maps {
         entry: &AllowEntry,
         expires_ns: u64,
     ) -> anyhow::Result<bool> {
-        let now = match place {
-            Place::Nets(_) => self.net_get(entry)?,
-            Place::Trie => self.trie_exact(entry)?,
-        };
-        if now.is_some_and(|v| {
-            same_expiry(v.expires_ns, expires_ns) && v.hit_slot().is_some_and(|s| s < HIT_SLOTS)
-        }) {
+        let now = self.get_from(place, entry)?;
+        if now.is_some_and(|v| same_expiry(v.expires_ns, expires_ns) && counting_slot(&v).is_some())
+        {
             return Ok(false);
         }
-        let counter = match (place, now) {
-            (Place::Trie, None) => return self.trie_upsert(slots, entry, expires_ns),
-            _ => self.counter_for(slots, now)?,
-        };
-        let value = AllowValue {
-            hits: counter.hits,
-            expires_ns,
-        };
-        match place {
-            Place::Nets(_) => self.net_put(entry, value)?,
-            Place::Trie => self.trie_put(entry, value)?,
+        if let (Place::Trie, None) = (place, now) {
+            return self.trie_upsert(slots, entry, expires_ns);
         }
+        let value = self.counter_for(slots, now, expires_ns)?;
+        self.put_into(place, entry, value)?;
         Ok(true)
+    }
+
+    /// `entry`'s value in `place`, if it is there.
+    fn get_from(&self, place: Place, entry: &AllowEntry) -> anyhow::Result<Option<AllowValue>> {
+        match place {
+            Place::Nets(_) => self.net_get(entry),
+            Place::Trie => self.trie_exact(entry),
+        }
+    }
+
+    fn put_into(
+        &mut self,
+        place: Place,
+        entry: &AllowEntry,
+        value: AllowValue,
+    ) -> anyhow::Result<()> {
+        match place {
+            Place::Nets(_) => self.net_put(entry, value),
+            Place::Trie => self.trie_put(entry, value),
+        }
     }
 
     /// The entry of `place`, read then removed; `None` when it was not
@@ -455,10 +454,7 @@ impl Maps {
         place: Place,
         entry: &AllowEntry,
     ) -> anyhow::Result<Option<AllowValue>> {
-        let value = match place {
-            Place::Nets(_) => self.net_get(entry)?,
-            Place::Trie => self.trie_exact(entry)?,
-        };
+        let value = self.get_from(place, entry)?;
         self.remove_from(place, entry)?;
         Ok(value)
     }
@@ -483,13 +479,9 @@ impl Maps {
         entry: &AllowEntry,
         expires_ns: u64,
     ) -> anyhow::Result<bool> {
-        let fresh = self.counter_for(slots, None)?;
-        let value = AllowValue {
-            hits: fresh.hits,
-            expires_ns,
-        }
-        .in_trie(entry.net.prefix_len());
-        match self.allow.insert(&trie_key(entry), value, BPF_NOEXIST) {
+        let fresh = self.counter_for(slots, None, expires_ns)?;
+        let tagged = fresh.in_trie(entry.net.prefix_len());
+        match self.allow.insert(&trie_key(entry), tagged, BPF_NOEXIST) {
             Ok(()) => return Ok(true),
             Err(MapError::SyscallError(SyscallError { io_error, .. }))
                 if io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -503,14 +495,8 @@ impl Maps {
         // shared count moves into the slot just taken.
         self.free_slot(slots, &fresh)?;
         let now = self.trie_lookup(entry)?;
-        let counter = self.counter_for(slots, now)?;
-        self.trie_put(
-            entry,
-            AllowValue {
-                hits: counter.hits,
-                expires_ns,
-            },
-        )?;
+        let value = self.counter_for(slots, now, expires_ns)?;
+        self.trie_put(entry, value)?;
         Ok(true)
     }
 
@@ -583,7 +569,7 @@ impl Maps {
     pub fn allow_hits_by_cpu(&self) -> anyhow::Result<BTreeMap<AllowEntry, Vec<u64>>> {
         let mut out = BTreeMap::new();
         for (entry, value) in self.allow_values()? {
-            if let Some(slot) = value.hit_slot().filter(|s| *s < HIT_SLOTS) {
+            if let Some(slot) = counting_slot(&value) {
                 let counts = self.slot_counts(slot)?;
                 if counts.iter().any(|c| *c != 0) {
                     out.insert(entry, counts);
@@ -683,10 +669,7 @@ impl Maps {
                 };
                 let entry = AllowEntry { port, proto, net };
                 if let Some(value) = self.net_get(&entry)? {
-                    return Ok(Some(AllowValue {
-                        hits: self.hits_of(&value)?,
-                        expires_ns: value.expires_ns,
-                    }));
+                    return Ok(Some(self.with_total_hits(value)?));
                 }
             }
             return Ok(None);
@@ -707,10 +690,7 @@ impl Maps {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
         };
-        Ok(Some(AllowValue {
-            hits: self.hits_of(&value)?,
-            expires_ns: value.expires_ns,
-        }))
+        Ok(Some(self.with_total_hits(value)?))
     }
 }
 

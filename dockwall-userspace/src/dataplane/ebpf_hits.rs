@@ -34,6 +34,14 @@ use dockwall_common::{
 use super::ebpf::{Maps, already_gone, map_pin};
 use crate::policy::AllowEntry;
 
+/// The slot of `DW_HIT_COUNTS` an allowance counts in, if any: the one its
+/// value names, when it lies in the map (a slot past it, which only a hand
+/// edit writes, counts nowhere: the kernel's array lookup fails and it
+/// counts shared).
+pub(super) fn counting_slot(value: &AllowValue) -> Option<u32> {
+    value.hit_slot().filter(|s| *s < HIT_SLOTS)
+}
+
 /// `DW_HIT_SLOTS` as read: a bit per slot, 1 taken.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SlotBitmap {
@@ -183,31 +191,34 @@ impl Maps {
         Ok(())
     }
 
-    /// The value an allowance is written with, untagged and without its
-    /// expiry: `carried`'s slot when it has one; else a new slot with
-    /// `carried`'s shared count moved into it; a shared count where no
-    /// slot is free.
+    /// The value an allowance is written with (untagged), expiring at
+    /// `expires_ns`: counting in `carried`'s slot when it has one; else in
+    /// a new slot with `carried`'s shared count moved into it; shared where
+    /// no slot is free.
     pub(super) fn counter_for(
         &mut self,
         bitmap: &mut SlotBitmap,
         carried: Option<AllowValue>,
+        expires_ns: u64,
     ) -> anyhow::Result<AllowValue> {
         if let Some(value) = carried
-            && value.hit_slot().is_some_and(|s| s < HIT_SLOTS)
+            && counting_slot(&value).is_some()
         {
-            return Ok(value.untagged());
+            return Ok(AllowValue {
+                expires_ns,
+                ..value.untagged()
+            });
         }
         let count = carried.map_or(0, |v| v.count());
         Ok(match self.new_slot(bitmap, count)? {
-            Some(slot) => AllowValue::counted_in_slot(slot, 0),
-            None => AllowValue::counted_shared(count, 0),
+            Some(slot) => AllowValue::counted_in_slot(slot, expires_ns),
+            None => AllowValue::counted_shared(count, expires_ns),
         })
     }
 
     /// Sets `slot`'s counters: `count` on CPU 0, zero on the others.
     pub(super) fn set_slot_counts(&mut self, slot: u32, count: u64) -> anyhow::Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(path, e)| anyhow!("reading {path}: {e}"))?;
-        let mut values = vec![0u64; cpus];
+        let mut values = vec![0u64; self.possible_cpus];
         values[0] = count;
         self.write_slot_counts(slot, values)
     }
@@ -228,10 +239,19 @@ impl Maps {
         Ok(values.iter().copied().collect())
     }
 
+    /// `value` with its `hits` the allowance's whole count (explain's
+    /// read-back): its shared count and what every CPU counted in its slot.
+    pub(super) fn with_total_hits(&self, value: AllowValue) -> anyhow::Result<AllowValue> {
+        Ok(AllowValue {
+            hits: self.hits_of(&value)?,
+            expires_ns: value.expires_ns,
+        })
+    }
+
     /// An allowance's hits: its shared count and what every CPU counted in
     /// its slot.
     pub(super) fn hits_of(&self, value: &AllowValue) -> anyhow::Result<u64> {
-        let per_cpu = match value.hit_slot().filter(|s| *s < HIT_SLOTS) {
+        let per_cpu = match counting_slot(value) {
             Some(slot) => self.slot_counts(slot)?.iter().sum(),
             None => 0,
         };
@@ -283,8 +303,7 @@ impl Maps {
             };
             let slot = AllowEntry::from_key(key.prefix_len, &key.data)
                 .and_then(|e| values.get(&e))
-                .and_then(AllowValue::hit_slot)
-                .filter(|s| *s < HIT_SLOTS);
+                .and_then(counting_slot);
             if let Some(slot) = slot {
                 let mut sum = self.slot_counts(slot)?;
                 for (s, c) in sum.iter_mut().zip(&counts) {
