@@ -6,7 +6,7 @@ use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream, unix::OwnedReadHalf},
     sync::{mpsc, oneshot},
 };
@@ -18,6 +18,8 @@ pub type Pending = (Request, oneshot::Sender<Reply>);
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// What is read of a refused peer's request before it is answered.
+const REFUSED_READ_MAX: u64 = 64 * 1024;
 /// Requests waiting for the daemon's loop.
 const QUEUE: usize = 1024;
 
@@ -63,12 +65,17 @@ pub fn serve(listener: UnixListener) -> mpsc::Receiver<Pending> {
 async fn connection(stream: UnixStream, queue: mpsc::Sender<Pending>) {
     let checked = check_peer(&stream);
     let (read, mut write) = stream.into_split();
-    let reply = match async {
-        checked?;
-        request(read).await
-    }
-    .await
-    {
+    let received = match checked {
+        Ok(()) => request(read).await,
+        Err(e) => {
+            // Its request is read (a bounded amount) before the refusal is
+            // sent: closing the socket while it still writes would reach
+            // it as EPIPE on its write, not as this message.
+            discard_request(read).await;
+            Err(e)
+        }
+    };
+    let reply = match received {
         Ok(request) => {
             let (tx, rx) = oneshot::channel();
             if queue.send((request, tx)).await.is_err() {
@@ -105,6 +112,14 @@ fn check_peer(stream: &UnixStream) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads a refused peer's request line, at most [`REFUSED_READ_MAX`]
+/// bytes and [`READ_TIMEOUT`], and drops it.
+async fn discard_request(read: OwnedReadHalf) {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read.take(REFUSED_READ_MAX));
+    let _ = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
 }
 
 async fn request(read: OwnedReadHalf) -> anyhow::Result<Request> {
