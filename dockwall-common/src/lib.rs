@@ -45,6 +45,13 @@ pub const MAP_HIT_COUNTS: &str = "DW_HIT_COUNTS";
 /// userspace reads or writes it; a full sync rebuilds it from the
 /// allowances.
 pub const MAP_HIT_SLOTS: &str = "DW_HIT_SLOTS";
+/// A copy of the IPv4 entries of `MAP_ALLOW_NETS` that the kernel reads
+/// without a helper call: an array of [`MirrorBucket`]s, each holding up
+/// to [`MIRROR_WAYS`] entries whose key hashes to it ([`mirror_bucket`]),
+/// written by userspace through a shared mapping (`BPF_F_MMAPABLE`). The
+/// kernel probes it first; the hash map stays the whole truth, read where
+/// a bucket is being written or has overflowed.
+pub const MAP_ALLOW_MIRROR: &str = "DW_ALLOW_MIRROR";
 /// The hit counters of older dockwalls: a per-CPU hash keyed by
 /// [`AllowNetKey`], the kernel creating an entry on an allowance's first
 /// hit, and where one of them set its unpreallocated map aside. `load`
@@ -80,15 +87,19 @@ pub const GLOBAL_LOG_CPUS: &str = "LOG_CPUS";
 /// The object's read-only global saying the kernel has
 /// `bpf_ktime_get_coarse_ns` (Linux 5.11): 1 or 0, set by the loader.
 pub const GLOBAL_COARSE_CLOCK: &str = "COARSE_CLOCK";
+/// The object's read-only global saying the kernel reads
+/// `MAP_ALLOW_MIRROR` (1 on x86-64) or only the hash map (0).
+pub const GLOBAL_MIRROR_ON: &str = "MIRROR_ON";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_PUBLISHED,
     MAP_PORTS,
     MAP_ALLOW,
     MAP_ALLOW_LENS,
     MAP_ALLOW_NETS,
+    MAP_ALLOW_MIRROR,
     MAP_HIT_COUNTS,
     MAP_HIT_SLOTS,
     MAP_UDP_FLOWS,
@@ -354,6 +365,106 @@ impl AllowValue {
     }
 }
 
+/// `MAP_ALLOW_MIRROR` buckets: 16 MiB, room for 786k entries. At 100k
+/// IPv4 allowances 0.1 % of buckets overflow, at 1M about half do (their
+/// extra entries are looked up in the hash map).
+pub const MIRROR_BUCKETS: u32 = 1 << MIRROR_BUCKET_BITS;
+const MIRROR_BUCKET_BITS: u32 = 18;
+/// Entries a bucket holds: with its header, one 64-byte cache line.
+pub const MIRROR_WAYS: usize = 3;
+/// `MirrorBucket::seq`: a writer is changing the bucket.
+pub const MIRROR_WRITING: u64 = 1;
+/// `MirrorBucket::seq`: an entry hashing here did not fit (or could not be
+/// mirrored): a key not found in the bucket may still be in the hash map.
+pub const MIRROR_OVERFLOW: u64 = 1 << 63;
+/// `MirrorBucket::seq`: one write's step of the version.
+pub const MIRROR_SEQ_STEP: u64 = 2;
+
+/// One bucket of `MAP_ALLOW_MIRROR`, a cache line.
+///
+/// `seq` is a sequence lock with flags: the writer (userspace, one at a
+/// time: it holds the writer's lock) sets [`MIRROR_WRITING`], changes the
+/// ways, then clears it and adds [`MIRROR_SEQ_STEP`]. The kernel reads
+/// `seq`, the ways, then `seq` again, and trusts what it read only if both
+/// reads are equal and not writing; otherwise it asks the hash map. A
+/// writer killed mid-write leaves the bucket marked writing: the kernel
+/// asks the hash map for it until the next write or full sync.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorBucket {
+    pub seq: u64,
+    pub ways: [MirrorWay; MIRROR_WAYS],
+    pub _pad: u64,
+}
+
+/// One mirrored allowance: `key` 0 is a free way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorWay {
+    /// [`mirror_key`].
+    pub key: u64,
+    /// [`mirror_value`].
+    pub value: u64,
+}
+
+/// The mirror key of an IPv4 allowance: the source address masked to
+/// `len` bits, as its four bytes sit in the packet read as a native u32
+/// (`addr_word`), then the published port, the protocol, the length and a
+/// bit that makes every key non-zero.
+#[inline(always)]
+pub const fn mirror_key(addr_word: u32, port: u16, proto: u8, len: u8) -> u64 {
+    ((addr_word as u64) << 32)
+        | ((port as u64) << 16)
+        | ((proto as u64) << 8)
+        | ((len as u64) << 1)
+        | 1
+}
+
+/// The bucket a mirror key lives in: the key mixed (MurmurHash3's 64-bit
+/// finalizer; every bit of the key moves the bucket), its top bits.
+#[inline(always)]
+pub const fn mirror_bucket(key: u64) -> u32 {
+    let mut h = key;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> (64 - MIRROR_BUCKET_BITS)) as u32
+}
+
+/// A mirrored value's expiry in units of 2^20 ns (1.05 ms), so that it and
+/// the hit slot fit one word, which a reader sees whole.
+pub const MIRROR_EXPIRY_SHIFT: u32 = 20;
+const MIRROR_SLOT_BITS: u32 = 24;
+const MIRROR_SLOT_MASK: u64 = (1 << MIRROR_SLOT_BITS) - 1;
+
+/// The mirror value of an allowance counting in `slot`, expiring at
+/// `expires_ns` (0: never): the expiry rounded down to its unit (at most
+/// 1.05 ms early; never 0 for one that expires), above the slot.
+#[inline(always)]
+pub const fn mirror_value(slot: u32, expires_ns: u64) -> u64 {
+    let units = if expires_ns == 0 {
+        0
+    } else {
+        let units = expires_ns >> MIRROR_EXPIRY_SHIFT;
+        if units == 0 { 1 } else { units }
+    };
+    (units << MIRROR_SLOT_BITS) | (slot as u64 & MIRROR_SLOT_MASK)
+}
+
+/// A mirror value's hit slot.
+#[inline(always)]
+pub const fn mirror_slot(value: u64) -> u32 {
+    (value & MIRROR_SLOT_MASK) as u32
+}
+
+/// A mirror value's expiry in `MIRROR_EXPIRY_SHIFT` units; 0: never.
+#[inline(always)]
+pub const fn mirror_expiry_units(value: u64) -> u64 {
+    value >> MIRROR_SLOT_BITS
+}
+
 /// One element of `MAP_HIT_SLOTS`: a bit per slot, slot `s` of the
 /// element at `s / HIT_SLOTS_PER_WORDS` in word `s % HIT_SLOTS_PER_WORDS /
 /// 64`, bit `s % 64`. 1: taken.
@@ -485,6 +596,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::LogLimit {}
     unsafe impl aya::Pod for super::HitSlotWords {}
+    unsafe impl aya::Pod for super::MirrorBucket {}
 }
 
 #[cfg(test)]
@@ -565,6 +677,57 @@ mod tests {
         assert_eq!(size_of::<DropEvent>(), 16 + 16 + 4 + 2 * 3 + 3 + 3);
         assert_eq!(size_of::<LogLimit>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<MirrorBucket>(), 64);
+    }
+
+    #[test]
+    fn a_mirror_key_is_never_zero_and_names_every_field() {
+        let key = mirror_key(u32::from_ne_bytes([10, 1, 2, 0]), 8081, PROTO_TCP, 24);
+        assert_ne!(mirror_key(0, 0, 0, 0), 0);
+        for other in [
+            mirror_key(u32::from_ne_bytes([10, 1, 3, 0]), 8081, PROTO_TCP, 24),
+            mirror_key(u32::from_ne_bytes([10, 1, 2, 0]), 8082, PROTO_TCP, 24),
+            mirror_key(u32::from_ne_bytes([10, 1, 2, 0]), 8081, PROTO_UDP, 24),
+            mirror_key(u32::from_ne_bytes([10, 1, 2, 0]), 8081, PROTO_TCP, 23),
+        ] {
+            assert_ne!(key, other);
+        }
+        assert!(mirror_bucket(key) < MIRROR_BUCKETS);
+    }
+
+    #[test]
+    fn consecutive_sources_spread_over_the_mirror() {
+        // 10.0.0.0/8 as /32s on one port: the buckets a real policy fills.
+        let mut per_bucket = [0u8; MIRROR_BUCKETS as usize];
+        let n = 100_000u32;
+        for i in 0..n {
+            let addr = u32::from_ne_bytes((0x0a00_0000 + i).to_be_bytes());
+            let b = mirror_bucket(mirror_key(addr, 443, PROTO_TCP, 32));
+            per_bucket[b as usize] = per_bucket[b as usize].saturating_add(1);
+        }
+        let over = per_bucket
+            .iter()
+            .filter(|c| usize::from(**c) > MIRROR_WAYS)
+            .count();
+        // Uniform hashing (Poisson, mean 0.38) overflows about 230.
+        assert!(over < 600, "{over} buckets overflow");
+    }
+
+    #[test]
+    fn a_mirror_value_keeps_the_slot_and_the_expiry_to_its_unit() {
+        let v = mirror_value(HIT_SLOTS - 1, 0);
+        assert_eq!((mirror_slot(v), mirror_expiry_units(v)), (HIT_SLOTS - 1, 0));
+        let at = 5_000_000_000_000u64;
+        let v = mirror_value(7, at);
+        assert_eq!(mirror_slot(v), 7);
+        let units = mirror_expiry_units(v);
+        assert!(units << MIRROR_EXPIRY_SHIFT <= at);
+        assert!(at - (units << MIRROR_EXPIRY_SHIFT) < 1 << MIRROR_EXPIRY_SHIFT);
+        assert_eq!(
+            mirror_expiry_units(mirror_value(7, 5)),
+            1,
+            "an expiry is never 'never'"
+        );
     }
 
     #[test]

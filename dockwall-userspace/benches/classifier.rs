@@ -96,6 +96,11 @@ struct Row {
     allowed_ns: f64,
     dropped_ns: f64,
     out_of_scope_ns: f64,
+    /// The same object loaded with the mirror off (`MIRROR_ON` 0): the
+    /// kernel probes only the hash map, as before the mirror. The same
+    /// packets, in the same run.
+    allowed_hash_ns: f64,
+    dropped_hash_ns: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,13 +130,15 @@ fn main() -> anyhow::Result<()> {
                     format!("{} {} {n}", if v6 { "IPv6" } else { "IPv4" }, mix.name(v6))
                 })?;
                 eprintln!(
-                    "{:<5} {:<9} {:>8} allowances: noop {:>5.1} ns, allowed {:>5.1}, dropped {:>5.1}, out of scope {:>5.1} ns; map {} KiB",
+                    "{:<5} {:<9} {:>8} allowances: noop {:>5.1} ns, allowed {:>5.1} (hash only {:>5.1}), dropped {:>5.1} ({:>5.1}), out of scope {:>5.1} ns; map {} KiB",
                     row.family,
                     row.mix,
                     row.allowances,
                     row.noop_ns,
                     row.allowed_ns,
+                    row.allowed_hash_ns,
                     row.dropped_ns,
+                    row.dropped_hash_ns,
                     row.out_of_scope_ns,
                     row.memlock_bytes / 1024
                 );
@@ -259,10 +266,14 @@ fn entries(v6: bool, mix: Mix, n: usize) -> BTreeSet<AllowEntry> {
 }
 
 fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Result<Row> {
+    let policy = entries(v6, mix, n);
     let mut obj = ebpf::load_unpinned(ebpf::Hook::Tc)?;
     let ids = allow_map_ids(&obj)?;
-    let _maps = with_policy(&mut obj, v6, &entries(v6, mix, n))?;
+    let _maps = with_policy(&mut obj, v6, &policy)?;
     let memlock_bytes = allow_map_memlock(&ids)?;
+    let hash_only = ebpf::Globals::for_this_host()?.without_mirror();
+    let mut obj_hash = ebpf::load_unpinned_with(ebpf::Hook::Tc, &hash_only)?;
+    let _maps_hash = with_policy(&mut obj_hash, v6, &policy)?;
     let (allowed, dropped, host_addr) = if v6 {
         ("2001:db8:aaaa::1", "2001:db8:ffff::1", "2001:db8::80")
     } else {
@@ -271,8 +282,8 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
     let allowed_pkt = syn(allowed, host_addr, 8081);
     let dropped_pkt = syn(dropped, host_addr, 8081);
     let out_of_scope_pkt = syn(dropped, host_addr, 22);
-    let mut median = |prog: &str, frame: &[u8], want: u32| -> anyhow::Result<f64> {
-        let p = ebpf::program(&mut obj, prog)?;
+    let median = |obj: &mut Ebpf, prog: &str, frame: &[u8], want: u32| -> anyhow::Result<f64> {
+        let p = ebpf::program(obj, prog)?;
         let mut samples = Vec::with_capacity(runs);
         for _ in 0..runs {
             let r = p.test_run(TestRunOptions {
@@ -296,10 +307,12 @@ fn measure(v6: bool, mix: Mix, n: usize, repeat: u32, runs: usize) -> anyhow::Re
         mix: mix.name(v6),
         allowances: n,
         memlock_bytes,
-        noop_ns: median(PROG_NOOP, &allowed_pkt, PASS)?,
-        allowed_ns: median(PROG_INGRESS, &allowed_pkt, PASS)?,
-        dropped_ns: median(PROG_INGRESS, &dropped_pkt, DROP)?,
-        out_of_scope_ns: median(PROG_INGRESS, &out_of_scope_pkt, PASS)?,
+        noop_ns: median(&mut obj, PROG_NOOP, &allowed_pkt, PASS)?,
+        allowed_ns: median(&mut obj, PROG_INGRESS, &allowed_pkt, PASS)?,
+        dropped_ns: median(&mut obj, PROG_INGRESS, &dropped_pkt, DROP)?,
+        out_of_scope_ns: median(&mut obj, PROG_INGRESS, &out_of_scope_pkt, PASS)?,
+        allowed_hash_ns: median(&mut obj_hash, PROG_INGRESS, &allowed_pkt, PASS)?,
+        dropped_hash_ns: median(&mut obj_hash, PROG_INGRESS, &dropped_pkt, DROP)?,
     })
 }
 
@@ -361,8 +374,9 @@ fn first_hits(v6: bool, allowances: usize, sources: usize) -> anyhow::Result<Fir
 /// The allowance maps, whose kernel `memlock` is summed: the per-length
 /// hash, the trie fallback, the lengths array, and the hit counters and
 /// their slot bitmap.
-const ALLOW_MAPS: [&str; 5] = [
+const ALLOW_MAPS: [&str; 6] = [
     dockwall_common::MAP_ALLOW_NETS,
+    dockwall_common::MAP_ALLOW_MIRROR,
     dockwall_common::MAP_ALLOW,
     dockwall_common::MAP_ALLOW_LENS,
     dockwall_common::MAP_HIT_COUNTS,
@@ -460,8 +474,8 @@ fn json(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &str)
         .iter()
         .map(|r| {
             format!(
-                "    {{\"family\": \"{}\", \"mix\": \"{}\", \"allowances\": {}, \"map_memlock_bytes\": {}, \"noop_ns\": {:.1}, \"allowed_ns\": {:.1}, \"dropped_ns\": {:.1}, \"out_of_scope_ns\": {:.1}}}",
-                r.family, r.mix, r.allowances, r.memlock_bytes, r.noop_ns, r.allowed_ns, r.dropped_ns, r.out_of_scope_ns
+                "    {{\"family\": \"{}\", \"mix\": \"{}\", \"allowances\": {}, \"map_memlock_bytes\": {}, \"noop_ns\": {:.1}, \"allowed_ns\": {:.1}, \"dropped_ns\": {:.1}, \"out_of_scope_ns\": {:.1}, \"allowed_hash_only_ns\": {:.1}, \"dropped_hash_only_ns\": {:.1}}}",
+                r.family, r.mix, r.allowances, r.memlock_bytes, r.noop_ns, r.allowed_ns, r.dropped_ns, r.out_of_scope_ns, r.allowed_hash_ns, r.dropped_hash_ns
             )
         })
         .collect();
@@ -497,22 +511,28 @@ fn markdown(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &
     let mut md = format!(
         "Classifier cost per packet (BPF_PROG_TEST_RUN, {mode} run: median of {runs} runs x {repeat} executions; {}).\n\
          \"+\" columns are dockwall minus the no-op tc program measured in the same run.\n\n\
-         | family | allowances | entries | no-op ns | allowed ns (+) | dropped ns (+) | out of scope ns (+) | map memory (KiB) |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         \"hash only\" is the same object loaded with the IPv4 mirror off (`MIRROR_ON` 0), the \
+         kernel probing only the hash map as before the mirror: same packets, same run.\n\n\
+         | family | allowances | entries | no-op ns | allowed ns (+) | hash only (+) | dropped ns (+) | hash only (+) | out of scope ns (+) | map memory (KiB) |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         machine()
     );
     for r in rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {} |",
+            "| {} | {} | {} | {:.0} | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {} |",
             r.family,
             r.mix,
             r.allowances,
             r.noop_ns,
             r.allowed_ns,
             r.allowed_ns - r.noop_ns,
+            r.allowed_hash_ns,
+            r.allowed_hash_ns - r.noop_ns,
             r.dropped_ns,
             r.dropped_ns - r.noop_ns,
+            r.dropped_hash_ns,
+            r.dropped_hash_ns - r.noop_ns,
             r.out_of_scope_ns,
             r.out_of_scope_ns - r.noop_ns,
             r.memlock_bytes / 1024

@@ -1993,6 +1993,7 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
     let mut hits: BTreeMap<AllowEntry, u64> = BTreeMap::new();
     let (mut seen_nets, mut seen_trie, mut moves) = (0, 0, 0);
     let mut was_trie: BTreeMap<bool, bool> = BTreeMap::new();
+    let mut mirrored_max = 0;
     for step in 0..150 {
         let now = dockwall_userspace::clock::boot_ns();
         let old = model.clone();
@@ -2077,6 +2078,11 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
             "{}: the bitmap is the slots in use",
             ctx()
         );
+        // The mirror holds the IPv4 entries looked up by length, each with
+        // its slot and expiry, and nothing else.
+        let disagree = h.maps.mirror_disagreements().unwrap();
+        assert!(disagree.is_empty(), "{}: mirror: {disagree:#?}", ctx());
+        mirrored_max = mirrored_max.max(h.maps.mirror_contents().entries.len());
         // Untouched entries kept their counters (their own and the per-CPU
         // ones) through every move; a new one starts from zero.
         let counted = h.maps.allow_hits().unwrap();
@@ -2153,6 +2159,114 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
         seen_nets > 20 && seen_trie > 5 && moves > 2,
         "nets {seen_nets}, trie {seen_trie}, moves {moves}"
     );
+    assert!(mirrored_max > 10, "at most {mirrored_max} entries mirrored");
+}
+
+/// The mirror key of an IPv4 allowance on 8081/tcp.
+fn mirror_key_of(net: &str) -> u64 {
+    let net: ipnet::Ipv4Net = net.parse().unwrap();
+    dockwall_common::mirror_key(
+        u32::from_ne_bytes(net.addr().octets()),
+        8081,
+        PROTO_TCP,
+        net.prefix_len(),
+    )
+}
+
+#[test]
+fn the_kernel_decides_ipv4_by_the_mirror_and_asks_the_hash_map_where_a_write_was_cut_short() {
+    let entry = AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: "192.0.2.0/24".parse().unwrap(),
+    };
+    let policy = permanent(&[entry].into());
+    let mut h = Harness::new(&[("192.0.2.0/24", "8081/tcp")]);
+    let frame = syn4("192.0.2.9", HOST4, 8081);
+    let src: IpAddr = "192.0.2.9".parse().unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+    assert!(
+        h.maps
+            .mirror_contents()
+            .entries
+            .contains_key(&mirror_key_of("192.0.2.0/24"))
+    );
+    // Gone from the hash map behind the mirror's back: the mirror decides.
+    h.maps.remove_net_behind_mirror(&entry).unwrap();
+    assert_eq!(h.ingress(&frame), PASS, "decided by the mirror");
+    assert_eq!(h.maps.allow_hits().unwrap().get(&entry), None);
+    // A writer killed mid-write leaves the bucket marked: the kernel asks
+    // the hash map (which lost the entry), and explain reads the same.
+    h.maps.abandon_mirror_write(&entry);
+    assert_eq!(h.ingress(&frame), DROP, "decided by the hash map");
+    assert_eq!(h.maps.lookup_allow(8081, Proto::Tcp, src).unwrap(), None);
+    assert!(!h.maps.mirror_disagreements().unwrap().is_empty());
+    // An edit of that bucket keeps the mark (its other ways may be torn).
+    h.maps.sync_allow_delta(&BTreeMap::new(), &policy).unwrap();
+    assert_eq!(h.maps.mirror_contents().writing, 1);
+    assert_eq!(h.ingress(&frame), PASS, "back in the hash map");
+    // A full sync rewrites it whole.
+    h.maps.sync_allow(&policy).unwrap();
+    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+    assert_eq!(h.maps.mirror_contents().writing, 0);
+    assert_eq!(h.ingress(&frame), PASS);
+    // Revoked: out of the mirror first, then the hash map.
+    h.maps.sync_allow_delta(&policy, &BTreeMap::new()).unwrap();
+    assert_eq!(h.ingress(&frame), DROP);
+    assert!(h.maps.mirror_contents().entries.is_empty());
+}
+
+#[test]
+fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_again() {
+    // Five /32s whose keys share a bucket: three fit, two only in the hash
+    // map; and a sixth, never allowed, in the same bucket.
+    let first = mirror_key_of("10.0.0.1/32");
+    let bucket = dockwall_common::mirror_bucket(first);
+    let same: Vec<String> = (1u32..)
+        .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string())
+        .filter(|a| dockwall_common::mirror_bucket(mirror_key_of(&format!("{a}/32"))) == bucket)
+        .take(6)
+        .collect();
+    let entry = |a: &str| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: format!("{a}/32").parse().unwrap(),
+    };
+    let mut h = Harness::new(&[]);
+    let mut policy = BTreeMap::new();
+    for a in &same[..5] {
+        let old = policy.clone();
+        policy.insert(entry(a), 0);
+        h.maps.sync_allow_delta(&old, &policy).unwrap();
+    }
+    let contents = h.maps.mirror_contents();
+    assert_eq!(contents.entries.len(), 3);
+    assert_eq!(contents.overflowed, 1);
+    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+    for a in &same[..5] {
+        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), PASS, "{a}");
+    }
+    assert_eq!(h.ingress(&syn4(&same[5], HOST4, 8081)), DROP);
+    // Two of the mirrored ones go: the overflow mark stays (the edit does
+    // not know which entries are only in the hash map); the rest pass.
+    let old = policy.clone();
+    policy.remove(&entry(&same[0]));
+    policy.remove(&entry(&same[1]));
+    h.maps.sync_allow_delta(&old, &policy).unwrap();
+    assert_eq!(h.maps.mirror_contents().overflowed, 1);
+    for (i, a) in same.iter().enumerate() {
+        let want = if (2..5).contains(&i) { PASS } else { DROP };
+        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want, "{a}");
+    }
+    // A full sync packs the three into the bucket and clears the mark.
+    h.maps.sync_allow(&policy).unwrap();
+    let contents = h.maps.mirror_contents();
+    assert_eq!((contents.entries.len(), contents.overflowed), (3, 0));
+    for (i, a) in same.iter().enumerate() {
+        let want = if (2..5).contains(&i) { PASS } else { DROP };
+        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want, "{a}");
+    }
 }
 
 #[test]

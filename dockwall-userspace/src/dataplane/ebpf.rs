@@ -22,12 +22,14 @@ use aya::{
 };
 use dockwall_common::{
     ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
-    GLOBAL_LOG_CPUS, HitSlotWords, LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS,
-    MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS,
-    MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey,
-    PublishedValue, port_drop_index, scope_bit, stat,
+    GLOBAL_LOG_CPUS, GLOBAL_MIRROR_ON, HitSlotWords, LEGACY_MAPS_PORT_DROPS, MAP_ALLOW,
+    MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS,
+    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
+    PortKey, PublishedKey, PublishedValue, port_drop_index, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
+
+use super::ebpf_mirror::Mirror;
 
 /// Where dockwall pins its maps and links (bpffs).
 pub const PIN_DIR: &str = "/sys/fs/bpf/dockwall";
@@ -197,7 +199,11 @@ pub fn load_pinned(hook: Hook) -> anyhow::Result<Ebpf> {
 
 /// Loads the object with private, unpinned maps (tests, benchmarks).
 pub fn load_unpinned(hook: Hook) -> anyhow::Result<Ebpf> {
-    let globals = Globals::for_this_host()?;
+    load_unpinned_with(hook, &Globals::for_this_host()?)
+}
+
+/// [`load_unpinned`] with these globals (the benchmark's hash-only object).
+pub fn load_unpinned_with(hook: Hook, globals: &Globals) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     globals.set(&mut loader);
     let mut ebpf = loader
@@ -207,12 +213,18 @@ pub fn load_unpinned(hook: Hook) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// Whether the kernel reads `DW_ALLOW_MIRROR`: on x86-64 only, whose
+/// loads keep their order, as the mirror's sequence lock needs.
+pub(super) const MIRROR_ON: bool = cfg!(target_arch = "x86_64");
+
 /// The object's read-only globals, which the verifier treats as constants.
 pub struct Globals {
     /// The CPUs online now, between which the kernel shares the drop-log rate.
     log_cpus: u32,
     /// 1: the kernel has bpf_ktime_get_coarse_ns (Linux 5.11).
     coarse_clock: u32,
+    /// 1: the kernel reads DW_ALLOW_MIRROR (x86-64; see `ebpf_mirror`).
+    mirror_on: u32,
 }
 
 impl Globals {
@@ -221,14 +233,25 @@ impl Globals {
         Ok(Globals {
             log_cpus: log_cpus()?,
             coarse_clock: u32::from(kernel >= KernelVersion::new(5, 11, 0)),
+            mirror_on: u32::from(MIRROR_ON),
         })
+    }
+
+    /// The same, with the kernel reading only the hash map, not the
+    /// IPv4 mirror: the lookup as it was before the mirror (benchmarks).
+    pub fn without_mirror(self) -> Self {
+        Globals {
+            mirror_on: 0,
+            ..self
+        }
     }
 
     /// Sets them on `loader`, before it loads the object.
     pub fn set<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader
             .override_global(GLOBAL_LOG_CPUS, &self.log_cpus, true)
-            .override_global(GLOBAL_COARSE_CLOCK, &self.coarse_clock, true);
+            .override_global(GLOBAL_COARSE_CLOCK, &self.coarse_clock, true)
+            .override_global(GLOBAL_MIRROR_ON, &self.mirror_on, true);
     }
 }
 
@@ -695,6 +718,8 @@ pub struct Maps {
     pub(super) allow_lens: Array<MapData, AllowLens>,
     /// The allowances of the groups with lengths listed.
     pub(super) allow_nets: HashMap<MapData, AllowNetKey, AllowValue>,
+    /// Their IPv4 entries again, mapped here (see `ebpf_mirror`).
+    pub(super) mirror: Mirror,
     /// The allowances' hit counters, per CPU, a slot each (see `ebpf_hits`).
     pub(super) hit_counts: PerCpuArray<MapData, u64>,
     /// Which of those slots are taken.
@@ -757,6 +782,7 @@ impl Maps {
             take(MAP_ALLOW)?,
             take(MAP_ALLOW_LENS)?,
             take(MAP_ALLOW_NETS)?,
+            take(MAP_ALLOW_MIRROR)?,
             take(MAP_HIT_COUNTS)?,
             take(MAP_HIT_SLOTS)?,
             take(MAP_STATS)?,
@@ -783,6 +809,7 @@ impl Maps {
             open(MAP_ALLOW)?,
             open(MAP_ALLOW_LENS)?,
             open(MAP_ALLOW_NETS)?,
+            open(MAP_ALLOW_MIRROR)?,
             open(MAP_HIT_COUNTS)?,
             open(MAP_HIT_SLOTS)?,
             open(MAP_STATS)?,
@@ -798,12 +825,13 @@ impl Maps {
             allow,
             allow_lens,
             allow_nets,
+            mirror,
             hit_counts,
             hit_slots,
             stats,
             config,
             port_drops,
-        ]: [Map; 10],
+        ]: [Map; 11],
     ) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
@@ -812,6 +840,10 @@ impl Maps {
             allow: allow.try_into().context(MAP_ALLOW)?,
             allow_lens: allow_lens.try_into().context(MAP_ALLOW_LENS)?,
             allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
+            mirror: match mirror {
+                Map::Array(data) => Mirror::new(data)?,
+                other => bail!("{MAP_ALLOW_MIRROR} is a {other:?}, not an array"),
+            },
             hit_counts: hit_counts.try_into().context(MAP_HIT_COUNTS)?,
             hit_slots: hit_slots.try_into().context(MAP_HIT_SLOTS)?,
             possible_cpus: aya::util::nr_cpus()

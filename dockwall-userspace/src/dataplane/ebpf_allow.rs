@@ -17,6 +17,11 @@
 //! listed (its entries miss: fail closed), never an allowance the policy
 //! does not grant.
 //!
+//! The IPv4 entries of `DW_ALLOW_NETS` are mirrored in `DW_ALLOW_MIRROR`
+//! (see `ebpf_mirror`), which the kernel reads first: every write of the
+//! hash map here goes through `net_put` and `net_remove`, which keep the
+//! mirror behind it, and a full sync rebuilds the mirror's buckets.
+//!
 //! Hit counters: each allowance's value names its slot in the per-CPU
 //! array `DW_HIT_COUNTS` (see `ebpf_hits`). A value written again (its
 //! expiry moved, or its group changing place) keeps its slot, so its
@@ -32,13 +37,14 @@ use aya::{
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
-    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
+    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index, mirror_value,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
 
-use super::ebpf::{BPF_NOEXIST, Changes, Maps, already_gone, same_expiry};
+use super::ebpf::{BPF_NOEXIST, Changes, MIRROR_ON, Maps, already_gone, same_expiry};
 use super::ebpf_hits::{SlotBitmap, counting_slot};
+use super::ebpf_mirror::{self, Mirrored};
 use crate::policy::{AllowEntry, Proto};
 
 /// (published port, protocol, IPv6?): the allowances one `DW_ALLOW_LENS`
@@ -252,6 +258,9 @@ impl Maps {
         // Taken in the map before any entry names them.
         self.write_slots(&taken, Some(&was))?;
         let mut changes = Changes::default();
+        // The mirror's whole content after this sync: every IPv4 entry
+        // looked up by length, as the hash map holds it.
+        let mut mirror_want = BTreeMap::new();
         // 1. Every entry into its place.
         for (entry, &expires_ns) in desired {
             let counter = counters.get(entry).copied().unwrap_or_default();
@@ -265,7 +274,11 @@ impl Maps {
                 })
             };
             if in_nets(entry) {
-                if unchanged(nets_now.get(entry)) {
+                let now = nets_now.get(entry).filter(|now| unchanged(Some(now)));
+                if let Some(key) = ebpf_mirror::key_of(entry) {
+                    mirror_want.insert(key, mirrored(now.unwrap_or(&value)));
+                }
+                if now.is_some() {
                     continue;
                 }
                 self.net_put(entry, value)?;
@@ -282,6 +295,10 @@ impl Maps {
             }
             changes.added += 1;
         }
+        // Buckets a crash or a hand edit left wrong, and overflow marks
+        // that room since freed has cleared: now, while the hash map holds
+        // every new entry and the old ones the kernel may still probe.
+        self.mirror.rebuild(&mirror_want);
         // 2. The slots, now that what they point at is there.
         for (&group, &place) in &places {
             if self.slot(group)? != slot_of(place) {
@@ -546,14 +563,25 @@ impl Maps {
         }
     }
 
+    /// Writes one entry of `DW_ALLOW_NETS`, then its mirror.
     fn net_put(&mut self, entry: &AllowEntry, value: AllowValue) -> anyhow::Result<()> {
         self.allow_nets
             .insert(net_key(entry), value.untagged(), 0)
-            .with_context(|| format!("writing {entry:?} to {MAP_ALLOW_NETS} (bpf_map_update_elem)"))
+            .with_context(|| {
+                format!("writing {entry:?} to {MAP_ALLOW_NETS} (bpf_map_update_elem)")
+            })?;
+        if let Some(key) = ebpf_mirror::key_of(entry) {
+            self.mirror.put(key, mirrored(&value));
+        }
+        Ok(())
     }
 
-    /// Removes one entry of `DW_ALLOW_NETS`; one already gone is fine.
+    /// Removes one entry of `DW_ALLOW_NETS`, its mirror first; one already
+    /// gone is fine.
     fn net_remove(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
+        if let Some(key) = ebpf_mirror::key_of(entry) {
+            self.mirror.remove(key);
+        }
         match self.allow_nets.remove(&net_key(entry)) {
             Ok(()) => Ok(()),
             Err(e) if already_gone(&e) => Ok(()),
@@ -668,6 +696,24 @@ impl Maps {
                     continue;
                 };
                 let entry = AllowEntry { port, proto, net };
+                // The kernel asks the mirror first: so does this, and it
+                // answers alike (an entry only in the hash map, say after
+                // a crash, decides nothing until a sync mirrors it).
+                if let Some(key) = MIRROR_ON.then(|| ebpf_mirror::key_of(&entry)).flatten() {
+                    match self.mirror.probe(key) {
+                        // The hash map's value (the mirror's is the same,
+                        // its expiry to the unit), with its hits.
+                        Mirrored::Found(mirrored) => {
+                            let value = self.net_get(&entry)?.unwrap_or(AllowValue {
+                                hits: 0,
+                                expires_ns: mirrored_expiry(mirrored),
+                            });
+                            return Ok(Some(self.with_total_hits(value)?));
+                        }
+                        Mirrored::Absent => continue,
+                        Mirrored::Unsure => {}
+                    }
+                }
                 if let Some(value) = self.net_get(&entry)? {
                     return Ok(Some(self.with_total_hits(value)?));
                 }
@@ -691,6 +737,75 @@ impl Maps {
             Err(e) => return Err(e).context("looking up DW_ALLOW (bpf_map_lookup_elem)"),
         };
         Ok(Some(self.with_total_hits(value)?))
+    }
+}
+
+/// What the mirror holds for an allowance with this value: its slot and
+/// expiry, or `None` for one without a slot (counted shared, so in the
+/// hash map only).
+fn mirrored(value: &AllowValue) -> Option<u64> {
+    counting_slot(value).map(|slot| mirror_value(slot, value.expires_ns))
+}
+
+/// A mirror value's expiry in ns, as the kernel compares it.
+fn mirrored_expiry(mirrored: u64) -> u64 {
+    dockwall_common::mirror_expiry_units(mirrored) << dockwall_common::MIRROR_EXPIRY_SHIFT
+}
+
+impl Maps {
+    /// Where the mirror and the IPv4 entries of `DW_ALLOW_NETS` disagree,
+    /// a line each: an entry the kernel would not find or would find with
+    /// another value, a mirrored key the hash map does not have, a bucket
+    /// left marked writing. Empty after every completed write.
+    pub fn mirror_disagreements(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut keys = BTreeSet::new();
+        for (entry, value) in self.nets_values()? {
+            let Some(key) = ebpf_mirror::key_of(&entry) else {
+                continue;
+            };
+            keys.insert(key);
+            match (self.mirror.probe(key), mirrored(&value.untagged())) {
+                (Mirrored::Found(got), Some(want)) if got == want => {}
+                (Mirrored::Unsure, _) => {}
+                (got, want) => out.push(format!("{entry:?}: mirror {got:?}, hash map {want:?}")),
+            }
+        }
+        let contents = self.mirror.contents();
+        for (key, (bucket, value)) in &contents.entries {
+            if !keys.contains(key) {
+                out.push(format!(
+                    "key {key:#x} (bucket {bucket}, value {value:#x}) is mirrored, not in {MAP_ALLOW_NETS}"
+                ));
+            }
+        }
+        if contents.writing != 0 {
+            out.push(format!("{} buckets left marked writing", contents.writing));
+        }
+        Ok(out)
+    }
+
+    /// The mirror's content (tests, `status`).
+    pub fn mirror_contents(&self) -> ebpf_mirror::MirrorContents {
+        self.mirror.contents()
+    }
+
+    /// Test hook: removes `entry` from `DW_ALLOW_NETS` and leaves its
+    /// mirror, as no dockwall write does: what the kernel then decides
+    /// shows which of the two it read.
+    #[doc(hidden)]
+    pub fn remove_net_behind_mirror(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
+        self.allow_nets
+            .remove(&net_key(entry))
+            .with_context(|| format!("removing {entry:?} from {MAP_ALLOW_NETS}"))
+    }
+
+    /// Test hook: leaves `entry`'s bucket as a writer killed mid-write does.
+    #[doc(hidden)]
+    pub fn abandon_mirror_write(&mut self, entry: &AllowEntry) {
+        if let Some(key) = ebpf_mirror::key_of(entry) {
+            self.mirror.abandon_write(key);
+        }
     }
 }
 

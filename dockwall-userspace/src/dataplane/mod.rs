@@ -5,6 +5,7 @@
 pub mod ebpf;
 pub mod ebpf_allow;
 pub mod ebpf_hits;
+pub mod ebpf_mirror;
 pub mod fallback;
 pub mod iptables;
 pub mod nftables;

@@ -1,0 +1,311 @@
+//! `DW_ALLOW_MIRROR`: the IPv4 entries of `DW_ALLOW_NETS` again, in
+//! buckets the kernel reads without a helper call (see
+//! [`dockwall_common::MirrorBucket`]). Userspace writes them through a
+//! shared mapping of the map, word by word, under each bucket's sequence
+//! lock; the kernel falls back to the hash map for a bucket it sees being
+//! written, or that has overflowed.
+//!
+//! The hash map stays the whole truth, and the mirror follows it: an entry
+//! is put in the hash map, then mirrored; it leaves the mirror, then the
+//! hash map. A crash between the two leaves an entry the kernel does not
+//! find (fail closed) until the next full sync, which rewrites every
+//! bucket that differs from the hash map ([`Mirror::rebuild`]).
+//!
+//! Only an allowance that counts its hits in a slot is mirrored (the
+//! mirror's value is the slot and the expiry); any other marks its bucket
+//! overflowed, so the kernel asks the hash map.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+
+use anyhow::Context as _;
+use aya::maps::MapData;
+use dockwall_common::{
+    MAP_ALLOW_MIRROR, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_SEQ_STEP, MIRROR_WAYS,
+    MIRROR_WRITING, MirrorBucket, mirror_bucket, mirror_key,
+};
+use ipnet::IpNet;
+
+use crate::policy::AllowEntry;
+
+/// What the mirror says of a key: what the kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mirrored {
+    /// Its mirror value.
+    Found(u64),
+    /// Not there; nothing hashing there is only in the hash map.
+    Absent,
+    /// Being written, or overflowed: the kernel asks the hash map.
+    Unsure,
+}
+
+/// The mirror key of an allowance, if it is one the mirror can hold (IPv4).
+pub fn key_of(entry: &AllowEntry) -> Option<u64> {
+    match entry.net.trunc() {
+        IpNet::V4(net) => Some(mirror_key(
+            u32::from_ne_bytes(net.addr().octets()),
+            entry.port,
+            entry.proto.number(),
+            net.prefix_len(),
+        )),
+        IpNet::V6(_) => None,
+    }
+}
+
+/// The map, mapped into this process (`BPF_F_MMAPABLE`).
+pub struct Mirror {
+    buckets: NonNull<MirrorBucket>,
+    bytes: usize,
+    /// Keeps the map open while it is mapped.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is plain shared memory, owned by this value; all
+// access goes through atomics, and writes need `&mut self`.
+unsafe impl Send for Mirror {}
+// SAFETY: as above: `&self` methods only load.
+unsafe impl Sync for Mirror {}
+
+const BUCKET_WORDS: usize = size_of::<MirrorBucket>() / 8;
+
+impl Mirror {
+    /// Maps `map` (which must be `DW_ALLOW_MIRROR`) read-write.
+    pub fn new(map: MapData) -> anyhow::Result<Self> {
+        let bytes = MIRROR_BUCKETS as usize * size_of::<MirrorBucket>();
+        // SAFETY: a fresh shared mapping of the map's memory; the kernel
+        // checks the length against the map and that it is mmapable.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!(
+                    "mapping {MAP_ALLOW_MIRROR} (mmap of {bytes} bytes; a pin from an older dockwall without BPF_F_MMAPABLE?)"
+                )
+            });
+        }
+        let buckets = NonNull::new(ptr.cast::<MirrorBucket>())
+            .ok_or_else(|| anyhow::anyhow!("mmap of {MAP_ALLOW_MIRROR} returned NULL"))?;
+        Ok(Mirror {
+            buckets,
+            bytes,
+            _map: map,
+        })
+    }
+
+    /// Word `w` of bucket `b` (0: seq; then key, value of each way).
+    fn word(&self, b: u32, w: usize) -> &AtomicU64 {
+        assert!(b < MIRROR_BUCKETS && w < BUCKET_WORDS);
+        // SAFETY: in bounds (checked above) of a mapping that lives as long
+        // as `self`, 8-byte aligned (page-aligned base, 64-byte buckets);
+        // the kernel reads it concurrently, so only atomics touch it.
+        unsafe {
+            AtomicU64::from_ptr(
+                self.buckets
+                    .as_ptr()
+                    .cast::<u64>()
+                    .add(b as usize * BUCKET_WORDS + w),
+            )
+        }
+    }
+
+    fn seq(&self, b: u32) -> &AtomicU64 {
+        self.word(b, 0)
+    }
+
+    fn way_key(&self, b: u32, way: usize) -> &AtomicU64 {
+        self.word(b, 1 + 2 * way)
+    }
+
+    fn way_value(&self, b: u32, way: usize) -> &AtomicU64 {
+        self.word(b, 2 + 2 * way)
+    }
+
+    /// Starts a write of bucket `b`: readers from now on ask the hash map.
+    fn begin(&self, b: u32) -> u64 {
+        let seq = self.seq(b).load(Ordering::Relaxed);
+        self.seq(b).store(seq | MIRROR_WRITING, Ordering::Relaxed);
+        fence(Ordering::Release);
+        seq
+    }
+
+    /// Ends it: a new version, overflowed or not. A bucket that was marked
+    /// writing before `begin` (a writer killed mid-write) stays marked: its
+    /// other ways may be torn, and only [`Mirror::rebuild`], which writes
+    /// the whole bucket, clears that (`whole`).
+    fn end(&self, b: u32, was: u64, overflow: bool, whole: bool) {
+        let version = (was & !(MIRROR_WRITING | MIRROR_OVERFLOW)).wrapping_add(MIRROR_SEQ_STEP)
+            & !(MIRROR_WRITING | MIRROR_OVERFLOW);
+        let overflow = if overflow { MIRROR_OVERFLOW } else { 0 };
+        let writing = if whole { 0 } else { was & MIRROR_WRITING };
+        self.seq(b)
+            .store(version | overflow | writing, Ordering::Release);
+    }
+
+    /// Mirrors `key` with `value`; `None`: it cannot be (no slot), so its
+    /// bucket is marked overflowed and any old copy goes.
+    pub fn put(&mut self, key: u64, value: Option<u64>) {
+        let b = mirror_bucket(key);
+        let seq = self.seq(b).load(Ordering::Relaxed);
+        let overflow = seq & MIRROR_OVERFLOW != 0;
+        let at = (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == key);
+        let Some(value) = value else {
+            if at.is_some() || !overflow {
+                let was = self.begin(b);
+                if let Some(w) = at {
+                    self.way_key(b, w).store(0, Ordering::Relaxed);
+                }
+                self.end(b, was, true, false);
+            }
+            return;
+        };
+        if let Some(w) = at {
+            if self.way_value(b, w).load(Ordering::Relaxed) != value {
+                let was = self.begin(b);
+                self.way_value(b, w).store(value, Ordering::Relaxed);
+                self.end(b, was, overflow, false);
+            }
+            return;
+        }
+        let free = (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == 0);
+        let was = self.begin(b);
+        match free {
+            Some(w) => {
+                self.way_value(b, w).store(value, Ordering::Relaxed);
+                self.way_key(b, w).store(key, Ordering::Relaxed);
+                self.end(b, was, overflow, false);
+            }
+            // Full: the entry is only in the hash map.
+            None => self.end(b, was, true, false),
+        }
+    }
+
+    /// Takes `key` out of the mirror (before it leaves the hash map).
+    pub fn remove(&mut self, key: u64) {
+        let b = mirror_bucket(key);
+        let Some(w) = (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == key)
+        else {
+            return;
+        };
+        let was = self.begin(b);
+        self.way_key(b, w).store(0, Ordering::Relaxed);
+        self.way_value(b, w).store(0, Ordering::Relaxed);
+        self.end(b, was, was & MIRROR_OVERFLOW != 0, false);
+    }
+
+    /// What the kernel would read for `key`, read the way it reads it.
+    pub fn probe(&self, key: u64) -> Mirrored {
+        let b = mirror_bucket(key);
+        let seq = self.seq(b).load(Ordering::Acquire);
+        if seq & MIRROR_WRITING != 0 {
+            return Mirrored::Unsure;
+        }
+        let found = (0..MIRROR_WAYS)
+            .find(|w| self.way_key(b, *w).load(Ordering::Acquire) == key)
+            .map(|w| self.way_value(b, w).load(Ordering::Acquire));
+        if self.seq(b).load(Ordering::Acquire) != seq {
+            return Mirrored::Unsure;
+        }
+        match found {
+            Some(value) => Mirrored::Found(value),
+            None if seq & MIRROR_OVERFLOW != 0 => Mirrored::Unsure,
+            None => Mirrored::Absent,
+        }
+    }
+
+    /// Makes the mirror hold exactly `want` (key -> value; `None`: only
+    /// in the hash map), rewriting only the buckets that differ. Each
+    /// bucket holds the first keys hashing to it, in key order; the rest,
+    /// and any `None`, mark it overflowed. A bucket a killed writer left
+    /// marked writing is rewritten too. Returns the buckets rewritten.
+    pub fn rebuild(&mut self, want: &BTreeMap<u64, Option<u64>>) -> usize {
+        let mut by_bucket: BTreeMap<u32, Vec<(u64, Option<u64>)>> = BTreeMap::new();
+        for (key, value) in want {
+            by_bucket
+                .entry(mirror_bucket(*key))
+                .or_default()
+                .push((*key, *value));
+        }
+        let mut rewritten = 0;
+        for b in 0..MIRROR_BUCKETS {
+            let wanted = by_bucket.remove(&b).unwrap_or_default();
+            let mirrored: Vec<(u64, u64)> = wanted
+                .iter()
+                .filter_map(|(k, v)| v.map(|v| (*k, v)))
+                .take(MIRROR_WAYS)
+                .collect();
+            let overflow = mirrored.len() < wanted.len();
+            let mut ways = [(0u64, 0u64); MIRROR_WAYS];
+            ways[..mirrored.len()].copy_from_slice(&mirrored);
+            let seq = self.seq(b).load(Ordering::Relaxed);
+            let now: [(u64, u64); MIRROR_WAYS] = std::array::from_fn(|w| {
+                (
+                    self.way_key(b, w).load(Ordering::Relaxed),
+                    self.way_value(b, w).load(Ordering::Relaxed),
+                )
+            });
+            if now == ways && (seq & MIRROR_OVERFLOW != 0) == overflow && seq & MIRROR_WRITING == 0
+            {
+                continue;
+            }
+            let was = self.begin(b);
+            for (w, (key, value)) in ways.iter().enumerate() {
+                self.way_key(b, w).store(*key, Ordering::Relaxed);
+                self.way_value(b, w).store(*value, Ordering::Relaxed);
+            }
+            self.end(b, was, overflow, true);
+            rewritten += 1;
+        }
+        rewritten
+    }
+
+    /// Every mirrored entry (key -> value), and the buckets overflowed and
+    /// marked writing: for tests and `status`.
+    pub fn contents(&self) -> MirrorContents {
+        let mut out = MirrorContents::default();
+        for b in 0..MIRROR_BUCKETS {
+            let seq = self.seq(b).load(Ordering::Acquire);
+            out.overflowed += usize::from(seq & MIRROR_OVERFLOW != 0);
+            out.writing += usize::from(seq & MIRROR_WRITING != 0);
+            for w in 0..MIRROR_WAYS {
+                let key = self.way_key(b, w).load(Ordering::Acquire);
+                if key != 0 {
+                    let value = self.way_value(b, w).load(Ordering::Acquire);
+                    out.entries.insert(key, (b, value));
+                }
+            }
+        }
+        out
+    }
+
+    /// Test hook: marks bucket `b` as a writer killed mid-write leaves it.
+    #[doc(hidden)]
+    pub fn abandon_write(&mut self, key: u64) {
+        self.begin(mirror_bucket(key));
+    }
+}
+
+/// What [`Mirror::contents`] reads.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MirrorContents {
+    /// key -> (bucket, value).
+    pub entries: BTreeMap<u64, (u32, u64)>,
+    pub overflowed: usize,
+    pub writing: usize,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.buckets.as_ptr().cast(), self.bytes) };
+    }
+}
