@@ -315,6 +315,39 @@ fn explain_matrix(
         ])
         .args(&key);
         let deleted = capture(&mut del);
+        // The hash map alone is not what the kernel reads for IPv4: its
+        // mirror still holds the entry, and explain, reading the way the
+        // kernel does, still says allow.
+        let (_, e) = json(dw, &["explain", &a.addr4, "8081", "--json"])?;
+        r.expect(
+            "explain: an IPv4 entry gone from DW_ALLOW_NETS alone still decides from the mirror, as the kernel reads it",
+            e["dataplanes"][0]["name"] == "ebpf" && e["dataplanes"][0]["verdict"] == "allow",
+            || e.to_string(),
+        );
+        // Empty its mirror bucket too (an array element: the bucket's
+        // index, little-endian, and 64 zero bytes).
+        let mirror_key = dockwall_common::mirror_key(
+            u32::from_ne_bytes(ip.octets()),
+            8081,
+            dockwall_common::PROTO_TCP,
+            32,
+        );
+        let bucket = dockwall_common::mirror_bucket(mirror_key);
+        let mut zero = Command::new("bpftool");
+        zero.args([
+            "map",
+            "update",
+            "pinned",
+            "/sys/fs/bpf/dockwall/DW_ALLOW_MIRROR",
+            "key",
+        ])
+        .args(bucket.to_le_bytes().iter().map(|b| b.to_string()))
+        .arg("value")
+        .args(std::iter::repeat_n(
+            "0",
+            size_of::<dockwall_common::MirrorBucket>(),
+        ));
+        let deleted = deleted.and_then(|_| capture(&mut zero));
         let (code, e) = json(dw, &["explain", &a.addr4, "8081", "--json"])?;
         r.expect(
             "explain: a dataplane that no longer holds the policy is named (exit 1, agree false)",

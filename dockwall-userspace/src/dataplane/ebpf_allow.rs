@@ -295,16 +295,18 @@ impl Maps {
             }
             changes.added += 1;
         }
-        // Buckets a crash or a hand edit left wrong, and overflow marks
-        // that room since freed has cleared: now, while the hash map holds
-        // every new entry and the old ones the kernel may still probe.
-        self.mirror.rebuild(&mirror_want);
         // 2. The slots, now that what they point at is there.
         for (&group, &place) in &places {
             if self.slot(group)? != slot_of(place) {
                 self.set_slot(group, slot_of(place))?;
             }
         }
+        // The mirror, whole: buckets a crash or a hand edit left wrong, and
+        // overflow marks that room since freed has cleared. After the slots
+        // (a group leaving for the trie is looked up there before its
+        // mirrored entries go; one arriving was mirrored by `net_put` in
+        // step 1), before the hash map's removals (out of the mirror first).
+        self.mirror.rebuild(&mirror_want);
         // 3. What is no longer looked up where it is.
         for entry in nets_now.keys() {
             let kept = desired.contains_key(entry) && in_nets(entry);
