@@ -658,10 +658,7 @@ fn mirrored_match(value: u64) -> Match {
     if units != 0 && (unsafe { bpf_ktime_get_boot_ns() } >> MIRROR_EXPIRY_SHIFT) >= units {
         return Match::Expired;
     }
-    if let Some(count) = HIT_COUNTS.get_ptr_mut(mirror_slot(value)) {
-        // SAFETY: this CPU's counter, valid for the program's run.
-        unsafe { *count += 1 };
-    }
+    count_in_slot(mirror_slot(value));
     Match::Hit
 }
 
@@ -733,13 +730,23 @@ fn lapsed(value: &AllowValue) -> bool {
 #[inline(always)]
 fn count_hit(value: &AllowValue) {
     if let Some(slot) = value.hit_slot()
-        && let Some(count) = HIT_COUNTS.get_ptr_mut(slot)
+        && count_in_slot(slot)
     {
-        // SAFETY: this CPU's counter, valid for the program's run.
-        unsafe { *count += 1 };
         return;
     }
     count_shared_hit(value);
+}
+
+/// Counts a hit on this CPU's counter in `slot`; false for a slot past
+/// the map.
+#[inline(always)]
+fn count_in_slot(slot: u32) -> bool {
+    let Some(count) = HIT_COUNTS.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: this CPU's counter, valid for the program's run.
+    unsafe { *count += 1 };
+    true
 }
 
 /// One atomic add to the entry's own counter, which every CPU matching it

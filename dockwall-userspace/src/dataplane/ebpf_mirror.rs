@@ -130,6 +130,11 @@ impl Mirror {
         self.word(b, 2 + 2 * way)
     }
 
+    /// The way of bucket `b` holding `key` (0: a free way).
+    fn way_of(&self, b: u32, key: u64) -> Option<usize> {
+        (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == key)
+    }
+
     /// Starts a write of bucket `b`: readers from now on ask the hash map.
     fn begin(&self, b: u32) -> u64 {
         let seq = self.seq(b).load(Ordering::Relaxed);
@@ -157,7 +162,7 @@ impl Mirror {
         let b = mirror_bucket(key);
         let seq = self.seq(b).load(Ordering::Relaxed);
         let overflow = seq & MIRROR_OVERFLOW != 0;
-        let at = (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == key);
+        let at = self.way_of(b, key);
         let Some(value) = value else {
             if at.is_some() || !overflow {
                 let was = self.begin(b);
@@ -176,7 +181,7 @@ impl Mirror {
             }
             return;
         }
-        let free = (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == 0);
+        let free = self.way_of(b, 0);
         let was = self.begin(b);
         match free {
             Some(w) => {
@@ -192,8 +197,7 @@ impl Mirror {
     /// Takes `key` out of the mirror (before it leaves the hash map).
     pub fn remove(&mut self, key: u64) {
         let b = mirror_bucket(key);
-        let Some(w) = (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == key)
-        else {
+        let Some(w) = self.way_of(b, key) else {
             return;
         };
         let was = self.begin(b);
