@@ -50,8 +50,13 @@ pub const MAP_HIT_SLOTS: &str = "DW_HIT_SLOTS";
 /// to [`MIRROR_WAYS`] entries whose key hashes to it ([`mirror_bucket`]),
 /// written by userspace through a shared mapping (`BPF_F_MMAPABLE`). The
 /// kernel probes it first; the hash map stays the whole truth, read where
-/// a bucket is being written or has overflowed.
-pub const MAP_ALLOW_MIRROR: &str = "DW_ALLOW_MIRROR";
+/// a bucket is being written or has overflowed, or an entry says so.
+pub const MAP_ALLOW_MIRROR: &str = "DW_MIRROR_V4";
+/// The mirror of the dockwall before it (three two-word ways a bucket),
+/// the same size and value size as `MAP_ALLOW_MIRROR`: a pin of it is
+/// removed, never reused, as a program reading one layout in a map
+/// written in the other would misread it.
+pub const LEGACY_MAPS_MIRROR: [&str; 1] = ["DW_ALLOW_MIRROR"];
 /// The hit counters of older dockwalls: a per-CPU hash keyed by
 /// [`AllowNetKey`], the kernel creating an entry on an allowance's first
 /// hit, and where one of them set its unpreallocated map aside. `load`
@@ -365,17 +370,18 @@ impl AllowValue {
     }
 }
 
-/// `MAP_ALLOW_MIRROR` buckets: 16 MiB, room for 786k entries. At 100k
-/// IPv4 allowances 0.1 % of buckets overflow, at 1M about half do (their
-/// extra entries are looked up in the hash map).
+/// `MAP_ALLOW_MIRROR` buckets: 16 MiB, room for 1.8M entries. At 1M IPv4
+/// allowances (a mean of 3.8 a bucket) about 4 % of buckets overflow and
+/// 1.7 % of entries are in the hash map only; at 100k, none.
 pub const MIRROR_BUCKETS: u32 = 1 << MIRROR_BUCKET_BITS;
 const MIRROR_BUCKET_BITS: u32 = 18;
-/// Entries a bucket holds: with its header, one 64-byte cache line.
-pub const MIRROR_WAYS: usize = 3;
+/// Entries a bucket holds: a word each, after its header, in one 64-byte
+/// cache line.
+pub const MIRROR_WAYS: usize = 7;
 /// `MirrorBucket::seq`: a writer is changing the bucket.
 pub const MIRROR_WRITING: u64 = 1;
-/// `MirrorBucket::seq`: an entry hashing here did not fit (or could not be
-/// mirrored): a key not found in the bucket may still be in the hash map.
+/// `MirrorBucket::seq`: an entry hashing here did not fit: a key not found
+/// in the bucket may still be in the hash map.
 pub const MIRROR_OVERFLOW: u64 = 1 << 63;
 /// `MirrorBucket::seq`: one write's step of the version.
 pub const MIRROR_SEQ_STEP: u64 = 2;
@@ -388,23 +394,14 @@ pub const MIRROR_SEQ_STEP: u64 = 2;
 /// `seq`, the ways, then `seq` again, and trusts what it read only if both
 /// reads are equal and not writing; otherwise it asks the hash map. A
 /// writer killed mid-write leaves the bucket marked writing: the kernel
-/// asks the hash map for it until the next write or full sync.
+/// asks the hash map for it until the next full sync.
+///
+/// Each way is one word ([`mirror_way`]), so a reader sees it whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MirrorBucket {
     pub seq: u64,
-    pub ways: [MirrorWay; MIRROR_WAYS],
-    pub _pad: u64,
-}
-
-/// One mirrored allowance: `key` 0 is a free way.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MirrorWay {
-    /// [`mirror_key`].
-    pub key: u64,
-    /// [`mirror_value`].
-    pub value: u64,
+    pub ways: [u64; MIRROR_WAYS],
 }
 
 /// The mirror key of an IPv4 allowance: the source address masked to
@@ -420,49 +417,101 @@ pub const fn mirror_key(addr_word: u32, port: u16, proto: u8, len: u8) -> u64 {
         | 1
 }
 
-/// The bucket a mirror key lives in: the key mixed (MurmurHash3's 64-bit
-/// finalizer; every bit of the key moves the bucket), its top bits.
+const FMIX_C1: u64 = 0xff51_afd7_ed55_8ccd;
+const FMIX_C2: u64 = 0xc4ce_b9fe_1a85_ec53;
+
+/// A key mixed (MurmurHash3's 64-bit finalizer): every bit of the key
+/// moves every bit of the hash, and no two keys share one (each step is
+/// invertible), so a bucket and the hash's remaining bits name the key.
 #[inline(always)]
-pub const fn mirror_bucket(key: u64) -> u32 {
+pub const fn mirror_hash(key: u64) -> u64 {
     let mut h = key;
     h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h = h.wrapping_mul(FMIX_C1);
     h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h = h.wrapping_mul(FMIX_C2);
     h ^= h >> 33;
-    (h >> (64 - MIRROR_BUCKET_BITS)) as u32
+    h
 }
 
-/// A mirrored value's expiry in units of 2^20 ns (1.05 ms), so that it and
-/// the hit slot fit one word, which a reader sees whole.
-pub const MIRROR_EXPIRY_SHIFT: u32 = 20;
-const MIRROR_SLOT_BITS: u32 = 24;
-const MIRROR_SLOT_MASK: u64 = (1 << MIRROR_SLOT_BITS) - 1;
+/// The inverse of an odd number modulo 2^64 (Newton's iteration; each
+/// step doubles the bits that are right).
+const fn inverse_mod_2_64(c: u64) -> u64 {
+    let mut x = c;
+    let mut i = 0;
+    while i < 6 {
+        x = x.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(x)));
+        i += 1;
+    }
+    x
+}
 
-/// The mirror value of an allowance counting in `slot`, expiring at
-/// `expires_ns` (0: never): the expiry rounded down to its unit (at most
-/// 1.05 ms early; never 0 for one that expires), above the slot.
+/// The key of a hash: [`mirror_hash`] undone (userspace, reading the
+/// mirror back).
+pub const fn mirror_unhash(h: u64) -> u64 {
+    let mut k = h;
+    k ^= k >> 33;
+    k = k.wrapping_mul(inverse_mod_2_64(FMIX_C2));
+    k ^= k >> 33;
+    k = k.wrapping_mul(inverse_mod_2_64(FMIX_C1));
+    k ^= k >> 33;
+    k
+}
+
+/// A way's tag: the hash's bits below the bucket's.
+const MIRROR_TAG_BITS: u32 = 64 - MIRROR_BUCKET_BITS;
+const MIRROR_TAG_MASK: u64 = (1 << MIRROR_TAG_BITS) - 1;
+/// A way's field above its tag (18 bits): 0 a free way, this an entry the
+/// kernel must look up in the hash map (it expires, or counts its hits
+/// shared), any other the hit slot + 1 of a permanent entry.
+pub const MIRROR_ASK: u64 = (1 << (64 - MIRROR_TAG_BITS)) - 1;
+const _: () = assert!((HIT_SLOTS as u64) < MIRROR_ASK);
+
+/// Where a mirror key lives, from one hash: its bucket (the hash's top
+/// bits) and the tag its way holds there (the rest).
 #[inline(always)]
-pub const fn mirror_value(slot: u32, expires_ns: u64) -> u64 {
-    let units = if expires_ns == 0 {
-        0
-    } else {
-        let units = expires_ns >> MIRROR_EXPIRY_SHIFT;
-        if units == 0 { 1 } else { units }
+pub const fn mirror_place(key: u64) -> (u32, u64) {
+    let h = mirror_hash(key);
+    ((h >> MIRROR_TAG_BITS) as u32, h & MIRROR_TAG_MASK)
+}
+
+/// The bucket a mirror key lives in.
+#[inline(always)]
+pub const fn mirror_bucket(key: u64) -> u32 {
+    mirror_place(key).0
+}
+
+/// The tag a way holds for `key` in its bucket.
+#[inline(always)]
+pub const fn mirror_tag(key: u64) -> u64 {
+    mirror_place(key).1
+}
+
+/// The way word of `key`: its tag, and above it the hit slot of a
+/// permanent entry (`Some`), or [`MIRROR_ASK`] (`None`).
+pub const fn mirror_way(key: u64, slot: Option<u32>) -> u64 {
+    let field = match slot {
+        Some(slot) => slot as u64 + 1,
+        None => MIRROR_ASK,
     };
-    (units << MIRROR_SLOT_BITS) | (slot as u64 & MIRROR_SLOT_MASK)
+    (field << MIRROR_TAG_BITS) | mirror_tag(key)
 }
 
-/// A mirror value's hit slot.
+/// A way word's field: 0 free, [`MIRROR_ASK`], or a hit slot + 1.
 #[inline(always)]
-pub const fn mirror_slot(value: u64) -> u32 {
-    (value & MIRROR_SLOT_MASK) as u32
+pub const fn mirror_way_field(way: u64) -> u64 {
+    way >> MIRROR_TAG_BITS
 }
 
-/// A mirror value's expiry in `MIRROR_EXPIRY_SHIFT` units; 0: never.
+/// Whether way word `way` holds the entry of tag `tag`.
 #[inline(always)]
-pub const fn mirror_expiry_units(value: u64) -> u64 {
-    value >> MIRROR_SLOT_BITS
+pub const fn mirror_way_holds(way: u64, tag: u64) -> bool {
+    way & MIRROR_TAG_MASK == tag && mirror_way_field(way) != 0
+}
+
+/// The key a used way of bucket `bucket` holds.
+pub const fn mirror_way_key(bucket: u32, way: u64) -> u64 {
+    mirror_unhash(((bucket as u64) << MIRROR_TAG_BITS) | (way & MIRROR_TAG_MASK))
 }
 
 /// One element of `MAP_HIT_SLOTS`: a bit per slot, slot `s` of the
@@ -709,25 +758,45 @@ mod tests {
             .iter()
             .filter(|c| usize::from(**c) > MIRROR_WAYS)
             .count();
-        // Uniform hashing (Poisson, mean 0.38) overflows about 230.
-        assert!(over < 600, "{over} buckets overflow");
+        // Uniform hashing (Poisson, mean 0.38) overflows none (P(N > 7)
+        // is 3e-9 a bucket).
+        assert_eq!(over, 0, "{over} buckets overflow");
     }
 
     #[test]
-    fn a_mirror_value_keeps_the_slot_and_the_expiry_to_its_unit() {
-        let v = mirror_value(HIT_SLOTS - 1, 0);
-        assert_eq!((mirror_slot(v), mirror_expiry_units(v)), (HIT_SLOTS - 1, 0));
-        let at = 5_000_000_000_000u64;
-        let v = mirror_value(7, at);
-        assert_eq!(mirror_slot(v), 7);
-        let units = mirror_expiry_units(v);
-        assert!(units << MIRROR_EXPIRY_SHIFT <= at);
-        assert!(at - (units << MIRROR_EXPIRY_SHIFT) < 1 << MIRROR_EXPIRY_SHIFT);
-        assert_eq!(
-            mirror_expiry_units(mirror_value(7, 5)),
-            1,
-            "an expiry is never 'never'"
-        );
+    fn a_mirror_way_names_its_key_and_its_slot_or_says_ask() {
+        for (i, key) in [
+            mirror_key(u32::from_ne_bytes([10, 1, 2, 0]), 8081, PROTO_TCP, 24),
+            mirror_key(u32::MAX, u16::MAX, u8::MAX, 32),
+            mirror_key(0, 0, 0, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert_eq!(mirror_unhash(mirror_hash(key)), key);
+            for slot in [Some(0), Some(HIT_SLOTS - 1), None] {
+                let way = mirror_way(key, slot);
+                assert_ne!(mirror_way_field(way), 0, "{i}: a used way is never free");
+                assert!(mirror_way_holds(way, mirror_tag(key)));
+                assert_eq!(mirror_way_key(mirror_bucket(key), way), key);
+                let field = mirror_way_field(way);
+                match slot {
+                    Some(s) => assert_eq!(field, u64::from(s) + 1),
+                    None => assert_eq!(field, MIRROR_ASK),
+                }
+            }
+            assert!(
+                !mirror_way_holds(0, mirror_tag(key)),
+                "a free way holds nothing"
+            );
+        }
+        // Every key of a sample comes back from its bucket and tag, so no
+        // two keys in a bucket share a tag.
+        for i in 0..50_000u64 {
+            let key = mirror_key((i * 2_654_435_761) as u32, 443, PROTO_TCP, 32);
+            let way = mirror_way(key, Some(1));
+            assert_eq!(mirror_way_key(mirror_bucket(key), way), key);
+        }
     }
 
     #[test]

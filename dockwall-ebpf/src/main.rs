@@ -19,7 +19,7 @@
 //!    The match is one exact hash probe per prefix length that port's
 //!    allowances use, longest first (ipset's idea, per port); a port using
 //!    more than `ALLOW_MAX_LENS` lengths is looked up in an LPM trie. For
-//!    IPv4 each probe first reads `DW_ALLOW_MIRROR`, a copy userspace keeps
+//!    IPv4 each probe first reads `DW_MIRROR_V4`, a copy userspace keeps
 //!    in array buckets: a hash computed here and one cache line, no helper
 //!    call. The hash map answers where the mirror cannot be sure.
 //! 5. Denied: count it per published port, log it (rate-limited, to a ring
@@ -68,10 +68,10 @@ use dockwall_common::{
     ALLOW_GROUPS, ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, ALLOW_MAX_LENS, AllowKey, AllowLens,
     AllowNetKey, AllowValue, CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, EVENTS_BYTE_SIZE,
     FAMILY_V4, FAMILY_V6, FlowKey, HIT_SLOT_ELEMENTS, HIT_SLOTS, HitSlotWords, LOG_WINDOW_NS,
-    LogLimit, MIRROR_BUCKETS, MIRROR_EXPIRY_SHIFT, MIRROR_OVERFLOW, MIRROR_WRITING, MirrorBucket,
+    LogLimit, MIRROR_ASK, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_WRITING, MirrorBucket,
     PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PublishedKey,
     PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES,
-    allow_group_index, mirror_bucket, mirror_expiry_units, mirror_key, mirror_slot,
+    allow_group_index, mirror_key, mirror_place, mirror_way_field, mirror_way_holds,
     port_drop_index, scope_bit, stat,
 };
 
@@ -105,7 +105,7 @@ static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
 // through a shared mapping: a probe is a hash computed here and an array
 // load, no helper call. On this guest (AMD, "Safe RET" against SRSO) each
 // kernel call and return costs several ns; the hash map's probe was ~25 ns.
-#[map(name = "DW_ALLOW_MIRROR")]
+#[map(name = "DW_MIRROR_V4")]
 static ALLOW_MIRROR: Array<MirrorBucket> = Array::with_max_entries(MIRROR_BUCKETS, BPF_F_MMAPABLE);
 
 // The allowances' hit counters, per CPU, at the slot userspace wrote in
@@ -154,7 +154,7 @@ static LOG_CPUS: u32 = 1;
 #[unsafe(no_mangle)]
 static COARSE_CLOCK: u32 = 0;
 
-/// 1 where the kernel reads `DW_ALLOW_MIRROR`, set by the loader: on
+/// 1 where the kernel reads `DW_MIRROR_V4`, set by the loader: on
 /// x86-64, whose loads are not reordered with each other, which the
 /// mirror's sequence lock needs (BPF has no load-acquire before 6.15).
 /// Elsewhere 0, and every probe goes to the hash map.
@@ -584,7 +584,12 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Matc
         if mirror {
             let key = mirror_key(masked(pkt.src, len)[0], policy_port, pkt.proto, len);
             match mirror_probe(key) {
-                Mirrored::Found(value) => return mirrored_match(value),
+                Mirrored::Found(field) if field != MIRROR_ASK => {
+                    // A permanent entry, counting in slot field - 1.
+                    count_in_slot((field - 1) as u32);
+                    return Match::Hit;
+                }
+                Mirrored::Found(_) => {} // expires, or counts shared
                 Mirrored::Absent => continue,
                 Mirrored::Unsure => {}
             }
@@ -604,7 +609,8 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Matc
 
 /// What the mirror says of a key.
 enum Mirrored {
-    /// Its value, read whole while no writer touched the bucket.
+    /// Its way's field (`MIRROR_ASK`, or its hit slot + 1), read whole
+    /// while no writer touched the bucket.
     Found(u64),
     /// Not there, and nothing hashing here is only in the hash map.
     Absent,
@@ -616,7 +622,8 @@ enum Mirrored {
 /// Reads the key's bucket under its sequence lock (see `MirrorBucket`).
 #[inline(always)]
 fn mirror_probe(key: u64) -> Mirrored {
-    let Some(bucket) = ALLOW_MIRROR.get(mirror_bucket(key)) else {
+    let (index, tag) = mirror_place(key);
+    let Some(bucket) = ALLOW_MIRROR.get(index) else {
         return Mirrored::Unsure;
     };
     // Volatile: each word read once, in this order (x86-64 keeps loads in
@@ -629,12 +636,13 @@ fn mirror_probe(key: u64) -> Mirrored {
     }
     // A value and a flag, not an Option: LLVM leaves a None's payload
     // register unset, and the verifier refuses reading it on any path.
-    let (mut found, mut value) = (false, 0u64);
+    let (mut found, mut field) = (false, 0u64);
     for way in &bucket.ways {
         // SAFETY: as above.
-        if unsafe { core::ptr::read_volatile(&way.key) } == key {
+        let way = unsafe { core::ptr::read_volatile(way) };
+        if mirror_way_holds(way, tag) {
             found = true;
-            value = unsafe { core::ptr::read_volatile(&way.value) };
+            field = mirror_way_field(way);
         }
     }
     // SAFETY: as above.
@@ -642,24 +650,12 @@ fn mirror_probe(key: u64) -> Mirrored {
         return Mirrored::Unsure;
     }
     if found {
-        Mirrored::Found(value)
+        Mirrored::Found(field)
     } else if seq & MIRROR_OVERFLOW != 0 {
         Mirrored::Unsure
     } else {
         Mirrored::Absent
     }
-}
-
-/// The decision of a mirrored entry: its expiry, then its hit counted in
-/// its slot (the mirror holds only allowances with one).
-#[inline(always)]
-fn mirrored_match(value: u64) -> Match {
-    let units = mirror_expiry_units(value);
-    if units != 0 && (unsafe { bpf_ktime_get_boot_ns() } >> MIRROR_EXPIRY_SHIFT) >= units {
-        return Match::Expired;
-    }
-    count_in_slot(mirror_slot(value));
-    Match::Hit
 }
 
 /// The DW_ALLOW_NETS key of the allowance of

@@ -2162,6 +2162,100 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
     assert!(mirrored_max > 10, "at most {mirrored_max} entries mirrored");
 }
 
+#[test]
+fn no_packet_sees_a_group_half_moved_while_syncs_carry_it_between_the_hash_map_and_the_trie() {
+    // A thread on another CPU sends, without pause, a SYN from an address
+    // allowed all along and one from an address never allowed, of each
+    // family, while this thread moves both families' groups into the trie
+    // (more prefix lengths than a slot holds) and back, by full and by
+    // delta syncs. Every step of a sync must leave each packet's verdict
+    // what it was: a window where the slot, the hash map, the mirror and
+    // the trie disagree shows as a wrong verdict in the other thread.
+    let Some(cpus) = two_or_more_cpus() else {
+        return;
+    };
+    let entry = |net: &str| AllowEntry {
+        port: 8081,
+        proto: Proto::Tcp,
+        net: net.parse::<ipnet::IpNet>().unwrap().trunc(),
+    };
+    let stable: BTreeMap<AllowEntry, u64> = [
+        (entry("192.0.2.7/32"), 0),
+        (entry("198.51.100.0/24"), 0),
+        (entry("2001:db8:1::7/128"), 0),
+        (entry("2001:db8:2::/48"), 0),
+    ]
+    .into();
+    // Eight more lengths per family, none covering a packet's source.
+    let mut moving = stable.clone();
+    for len in [8, 12, 16, 20, 22, 26, 28, 30] {
+        moving.insert(entry(&format!("10.9.8.7/{len}")), 0);
+    }
+    for len in [8, 16, 32, 56, 64, 96, 112, 120] {
+        moving.insert(entry(&format!("fd12:3456:789a:1::1/{len}")), 0);
+    }
+    let frames = [
+        (syn4("192.0.2.7", HOST4, 8081), PASS),
+        (syn4("198.51.100.77", HOST4, 8081), PASS),
+        (syn6("2001:db8:1::7", HOST6, 8081), PASS),
+        (syn6("2001:db8:2::99", HOST6, 8081), PASS),
+        (syn4("192.0.3.10", HOST4, 8081), DROP),
+        (syn6("2001:db8:5::1", HOST6, 8081), DROP),
+    ];
+    let mut h = Harness::new(&[]);
+    h.maps.sync_allow(&stable).unwrap();
+    for (frame, want) in &frames {
+        assert_eq!(h.ingress(frame), *want);
+    }
+    let groups = [(8081, Proto::Tcp, false), (8081, Proto::Tcp, true)];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (main_cpu, worker_cpu) = (cpus[0], cpus[1]);
+    let (runs, wrong) = std::thread::scope(|s| {
+        let (ebpf, maps) = (&h.ebpf, &mut h.maps);
+        let (frames, stop) = (&frames, &stop);
+        let worker = s.spawn(move || {
+            pin_to(worker_cpu);
+            let (mut runs, mut wrong) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, (frame, want)) in frames.iter().enumerate() {
+                    let got = run_ingress_shared(ebpf, frame, 1);
+                    runs += 1;
+                    if got != *want && wrong.len() < 10 {
+                        wrong.push((i, name(got)));
+                    }
+                }
+            }
+            (runs, wrong)
+        });
+        pin_to(main_cpu);
+        let mut now = &stable;
+        for round in 0..200 {
+            let next = if round % 2 == 0 { &moving } else { &stable };
+            if round % 4 < 2 {
+                maps.sync_allow(next).unwrap();
+            } else {
+                maps.sync_allow_delta(now, next).unwrap();
+            }
+            for group in groups {
+                let in_trie = maps.allow_lengths(group).unwrap().is_none();
+                assert_eq!(in_trie, round % 2 == 0, "round {round}: {group:?}");
+            }
+            now = next;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        worker.join().unwrap()
+    });
+    eprintln!("{runs} packets sent while the groups moved 200 times");
+    assert!(
+        runs > 1000,
+        "only {runs} packets sent: the check saw nothing"
+    );
+    assert!(
+        wrong.is_empty(),
+        "wrong verdicts (frame, got) while a group moved: {wrong:?}"
+    );
+}
+
 /// The mirror key of an IPv4 allowance on 8081/tcp.
 fn mirror_key_of(net: &str) -> u64 {
     let net: ipnet::Ipv4Net = net.parse().unwrap();
@@ -2215,19 +2309,45 @@ fn the_kernel_decides_ipv4_by_the_mirror_and_asks_the_hash_map_where_a_write_was
     h.maps.sync_allow_delta(&policy, &BTreeMap::new()).unwrap();
     assert_eq!(h.ingress(&frame), DROP);
     assert!(h.maps.mirror_contents().entries.is_empty());
+    // One that expires is mirrored as "ask the hash map" (a way has no
+    // room for an expiry): gone from the hash map, it no longer passes.
+    let expiring = BTreeMap::from([(
+        entry,
+        dockwall_userspace::clock::boot_ns() + 3_600_000_000_000,
+    )]);
+    h.maps
+        .sync_allow_delta(&BTreeMap::new(), &expiring)
+        .unwrap();
+    assert_eq!(h.ingress(&frame), PASS);
+    let key = mirror_key_of("192.0.2.0/24");
+    assert_eq!(
+        h.maps
+            .mirror_contents()
+            .entries
+            .get(&key)
+            .map(|(_, field)| *field),
+        Some(dockwall_common::MIRROR_ASK)
+    );
+    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+    h.maps.remove_net_behind_mirror(&entry).unwrap();
+    assert_eq!(h.ingress(&frame), DROP, "decided by the hash map");
+    assert_eq!(h.maps.lookup_allow(8081, Proto::Tcp, src).unwrap(), None);
 }
 
 #[test]
 fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_again() {
-    // Five /32s whose keys share a bucket: three fit, two only in the hash
-    // map; and a sixth, never allowed, in the same bucket.
+    // Two /32s more than a bucket holds, whose keys share a bucket: all
+    // but two fit, those two are in the hash map only; and one more in the
+    // same bucket, never allowed.
+    const WAYS: usize = dockwall_common::MIRROR_WAYS;
     let first = mirror_key_of("10.0.0.1/32");
     let bucket = dockwall_common::mirror_bucket(first);
     let same: Vec<String> = (1u32..)
         .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string())
         .filter(|a| dockwall_common::mirror_bucket(mirror_key_of(&format!("{a}/32"))) == bucket)
-        .take(6)
+        .take(WAYS + 3)
         .collect();
+    let (allowed, never) = (&same[..WAYS + 2], &same[WAYS + 2]);
     let entry = |a: &str| AllowEntry {
         port: 8081,
         proto: Proto::Tcp,
@@ -2235,19 +2355,19 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
     };
     let mut h = Harness::new(&[]);
     let mut policy = BTreeMap::new();
-    for a in &same[..5] {
+    for a in allowed {
         let old = policy.clone();
         policy.insert(entry(a), 0);
         h.maps.sync_allow_delta(&old, &policy).unwrap();
     }
     let contents = h.maps.mirror_contents();
-    assert_eq!(contents.entries.len(), 3);
+    assert_eq!(contents.entries.len(), WAYS);
     assert_eq!(contents.overflowed, 1);
     assert!(h.maps.mirror_disagreements().unwrap().is_empty());
-    for a in &same[..5] {
+    for a in allowed {
         assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), PASS, "{a}");
     }
-    assert_eq!(h.ingress(&syn4(&same[5], HOST4, 8081)), DROP);
+    assert_eq!(h.ingress(&syn4(never, HOST4, 8081)), DROP);
     // Two of the mirrored ones go: the overflow mark stays (the edit does
     // not know which entries are only in the hash map); the rest pass.
     let old = policy.clone();
@@ -2255,17 +2375,22 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
     policy.remove(&entry(&same[1]));
     h.maps.sync_allow_delta(&old, &policy).unwrap();
     assert_eq!(h.maps.mirror_contents().overflowed, 1);
+    let want = |i: usize| {
+        if (2..WAYS + 2).contains(&i) {
+            PASS
+        } else {
+            DROP
+        }
+    };
     for (i, a) in same.iter().enumerate() {
-        let want = if (2..5).contains(&i) { PASS } else { DROP };
-        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want, "{a}");
+        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want(i), "{a}");
     }
-    // A full sync packs the three into the bucket and clears the mark.
+    // A full sync packs the rest into the bucket and clears the mark.
     h.maps.sync_allow(&policy).unwrap();
     let contents = h.maps.mirror_contents();
-    assert_eq!((contents.entries.len(), contents.overflowed), (3, 0));
+    assert_eq!((contents.entries.len(), contents.overflowed), (WAYS, 0));
     for (i, a) in same.iter().enumerate() {
-        let want = if (2..5).contains(&i) { PASS } else { DROP };
-        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want, "{a}");
+        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want(i), "{a}");
     }
 }
 

@@ -616,7 +616,8 @@ fn crash_and_reload(
         loaded.kill9();
         // The restart is also an upgrade: the per-port drop counters older
         // dockwalls pinned (shared, then a per-CPU hash) are in the pin
-        // dir, and so are their allowance hit counters (per-CPU hashes).
+        // dir, and so are their allowance hit counters (per-CPU hashes)
+        // and the IPv4 mirror in its first layout.
         let legacy = plant_legacy_pin().and_then(|()| plant_legacy_hits());
         thread::sleep(Duration::from_secs(1));
         let reloaded = legacy.and_then(|()| dw.load(&ifaces));
@@ -639,7 +640,7 @@ fn crash_and_reload(
     );
     std::mem::forget(loaded); // its daemon is dead; the new load owns the state
     let reloaded = reloaded?;
-    let said = LEGACY_PINS.iter().all(|(pin, _, _)| {
+    let said = LEGACY_PINS.iter().all(|(pin, ..)| {
         reloaded
             .output()
             .iter()
@@ -647,9 +648,9 @@ fn crash_and_reload(
     });
     let gone = LEGACY_PINS
         .iter()
-        .all(|(pin, _, _)| !std::path::Path::new(pin).exists());
+        .all(|(pin, ..)| !std::path::Path::new(pin).exists());
     r.expect(
-        "load after older dockwalls: their drop-counter pins (shared, per-CPU hash) are removed, and load says so",
+        "load after older dockwalls: their drop-counter pins (shared, per-CPU hash) and their IPv4 mirror (another layout) are removed, and load says so",
         said && gone,
         || format!("{:?}", reloaded.output()),
     );
@@ -761,21 +762,41 @@ fn online_cpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
-/// The pins of older dockwalls' per-port drop counters, with the map type
-/// each had: shared (a plain hash), then a per-CPU hash (not preallocated),
-/// both of port key -> u64.
-const LEGACY_PINS: [(&str, &str, &str); 2] = [
-    ("/sys/fs/bpf/dockwall/DW_PORT_DROPS", "hash", "0"),
-    ("/sys/fs/bpf/dockwall/DW_PCPU_DROPS", "percpu_hash", "1"),
+/// Pins of older dockwalls' maps that `load` removes, with each one's
+/// shape (type, value size, entries, flags): the per-port drop counters,
+/// shared (a plain hash of port key -> u64), then a per-CPU hash (not
+/// preallocated); and the IPv4 mirror of three two-word ways a bucket
+/// (an mmapable array, BPF_F_MMAPABLE = 1024), as large as the new one.
+const LEGACY_PINS: [(&str, &str, &str, &str, &str); 3] = [
+    (
+        "/sys/fs/bpf/dockwall/DW_PORT_DROPS",
+        "hash",
+        "8",
+        "131072",
+        "0",
+    ),
+    (
+        "/sys/fs/bpf/dockwall/DW_PCPU_DROPS",
+        "percpu_hash",
+        "8",
+        "131072",
+        "1",
+    ),
+    (
+        "/sys/fs/bpf/dockwall/DW_ALLOW_MIRROR",
+        "array",
+        "64",
+        "262144",
+        "1024",
+    ),
 ];
 
-/// Pins maps shaped like older dockwalls' per-port drop counters where they
-/// pinned them.
+/// Pins maps shaped like older dockwalls' where they pinned them.
 fn plant_legacy_pin() -> anyhow::Result<()> {
-    for (pin, kind, flags) in LEGACY_PINS {
+    for (pin, kind, value, entries, flags) in LEGACY_PINS {
         let name = pin.rsplit('/').next().unwrap_or(pin);
         crate::util::run(Command::new("bpftool").args([
-            "map", "create", pin, "type", kind, "key", "4", "value", "8", "entries", "131072",
+            "map", "create", pin, "type", kind, "key", "4", "value", value, "entries", entries,
             "name", name, "flags", flags,
         ]))?;
     }

@@ -334,19 +334,18 @@ fn explain_matrix(
         );
         let bucket = dockwall_common::mirror_bucket(mirror_key);
         let mut zero = Command::new("bpftool");
-        zero.args([
-            "map",
-            "update",
-            "pinned",
-            "/sys/fs/bpf/dockwall/DW_ALLOW_MIRROR",
-            "key",
-        ])
-        .args(bucket.to_le_bytes().iter().map(|b| b.to_string()))
-        .arg("value")
-        .args(std::iter::repeat_n(
-            "0",
-            size_of::<dockwall_common::MirrorBucket>(),
-        ));
+        zero.args(["map", "update", "pinned"])
+            .arg(format!(
+                "/sys/fs/bpf/dockwall/{}",
+                dockwall_common::MAP_ALLOW_MIRROR
+            ))
+            .arg("key")
+            .args(bucket.to_le_bytes().iter().map(|b| b.to_string()))
+            .arg("value")
+            .args(std::iter::repeat_n(
+                "0",
+                size_of::<dockwall_common::MirrorBucket>(),
+            ));
         let deleted = deleted.and_then(|_| capture(&mut zero));
         let (code, e) = json(dw, &["explain", &a.addr4, "8081", "--json"])?;
         r.expect(

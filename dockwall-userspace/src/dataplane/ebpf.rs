@@ -22,10 +22,10 @@ use aya::{
 };
 use dockwall_common::{
     ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
-    GLOBAL_LOG_CPUS, GLOBAL_MIRROR_ON, HitSlotWords, LEGACY_MAPS_PORT_DROPS, MAP_ALLOW,
-    MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS,
-    MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
-    PortKey, PublishedKey, PublishedValue, port_drop_index, scope_bit, stat,
+    GLOBAL_LOG_CPUS, GLOBAL_MIRROR_ON, HitSlotWords, LEGACY_MAPS_MIRROR, LEGACY_MAPS_PORT_DROPS,
+    MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS,
+    MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS,
+    PROG_XDP, PortKey, PublishedKey, PublishedValue, port_drop_index, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
@@ -213,7 +213,7 @@ pub fn load_unpinned_with(hook: Hook, globals: &Globals) -> anyhow::Result<Ebpf>
     Ok(ebpf)
 }
 
-/// Whether the kernel reads `DW_ALLOW_MIRROR`: on x86-64 only, whose
+/// Whether the kernel reads `DW_MIRROR_V4`: on x86-64 only, whose
 /// loads keep their order, as the mirror's sequence lock needs.
 pub(super) const MIRROR_ON: bool = cfg!(target_arch = "x86_64");
 
@@ -223,7 +223,7 @@ pub struct Globals {
     log_cpus: u32,
     /// 1: the kernel has bpf_ktime_get_coarse_ns (Linux 5.11).
     coarse_clock: u32,
-    /// 1: the kernel reads DW_ALLOW_MIRROR (x86-64; see `ebpf_mirror`).
+    /// 1: the kernel reads DW_MIRROR_V4 (x86-64; see `ebpf_mirror`).
     mirror_on: u32,
 }
 
@@ -268,13 +268,22 @@ pub fn log_cpus() -> anyhow::Result<u32> {
 /// new name). Their counts start again from zero, as a Prometheus counter
 /// does after a restart.
 fn remove_legacy_pins() -> anyhow::Result<()> {
-    for name in LEGACY_MAPS_PORT_DROPS {
+    let drops = LEGACY_MAPS_PORT_DROPS.map(|name| {
+        (
+            name,
+            "per-port drop counters of an older dockwall; they are a per-CPU array now and start from zero",
+        )
+    });
+    let mirror = LEGACY_MAPS_MIRROR.map(|name| {
+        (
+            name,
+            "the IPv4 allowance mirror of an older dockwall, in a layout this one does not read; the new one is filled from the allowances before the program is swapped",
+        )
+    });
+    for (name, why) in drops.into_iter().chain(mirror) {
         let legacy = map_pin(name);
         match std::fs::remove_file(&legacy) {
-            Ok(()) => println!(
-                "dockwall: removed {} (per-port drop counters of an older dockwall; they are a per-CPU array now and start from zero)",
-                legacy.display()
-            ),
+            Ok(()) => println!("dockwall: removed {} ({why})", legacy.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", legacy.display())),
         }

@@ -17,7 +17,7 @@
 //! listed (its entries miss: fail closed), never an allowance the policy
 //! does not grant.
 //!
-//! The IPv4 entries of `DW_ALLOW_NETS` are mirrored in `DW_ALLOW_MIRROR`
+//! The IPv4 entries of `DW_ALLOW_NETS` are mirrored in `DW_MIRROR_V4`
 //! (see `ebpf_mirror`), which the kernel reads first: every write of the
 //! hash map here goes through `net_put` and `net_remove`, which keep the
 //! mirror behind it, and a full sync rebuilds the mirror's buckets.
@@ -37,7 +37,7 @@ use aya::{
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
-    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index, mirror_value,
+    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
@@ -703,17 +703,14 @@ impl Maps {
                 // a crash, decides nothing until a sync mirrors it).
                 if let Some(key) = MIRROR_ON.then(|| ebpf_mirror::key_of(&entry)).flatten() {
                     match self.mirror.probe(key) {
-                        // The hash map's value (the mirror's is the same,
-                        // its expiry to the unit), with its hits.
-                        Mirrored::Found(mirrored) => {
-                            let value = self.net_get(&entry)?.unwrap_or(AllowValue {
-                                hits: 0,
-                                expires_ns: mirrored_expiry(mirrored),
-                            });
+                        // A permanent entry: the hash map's value (the
+                        // same, but for a hand edit), with its hits.
+                        Mirrored::Found(Some(_)) => {
+                            let value = self.net_get(&entry)?.unwrap_or_default();
                             return Ok(Some(self.with_total_hits(value)?));
                         }
                         Mirrored::Absent => continue,
-                        Mirrored::Unsure => {}
+                        Mirrored::Found(None) | Mirrored::Unsure => {}
                     }
                 }
                 if let Some(value) = self.net_get(&entry)? {
@@ -742,16 +739,15 @@ impl Maps {
     }
 }
 
-/// What the mirror holds for an allowance with this value: its slot and
-/// expiry, or `None` for one without a slot (counted shared, so in the
-/// hash map only).
-fn mirrored(value: &AllowValue) -> Option<u64> {
-    counting_slot(value).map(|slot| mirror_value(slot, value.expires_ns))
-}
-
-/// A mirror value's expiry in ns, as the kernel compares it.
-fn mirrored_expiry(mirrored: u64) -> u64 {
-    dockwall_common::mirror_expiry_units(mirrored) << dockwall_common::MIRROR_EXPIRY_SHIFT
+/// What the mirror holds for an allowance with this value: the slot of a
+/// permanent one counting in a slot, which the mirror then decides; `None`
+/// for any other (it expires, or counts shared), which the kernel looks
+/// up in the hash map.
+fn mirrored(value: &AllowValue) -> Option<u32> {
+    if value.expires_ns != 0 {
+        return None;
+    }
+    counting_slot(value)
 }
 
 impl Maps {
@@ -768,16 +764,16 @@ impl Maps {
             };
             keys.insert(key);
             match (self.mirror.probe(key), mirrored(&value.untagged())) {
-                (Mirrored::Found(got), Some(want)) if got == want => {}
+                (Mirrored::Found(got), want) if got == want => {}
                 (Mirrored::Unsure, _) => {}
                 (got, want) => out.push(format!("{entry:?}: mirror {got:?}, hash map {want:?}")),
             }
         }
         let contents = self.mirror.contents();
-        for (key, (bucket, value)) in &contents.entries {
+        for (key, (bucket, field)) in &contents.entries {
             if !keys.contains(key) {
                 out.push(format!(
-                    "key {key:#x} (bucket {bucket}, value {value:#x}) is mirrored, not in {MAP_ALLOW_NETS}"
+                    "key {key:#x} (bucket {bucket}, field {field:#x}) is mirrored, not in {MAP_ALLOW_NETS}"
                 ));
             }
         }

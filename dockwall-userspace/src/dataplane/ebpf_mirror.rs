@@ -1,4 +1,4 @@
-//! `DW_ALLOW_MIRROR`: the IPv4 entries of `DW_ALLOW_NETS` again, in
+//! `DW_MIRROR_V4`: the IPv4 entries of `DW_ALLOW_NETS` again, in
 //! buckets the kernel reads without a helper call (see
 //! [`dockwall_common::MirrorBucket`]). Userspace writes them through a
 //! shared mapping of the map, word by word, under each bucket's sequence
@@ -11,9 +11,10 @@
 //! find (fail closed) until the next full sync, which rewrites every
 //! bucket that differs from the hash map ([`Mirror::rebuild`]).
 //!
-//! Only an allowance that counts its hits in a slot is mirrored (the
-//! mirror's value is the slot and the expiry); any other marks its bucket
-//! overflowed, so the kernel asks the hash map.
+//! Every entry takes a way. A permanent allowance counting its hits in a
+//! slot is decided by the mirror; one that expires or counts shared is
+//! mirrored as [`MIRROR_ASK`], which sends the kernel to the hash map for
+//! that key only (the way has no room for an expiry).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -23,8 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use anyhow::Context as _;
 use aya::maps::MapData;
 use dockwall_common::{
-    MAP_ALLOW_MIRROR, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_SEQ_STEP, MIRROR_WAYS,
-    MIRROR_WRITING, MirrorBucket, mirror_bucket, mirror_key,
+    MAP_ALLOW_MIRROR, MIRROR_ASK, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_SEQ_STEP, MIRROR_WAYS,
+    MIRROR_WRITING, MirrorBucket, mirror_key, mirror_place, mirror_way, mirror_way_field,
+    mirror_way_holds, mirror_way_key,
 };
 use ipnet::IpNet;
 
@@ -33,8 +35,9 @@ use crate::policy::AllowEntry;
 /// What the mirror says of a key: what the kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mirrored {
-    /// Its mirror value.
-    Found(u64),
+    /// There: the hit slot of a permanent entry, which the mirror decides,
+    /// or `None` ([`MIRROR_ASK`]): the hash map decides.
+    Found(Option<u32>),
     /// Not there; nothing hashing there is only in the hash map.
     Absent,
     /// Being written, or overflowed: the kernel asks the hash map.
@@ -71,7 +74,7 @@ unsafe impl Sync for Mirror {}
 const BUCKET_WORDS: usize = size_of::<MirrorBucket>() / 8;
 
 impl Mirror {
-    /// Maps `map` (which must be `DW_ALLOW_MIRROR`) read-write.
+    /// Maps `map` (which must be `DW_MIRROR_V4`) read-write.
     pub fn new(map: MapData) -> anyhow::Result<Self> {
         let bytes = MIRROR_BUCKETS as usize * size_of::<MirrorBucket>();
         // SAFETY: a fresh shared mapping of the map's memory; the kernel
@@ -102,7 +105,7 @@ impl Mirror {
         })
     }
 
-    /// Word `w` of bucket `b` (0: seq; then key, value of each way).
+    /// Word `w` of bucket `b` (0: seq; then one per way).
     fn word(&self, b: u32, w: usize) -> &AtomicU64 {
         assert!(b < MIRROR_BUCKETS && w < BUCKET_WORDS);
         // SAFETY: in bounds (checked above) of a mapping that lives as long
@@ -122,17 +125,18 @@ impl Mirror {
         self.word(b, 0)
     }
 
-    fn way_key(&self, b: u32, way: usize) -> &AtomicU64 {
-        self.word(b, 1 + 2 * way)
+    fn way(&self, b: u32, way: usize) -> &AtomicU64 {
+        self.word(b, 1 + way)
     }
 
-    fn way_value(&self, b: u32, way: usize) -> &AtomicU64 {
-        self.word(b, 2 + 2 * way)
+    /// The way of bucket `b` holding the entry of `tag`.
+    fn way_of(&self, b: u32, tag: u64) -> Option<usize> {
+        (0..MIRROR_WAYS).find(|w| mirror_way_holds(self.way(b, *w).load(Ordering::Relaxed), tag))
     }
 
-    /// The way of bucket `b` holding `key` (0: a free way).
-    fn way_of(&self, b: u32, key: u64) -> Option<usize> {
-        (0..MIRROR_WAYS).find(|w| self.way_key(b, *w).load(Ordering::Relaxed) == key)
+    /// A free way of bucket `b`.
+    fn free_way(&self, b: u32) -> Option<usize> {
+        (0..MIRROR_WAYS).find(|w| mirror_way_field(self.way(b, *w).load(Ordering::Relaxed)) == 0)
     }
 
     /// Starts a write of bucket `b`: readers from now on ask the hash map.
@@ -156,115 +160,90 @@ impl Mirror {
             .store(version | overflow | writing, Ordering::Release);
     }
 
-    /// Mirrors `key` with `value`; `None`: it cannot be (no slot), so its
-    /// bucket is marked overflowed and any old copy goes.
-    pub fn put(&mut self, key: u64, value: Option<u64>) {
-        let b = mirror_bucket(key);
-        let seq = self.seq(b).load(Ordering::Relaxed);
-        let overflow = seq & MIRROR_OVERFLOW != 0;
-        let at = self.way_of(b, key);
-        let Some(value) = value else {
-            if at.is_some() || !overflow {
+    /// Mirrors `key`, counting in `slot`, or (`None`: it expires or counts
+    /// shared) as one the kernel asks the hash map for. A full bucket is
+    /// marked overflowed instead.
+    pub fn put(&mut self, key: u64, slot: Option<u32>) {
+        let (b, tag) = mirror_place(key);
+        let word = mirror_way(key, slot);
+        let overflow = self.seq(b).load(Ordering::Relaxed) & MIRROR_OVERFLOW != 0;
+        let Some(w) = self.way_of(b, tag).or_else(|| self.free_way(b)) else {
+            // Full: the entry is only in the hash map.
+            if !overflow {
                 let was = self.begin(b);
-                if let Some(w) = at {
-                    self.way_key(b, w).store(0, Ordering::Relaxed);
-                }
                 self.end(b, was, true, false);
             }
             return;
         };
-        if let Some(w) = at {
-            if self.way_value(b, w).load(Ordering::Relaxed) != value {
-                let was = self.begin(b);
-                self.way_value(b, w).store(value, Ordering::Relaxed);
-                self.end(b, was, overflow, false);
-            }
-            return;
-        }
-        let free = self.way_of(b, 0);
-        let was = self.begin(b);
-        match free {
-            Some(w) => {
-                self.way_value(b, w).store(value, Ordering::Relaxed);
-                self.way_key(b, w).store(key, Ordering::Relaxed);
-                self.end(b, was, overflow, false);
-            }
-            // Full: the entry is only in the hash map.
-            None => self.end(b, was, true, false),
+        if self.way(b, w).load(Ordering::Relaxed) != word {
+            let was = self.begin(b);
+            self.way(b, w).store(word, Ordering::Relaxed);
+            self.end(b, was, overflow, false);
         }
     }
 
     /// Takes `key` out of the mirror (before it leaves the hash map).
     pub fn remove(&mut self, key: u64) {
-        let b = mirror_bucket(key);
-        let Some(w) = self.way_of(b, key) else {
+        let (b, tag) = mirror_place(key);
+        let Some(w) = self.way_of(b, tag) else {
             return;
         };
         let was = self.begin(b);
-        self.way_key(b, w).store(0, Ordering::Relaxed);
-        self.way_value(b, w).store(0, Ordering::Relaxed);
+        self.way(b, w).store(0, Ordering::Relaxed);
         self.end(b, was, was & MIRROR_OVERFLOW != 0, false);
     }
 
     /// What the kernel would read for `key`, read the way it reads it.
     pub fn probe(&self, key: u64) -> Mirrored {
-        let b = mirror_bucket(key);
+        let (b, tag) = mirror_place(key);
         let seq = self.seq(b).load(Ordering::Acquire);
         if seq & MIRROR_WRITING != 0 {
             return Mirrored::Unsure;
         }
         let found = (0..MIRROR_WAYS)
-            .find(|w| self.way_key(b, *w).load(Ordering::Acquire) == key)
-            .map(|w| self.way_value(b, w).load(Ordering::Acquire));
+            .map(|w| self.way(b, w).load(Ordering::Acquire))
+            .find(|way| mirror_way_holds(*way, tag));
         if self.seq(b).load(Ordering::Acquire) != seq {
             return Mirrored::Unsure;
         }
-        match found {
-            Some(value) => Mirrored::Found(value),
+        match found.map(mirror_way_field) {
+            Some(MIRROR_ASK) => Mirrored::Found(None),
+            Some(field) => Mirrored::Found(Some((field - 1) as u32)),
             None if seq & MIRROR_OVERFLOW != 0 => Mirrored::Unsure,
             None => Mirrored::Absent,
         }
     }
 
-    /// Makes the mirror hold exactly `want` (key -> value; `None`: only
-    /// in the hash map), rewriting only the buckets that differ. Each
-    /// bucket holds the first keys hashing to it, in key order; the rest,
-    /// and any `None`, mark it overflowed. A bucket a killed writer left
-    /// marked writing is rewritten too. Returns the buckets rewritten.
-    pub fn rebuild(&mut self, want: &BTreeMap<u64, Option<u64>>) -> usize {
-        let mut by_bucket: BTreeMap<u32, Vec<(u64, Option<u64>)>> = BTreeMap::new();
-        for (key, value) in want {
+    /// Makes the mirror hold exactly `want` (key -> slot, as [`Mirror::put`]
+    /// takes it), rewriting only the buckets that differ. Each bucket holds
+    /// the first keys hashing to it, in key order; any more mark it
+    /// overflowed. A bucket a killed writer left marked writing is
+    /// rewritten too. Returns the buckets rewritten.
+    pub fn rebuild(&mut self, want: &BTreeMap<u64, Option<u32>>) -> usize {
+        let mut by_bucket: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (key, slot) in want {
             by_bucket
-                .entry(mirror_bucket(*key))
+                .entry(mirror_place(*key).0)
                 .or_default()
-                .push((*key, *value));
+                .push(mirror_way(*key, *slot));
         }
         let mut rewritten = 0;
         for b in 0..MIRROR_BUCKETS {
             let wanted = by_bucket.remove(&b).unwrap_or_default();
-            let mirrored: Vec<(u64, u64)> = wanted
-                .iter()
-                .filter_map(|(k, v)| v.map(|v| (*k, v)))
-                .take(MIRROR_WAYS)
-                .collect();
-            let overflow = mirrored.len() < wanted.len();
-            let mut ways = [(0u64, 0u64); MIRROR_WAYS];
-            ways[..mirrored.len()].copy_from_slice(&mirrored);
+            let overflow = wanted.len() > MIRROR_WAYS;
+            let mut ways = [0u64; MIRROR_WAYS];
+            let fit = wanted.len().min(MIRROR_WAYS);
+            ways[..fit].copy_from_slice(&wanted[..fit]);
             let seq = self.seq(b).load(Ordering::Relaxed);
-            let now: [(u64, u64); MIRROR_WAYS] = std::array::from_fn(|w| {
-                (
-                    self.way_key(b, w).load(Ordering::Relaxed),
-                    self.way_value(b, w).load(Ordering::Relaxed),
-                )
-            });
+            let now: [u64; MIRROR_WAYS] =
+                std::array::from_fn(|w| self.way(b, w).load(Ordering::Relaxed));
             if now == ways && (seq & MIRROR_OVERFLOW != 0) == overflow && seq & MIRROR_WRITING == 0
             {
                 continue;
             }
             let was = self.begin(b);
-            for (w, (key, value)) in ways.iter().enumerate() {
-                self.way_key(b, w).store(*key, Ordering::Relaxed);
-                self.way_value(b, w).store(*value, Ordering::Relaxed);
+            for (w, word) in ways.iter().enumerate() {
+                self.way(b, w).store(*word, Ordering::Relaxed);
             }
             self.end(b, was, overflow, true);
             rewritten += 1;
@@ -272,8 +251,8 @@ impl Mirror {
         rewritten
     }
 
-    /// Every mirrored entry (key -> value), and the buckets overflowed and
-    /// marked writing: for tests and `status`.
+    /// Every mirrored entry (key -> bucket and way field), and the buckets
+    /// overflowed and marked writing: for tests and `status`.
     pub fn contents(&self) -> MirrorContents {
         let mut out = MirrorContents::default();
         for b in 0..MIRROR_BUCKETS {
@@ -281,27 +260,27 @@ impl Mirror {
             out.overflowed += usize::from(seq & MIRROR_OVERFLOW != 0);
             out.writing += usize::from(seq & MIRROR_WRITING != 0);
             for w in 0..MIRROR_WAYS {
-                let key = self.way_key(b, w).load(Ordering::Acquire);
-                if key != 0 {
-                    let value = self.way_value(b, w).load(Ordering::Acquire);
-                    out.entries.insert(key, (b, value));
+                let way = self.way(b, w).load(Ordering::Acquire);
+                let field = mirror_way_field(way);
+                if field != 0 {
+                    out.entries.insert(mirror_way_key(b, way), (b, field));
                 }
             }
         }
         out
     }
 
-    /// Test hook: marks bucket `b` as a writer killed mid-write leaves it.
+    /// Test hook: marks `key`'s bucket as a writer killed mid-write leaves it.
     #[doc(hidden)]
     pub fn abandon_write(&mut self, key: u64) {
-        self.begin(mirror_bucket(key));
+        self.begin(mirror_place(key).0);
     }
 }
 
 /// What [`Mirror::contents`] reads.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MirrorContents {
-    /// key -> (bucket, value).
+    /// key -> (bucket, way field: `MIRROR_ASK` or the hit slot + 1).
     pub entries: BTreeMap<u64, (u32, u64)>,
     pub overflowed: usize,
     pub writing: usize,
