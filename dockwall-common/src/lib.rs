@@ -396,7 +396,9 @@ pub const MIRROR_SEQ_STEP: u64 = 2;
 /// writer killed mid-write leaves the bucket marked writing: the kernel
 /// asks the hash map for it until the next full sync.
 ///
-/// Each way is one word ([`mirror_way`]), so a reader sees it whole.
+/// Each way is one word ([`mirror_way`]), so a reader sees it whole. The
+/// used ways come first (userspace keeps a bucket packed), so the kernel
+/// stops at the first free way: a miss in a bucket of one entry reads two.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MirrorBucket {

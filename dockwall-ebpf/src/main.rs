@@ -636,13 +636,18 @@ fn mirror_probe(key: u64) -> Mirrored {
     }
     // A value and a flag, not an Option: LLVM leaves a None's payload
     // register unset, and the verifier refuses reading it on any path.
+    // Userspace keeps the used ways first: the first free way ends them.
     let (mut found, mut field) = (false, 0u64);
     for way in &bucket.ways {
         // SAFETY: as above.
         let way = unsafe { core::ptr::read_volatile(way) };
+        if mirror_way_field(way) == 0 {
+            break;
+        }
         if mirror_way_holds(way, tag) {
             found = true;
             field = mirror_way_field(way);
+            break;
         }
     }
     // SAFETY: as above.

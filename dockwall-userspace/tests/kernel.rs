@@ -2354,6 +2354,29 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
         net: format!("{a}/32").parse().unwrap(),
     };
     let mut h = Harness::new(&[]);
+    // Three in the bucket, the first taken out: the last moves into its
+    // way, as the kernel stops at the first free one; both still pass,
+    // decided by the mirror (the bucket has not overflowed).
+    let three = BTreeMap::from([
+        (entry(&same[0]), 0),
+        (entry(&same[1]), 0),
+        (entry(&same[2]), 0),
+    ]);
+    h.maps.sync_allow_delta(&BTreeMap::new(), &three).unwrap();
+    let mut two = three.clone();
+    two.remove(&entry(&same[0]));
+    h.maps.sync_allow_delta(&three, &two).unwrap();
+    let contents = h.maps.mirror_contents();
+    assert_eq!(
+        (contents.entries.len(), contents.holes, contents.overflowed),
+        (2, 0, 0)
+    );
+    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+    for (i, a) in same[..3].iter().enumerate() {
+        let want = if i == 0 { DROP } else { PASS };
+        assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want, "{a}");
+    }
+    h.maps.sync_allow_delta(&two, &BTreeMap::new()).unwrap();
     let mut policy = BTreeMap::new();
     for a in allowed {
         let old = policy.clone();

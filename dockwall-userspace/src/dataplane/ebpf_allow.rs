@@ -780,6 +780,12 @@ impl Maps {
         if contents.writing != 0 {
             out.push(format!("{} buckets left marked writing", contents.writing));
         }
+        if contents.holes != 0 {
+            out.push(format!(
+                "{} mirrored entries after a free way, which the kernel does not read",
+                contents.holes
+            ));
+        }
         Ok(out)
     }
 

@@ -129,14 +129,17 @@ impl Mirror {
         self.word(b, 1 + way)
     }
 
-    /// The way of bucket `b` holding the entry of `tag`.
-    fn way_of(&self, b: u32, tag: u64) -> Option<usize> {
-        (0..MIRROR_WAYS).find(|w| mirror_way_holds(self.way(b, *w).load(Ordering::Relaxed), tag))
+    /// The ways of bucket `b` in use: the first ones, as the bucket is
+    /// kept packed (the kernel stops at the first free way).
+    fn used(&self, b: u32) -> usize {
+        (0..MIRROR_WAYS)
+            .find(|w| mirror_way_field(self.way(b, *w).load(Ordering::Relaxed)) == 0)
+            .unwrap_or(MIRROR_WAYS)
     }
 
-    /// A free way of bucket `b`.
-    fn free_way(&self, b: u32) -> Option<usize> {
-        (0..MIRROR_WAYS).find(|w| mirror_way_field(self.way(b, *w).load(Ordering::Relaxed)) == 0)
+    /// The way of bucket `b` holding the entry of `tag`.
+    fn way_of(&self, b: u32, tag: u64) -> Option<usize> {
+        (0..self.used(b)).find(|w| mirror_way_holds(self.way(b, *w).load(Ordering::Relaxed), tag))
     }
 
     /// Starts a write of bucket `b`: readers from now on ask the hash map.
@@ -167,7 +170,9 @@ impl Mirror {
         let (b, tag) = mirror_place(key);
         let word = mirror_way(key, slot);
         let overflow = self.seq(b).load(Ordering::Relaxed) & MIRROR_OVERFLOW != 0;
-        let Some(w) = self.way_of(b, tag).or_else(|| self.free_way(b)) else {
+        let used = self.used(b);
+        let free = (used < MIRROR_WAYS).then_some(used);
+        let Some(w) = self.way_of(b, tag).or(free) else {
             // Full: the entry is only in the hash map.
             if !overflow {
                 let was = self.begin(b);
@@ -182,14 +187,20 @@ impl Mirror {
         }
     }
 
-    /// Takes `key` out of the mirror (before it leaves the hash map).
+    /// Takes `key` out of the mirror (before it leaves the hash map). The
+    /// last used way moves into its place, so the bucket stays packed.
     pub fn remove(&mut self, key: u64) {
         let (b, tag) = mirror_place(key);
         let Some(w) = self.way_of(b, tag) else {
             return;
         };
+        let last = self.used(b) - 1;
         let was = self.begin(b);
-        self.way(b, w).store(0, Ordering::Relaxed);
+        if last != w {
+            let moved = self.way(b, last).load(Ordering::Relaxed);
+            self.way(b, w).store(moved, Ordering::Relaxed);
+        }
+        self.way(b, last).store(0, Ordering::Relaxed);
         self.end(b, was, was & MIRROR_OVERFLOW != 0, false);
     }
 
@@ -202,6 +213,7 @@ impl Mirror {
         }
         let found = (0..MIRROR_WAYS)
             .map(|w| self.way(b, w).load(Ordering::Acquire))
+            .take_while(|way| mirror_way_field(*way) != 0)
             .find(|way| mirror_way_holds(*way, tag));
         if self.seq(b).load(Ordering::Acquire) != seq {
             return Mirrored::Unsure;
@@ -259,12 +271,15 @@ impl Mirror {
             let seq = self.seq(b).load(Ordering::Acquire);
             out.overflowed += usize::from(seq & MIRROR_OVERFLOW != 0);
             out.writing += usize::from(seq & MIRROR_WRITING != 0);
+            let mut free_seen = false;
             for w in 0..MIRROR_WAYS {
                 let way = self.way(b, w).load(Ordering::Acquire);
                 let field = mirror_way_field(way);
                 if field != 0 {
                     out.entries.insert(mirror_way_key(b, way), (b, field));
+                    out.holes += usize::from(free_seen);
                 }
+                free_seen |= field == 0;
             }
         }
         out
@@ -284,6 +299,9 @@ pub struct MirrorContents {
     pub entries: BTreeMap<u64, (u32, u64)>,
     pub overflowed: usize,
     pub writing: usize,
+    /// Used ways after a free one, which the kernel never reads (a bucket
+    /// is kept packed): 0 unless a hand edit or a bug left one.
+    pub holes: usize,
 }
 
 impl Drop for Mirror {
