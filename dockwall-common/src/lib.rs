@@ -30,7 +30,12 @@ pub const MAP_ALLOW: &str = "DW_ALLOW";
 /// prefix lengths its allowances use, longest first ([`AllowLens`]). A
 /// zero slot (the default): that group's allowances, if any, are in the
 /// trie (`MAP_ALLOW`).
-pub const MAP_ALLOW_LENS: &str = "DW_ALLOW_LENS";
+pub const MAP_ALLOW_LENS: &str = "DW_GROUP_LENS";
+/// `MAP_ALLOW_LENS` of the dockwall before it, written with
+/// `bpf_map_update_elem`, whose copy of the 8-byte slot is not one store:
+/// its pin is removed, never reused (the new one is `BPF_F_MMAPABLE`, and
+/// userspace stores each slot in one atomic write).
+pub const LEGACY_MAPS_LENS: [&str; 1] = ["DW_ALLOW_LENS"];
 /// The allowances of the groups `MAP_ALLOW_LENS` lists, one exact-match
 /// entry per allowance ([`AllowNetKey`] -> [`AllowValue`]).
 pub const MAP_ALLOW_NETS: &str = "DW_ALLOW_NETS";
@@ -239,15 +244,37 @@ pub fn allow_group_index(port: u16, proto: u8, family: u8) -> u32 {
 /// The prefix lengths (of the address, 0..=128) a group's allowances use,
 /// longest first: `lens[..n]`. The kernel probes `MAP_ALLOW_NETS` once per
 /// length and the first hit decides, which is the longest prefix match.
-/// `n == 0`: the group is looked up in the trie. Eight bytes, so an update
-/// lands whole; and should a reader ever see a mix of old and new lengths,
-/// the worst it does is miss (covering allowances never outlast the longer
-/// entry they cover, see `AllowValue::expires_ns`).
+/// `n == 0`: the group is looked up in the trie.
+///
+/// Eight bytes, one word: userspace stores a slot with one atomic write
+/// through a shared mapping of the map, and the kernel reads it with one
+/// load ([`AllowLens::from_word`]). A mix of an old and a new slot's bytes
+/// could list a length neither lists (a 0 from an empty slot), or an old
+/// count over new lengths, and miss an allowance both grant.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowLens {
     pub n: u8,
     pub lens: [u8; ALLOW_MAX_LENS],
+}
+
+impl AllowLens {
+    /// The slot as the word it is stored as.
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        let l = self.lens;
+        u64::from_ne_bytes([self.n, l[0], l[1], l[2], l[3], l[4], l[5], l[6]])
+    }
+
+    /// The slot a stored word holds.
+    #[inline(always)]
+    pub const fn from_word(word: u64) -> Self {
+        let b = word.to_ne_bytes();
+        AllowLens {
+            n: b[0],
+            lens: [b[1], b[2], b[3], b[4], b[5], b[6], b[7]],
+        }
+    }
 }
 
 /// Key of `MAP_ALLOW_NETS`: byte for byte the LPM trie's key of the same
@@ -763,6 +790,17 @@ mod tests {
         // Uniform hashing (Poisson, mean 0.38) overflows none (P(N > 7)
         // is 3e-9 a bucket).
         assert_eq!(over, 0, "{over} buckets overflow");
+    }
+
+    #[test]
+    fn a_lengths_slot_is_one_word_and_back() {
+        let slot = AllowLens {
+            n: 3,
+            lens: [128, 64, 48, 0, 0, 0, 0],
+        };
+        assert_eq!(AllowLens::from_word(slot.to_word()), slot);
+        assert_eq!(AllowLens::default().to_word(), 0, "an empty slot is 0");
+        assert_eq!(size_of::<AllowLens>(), size_of::<u64>());
     }
 
     #[test]

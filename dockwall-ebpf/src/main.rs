@@ -84,7 +84,7 @@ static PUBLISHED: HashMap<PublishedKey, PublishedValue> =
 static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
 // Allowances, by group (published port, protocol, family): a group whose
-// DW_ALLOW_LENS slot lists lengths has its allowances in DW_ALLOW_NETS, one
+// DW_GROUP_LENS slot lists lengths has its allowances in DW_ALLOW_NETS, one
 // exact entry each; any other group's are in the trie. The slots are an
 // array (an inlined load, no helper call); DW_ALLOW_NETS is not
 // preallocated, so it holds memory only for allowances that exist. Its
@@ -94,8 +94,8 @@ static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 #[map(name = "DW_ALLOW")]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 
-#[map(name = "DW_ALLOW_LENS")]
-static ALLOW_LENS: Array<AllowLens> = Array::with_max_entries(ALLOW_GROUPS, 0);
+#[map(name = "DW_GROUP_LENS")]
+static ALLOW_LENS: Array<u64> = Array::with_max_entries(ALLOW_GROUPS, BPF_F_MMAPABLE);
 
 #[map(name = "DW_ALLOW_NETS")]
 static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
@@ -558,14 +558,19 @@ enum Match {
 #[inline(always)]
 fn allowance(pkt: &Packet, policy_port: u16) -> Match {
     let group = allow_group_index(policy_port, pkt.proto, pkt.family);
-    // Read in place, each byte as it is needed: a copy of the 8-byte slot
-    // is eight byte loads and the shifts to put them together. Userspace
-    // may rewrite the slot meanwhile; any mix of its old and new bytes
-    // lists only lengths whose entries exist while it changes (see
-    // ebpf_allow's ordering).
-    match ALLOW_LENS.get(group) {
-        Some(lens) if lens.n != 0 => allowance_by_length(pkt, policy_port, lens),
-        _ => allowance_in_trie(pkt, policy_port),
+    // One load of the whole slot: userspace stores it in one atomic write,
+    // so this reads the old slot or the new one, never a mix (see
+    // AllowLens).
+    // SAFETY: the element lives as long as the map; volatile, so the load
+    // is one 8-byte load and not split into the bytes used.
+    let lens = match ALLOW_LENS.get_ptr(group) {
+        Some(word) => AllowLens::from_word(unsafe { core::ptr::read_volatile(word) }),
+        None => AllowLens::default(),
+    };
+    if lens.n != 0 {
+        allowance_by_length(pkt, policy_port, &lens)
+    } else {
+        allowance_in_trie(pkt, policy_port)
     }
 }
 

@@ -617,7 +617,8 @@ fn crash_and_reload(
         // The restart is also an upgrade: the per-port drop counters older
         // dockwalls pinned (shared, then a per-CPU hash) are in the pin
         // dir, and so are their allowance hit counters (per-CPU hashes)
-        // and the IPv4 mirror in its first layout.
+        // and the IPv4 mirror in its first layout, and the prefix-length
+        // slots before they were mapped.
         let legacy = plant_legacy_pin().and_then(|()| plant_legacy_hits());
         thread::sleep(Duration::from_secs(1));
         let reloaded = legacy.and_then(|()| dw.load(&ifaces));
@@ -640,17 +641,17 @@ fn crash_and_reload(
     );
     std::mem::forget(loaded); // its daemon is dead; the new load owns the state
     let reloaded = reloaded?;
-    let said = LEGACY_PINS.iter().all(|(pin, ..)| {
+    let said = LEGACY_PINS.iter().all(|pin| {
         reloaded
             .output()
             .iter()
-            .any(|l| l.contains(&format!("removed {pin}")))
+            .any(|l| l.contains(&format!("removed {}", pin.path)))
     });
     let gone = LEGACY_PINS
         .iter()
-        .all(|(pin, ..)| !std::path::Path::new(pin).exists());
+        .all(|pin| !std::path::Path::new(pin.path).exists());
     r.expect(
-        "load after older dockwalls: their drop-counter pins (shared, per-CPU hash) and their IPv4 mirror (another layout) are removed, and load says so",
+        "load after older dockwalls: their drop-counter pins (shared, per-CPU hash), their IPv4 mirror (another layout) and their prefix-length slots (not mmapable) are removed, and load says so",
         said && gone,
         || format!("{:?}", reloaded.output()),
     );
@@ -762,42 +763,86 @@ fn online_cpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
-/// Pins of older dockwalls' maps that `load` removes, with each one's
-/// shape (type, value size, entries, flags): the per-port drop counters,
-/// shared (a plain hash of port key -> u64), then a per-CPU hash (not
-/// preallocated); and the IPv4 mirror of three two-word ways a bucket
-/// (an mmapable array, BPF_F_MMAPABLE = 1024), as large as the new one.
-const LEGACY_PINS: [(&str, &str, &str, &str, &str); 3] = [
-    (
+/// A pin of an older dockwall's map that `load` removes, and its shape.
+struct LegacyPin {
+    path: &'static str,
+    kind: &'static str,
+    value_size: &'static str,
+    entries: &'static str,
+    flags: &'static str,
+}
+
+const fn legacy(
+    path: &'static str,
+    kind: &'static str,
+    value_size: &'static str,
+    entries: &'static str,
+    flags: &'static str,
+) -> LegacyPin {
+    LegacyPin {
+        path,
+        kind,
+        value_size,
+        entries,
+        flags,
+    }
+}
+
+/// The per-port drop counters, shared (a plain hash of port key -> u64),
+/// then a per-CPU hash (not preallocated); the IPv4 mirror of three
+/// two-word ways a bucket (an mmapable array, BPF_F_MMAPABLE = 1024), as
+/// large as the new one; and the per-group prefix lengths, a plain array.
+const LEGACY_PINS: [LegacyPin; 4] = [
+    legacy(
         "/sys/fs/bpf/dockwall/DW_PORT_DROPS",
         "hash",
         "8",
         "131072",
         "0",
     ),
-    (
+    legacy(
         "/sys/fs/bpf/dockwall/DW_PCPU_DROPS",
         "percpu_hash",
         "8",
         "131072",
         "1",
     ),
-    (
+    legacy(
         "/sys/fs/bpf/dockwall/DW_ALLOW_MIRROR",
         "array",
         "64",
         "262144",
         "1024",
     ),
+    legacy(
+        "/sys/fs/bpf/dockwall/DW_ALLOW_LENS",
+        "array",
+        "8",
+        "262144",
+        "0",
+    ),
 ];
 
 /// Pins maps shaped like older dockwalls' where they pinned them.
 fn plant_legacy_pin() -> anyhow::Result<()> {
-    for (pin, kind, value, entries, flags) in LEGACY_PINS {
-        let name = pin.rsplit('/').next().unwrap_or(pin);
+    for pin in &LEGACY_PINS {
+        let name = pin.path.rsplit('/').next().unwrap_or(pin.path);
         crate::util::run(Command::new("bpftool").args([
-            "map", "create", pin, "type", kind, "key", "4", "value", value, "entries", entries,
-            "name", name, "flags", flags,
+            "map",
+            "create",
+            pin.path,
+            "type",
+            pin.kind,
+            "key",
+            "4",
+            "value",
+            pin.value_size,
+            "entries",
+            pin.entries,
+            "name",
+            name,
+            "flags",
+            pin.flags,
         ]))?;
     }
     Ok(())

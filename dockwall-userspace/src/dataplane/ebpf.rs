@@ -21,15 +21,18 @@ use aya::{
     util::KernelVersion,
 };
 use dockwall_common::{
-    ALL_MAPS, AllowKey, AllowLens, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
-    GLOBAL_LOG_CPUS, GLOBAL_MIRROR_ON, HitSlotWords, LEGACY_MAPS_MIRROR, LEGACY_MAPS_PORT_DROPS,
-    MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS,
-    MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS,
-    PROG_XDP, PortKey, PublishedKey, PublishedValue, port_drop_index, scope_bit, stat,
+    ALL_MAPS, ALLOW_GROUPS, AllowKey, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
+    GLOBAL_LOG_CPUS, GLOBAL_MIRROR_ON, HitSlotWords, LEGACY_MAPS_LENS, LEGACY_MAPS_MIRROR,
+    LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_NETS,
+    MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS,
+    PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey, PublishedValue, port_drop_index,
+    scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
+use super::ebpf_grace::Grace;
 use super::ebpf_mirror::Mirror;
+use super::ebpf_mmap::MappedWords;
 
 /// Where dockwall pins its maps and links (bpffs).
 pub const PIN_DIR: &str = "/sys/fs/bpf/dockwall";
@@ -274,13 +277,19 @@ fn remove_legacy_pins() -> anyhow::Result<()> {
             "per-port drop counters of an older dockwall; they are a per-CPU array now and start from zero",
         )
     });
+    let lens = LEGACY_MAPS_LENS.map(|name| {
+        (
+            name,
+            "the per-port prefix lengths of an older dockwall, which it wrote with a copy the kernel may see torn; the new map is filled from the allowances before the program is swapped",
+        )
+    });
     let mirror = LEGACY_MAPS_MIRROR.map(|name| {
         (
             name,
             "the IPv4 allowance mirror of an older dockwall, in a layout this one does not read; the new one is filled from the allowances before the program is swapped",
         )
     });
-    for (name, why) in drops.into_iter().chain(mirror) {
+    for (name, why) in drops.into_iter().chain(lens).chain(mirror) {
         let legacy = map_pin(name);
         match std::fs::remove_file(&legacy) {
             Ok(()) => println!("dockwall: removed {} ({why})", legacy.display()),
@@ -724,7 +733,9 @@ pub struct Maps {
     /// The trie fallback (see `ebpf_allow`).
     pub(super) allow: LpmTrie<MapData, AllowKey, AllowValue>,
     /// Per group: the prefix lengths its allowances use, longest first.
-    pub(super) allow_lens: Array<MapData, AllowLens>,
+    /// Mapped here: each slot is stored in one atomic write (see
+    /// `AllowLens`).
+    pub(super) allow_lens: MappedWords,
     /// The allowances of the groups with lengths listed.
     pub(super) allow_nets: HashMap<MapData, AllowNetKey, AllowValue>,
     /// Their IPv4 entries again, mapped here (see `ebpf_mirror`).
@@ -738,6 +749,8 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     port_drops: PerCpuArray<MapData, u64>,
+    /// Made on the first wait for running programs (see `ebpf_grace`).
+    grace: Option<Grace>,
 }
 
 /// The DW_PORTS byte of each port that has published-map keys.
@@ -847,7 +860,10 @@ impl Maps {
             ports: ports.try_into().context(MAP_PORTS)?,
             ports_checked: false,
             allow: allow.try_into().context(MAP_ALLOW)?,
-            allow_lens: allow_lens.try_into().context(MAP_ALLOW_LENS)?,
+            allow_lens: match allow_lens {
+                Map::Array(data) => MappedWords::new(data, ALLOW_GROUPS as usize, MAP_ALLOW_LENS)?,
+                other => bail!("{MAP_ALLOW_LENS} is a {other:?}, not an array"),
+            },
             allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
             mirror: match mirror {
                 Map::Array(data) => Mirror::new(data)?,
@@ -860,7 +876,21 @@ impl Maps {
             stats: stats.try_into().context(MAP_STATS)?,
             config: config.try_into().context(MAP_CONFIG)?,
             port_drops: port_drops.try_into().context(MAP_PORT_DROPS)?,
+            grace: None,
         })
+    }
+
+    /// Returns once every program run that started before the call has
+    /// finished (an RCU grace period, see `ebpf_grace`): no packet still
+    /// looks where a slot pointed before it was rewritten.
+    pub(super) fn wait_for_running_programs(&mut self) -> anyhow::Result<()> {
+        if self.grace.is_none() {
+            self.grace = Some(Grace::new()?);
+        }
+        match &self.grace {
+            Some(grace) => grace.wait(),
+            None => Ok(()),
+        }
     }
 
     /// Makes the published-port map equal `desired`: adds first, then removes.

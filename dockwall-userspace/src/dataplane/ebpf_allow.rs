@@ -29,6 +29,7 @@
 //! gone, and a new one takes a free slot, zeroed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use aya::{
@@ -37,7 +38,7 @@ use aya::{
 };
 use dockwall_common::{
     ALLOW_KEY_FIXED_BITS, ALLOW_MAX_LENS, AllowKey, AllowLens, AllowNetKey, AllowValue, FAMILY_V4,
-    FAMILY_V6, MAP_ALLOW_LENS, MAP_ALLOW_NETS, allow_group_index,
+    FAMILY_V6, MAP_ALLOW_NETS, allow_group_index,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
@@ -301,6 +302,17 @@ impl Maps {
                 self.set_slot(group, slot_of(place))?;
             }
         }
+        // A packet that read a moving group's slot before the flip may
+        // still look in the old place: wait for it before emptying that.
+        let moving = nets_now
+            .keys()
+            .any(|e| desired.contains_key(e) && !in_nets(e))
+            || trie_now
+                .keys()
+                .any(|e| desired.contains_key(e) && in_nets(e));
+        if moving {
+            self.wait_for_running_programs()?;
+        }
         // The mirror, whole: buckets a crash or a hand edit left wrong, and
         // overflow marks that room since freed has cleared. After the slots
         // (a group leaving for the trie is looked up there before its
@@ -396,6 +408,8 @@ impl Maps {
                     self.put_into(place, entry, value)?;
                 }
                 self.set_slot(group, slot_of(place))?;
+                // Packets that read the slot before the flip finish first.
+                self.wait_for_running_programs()?;
                 for entry in want.keys() {
                     self.remove_from(old_place, entry)?;
                 }
@@ -609,18 +623,18 @@ impl Maps {
         Ok(out)
     }
 
+    /// A group's slot, read from the shared mapping.
     fn slot(&self, group: Group) -> anyhow::Result<AllowLens> {
-        let index = slot_index(group);
-        self.allow_lens
-            .get(&index, 0)
-            .with_context(|| format!("reading {MAP_ALLOW_LENS}[{index}] (bpf_map_lookup_elem)"))
+        let word = self.allow_lens.word(slot_index(group) as usize);
+        Ok(AllowLens::from_word(word.load(Ordering::Acquire)))
     }
 
+    /// Stores a group's slot in one atomic write, after (Release) the
+    /// entries it points at.
     fn set_slot(&mut self, group: Group, slot: AllowLens) -> anyhow::Result<()> {
-        let index = slot_index(group);
-        self.allow_lens
-            .set(index, slot, 0)
-            .with_context(|| format!("writing {MAP_ALLOW_LENS}[{index}] (bpf_map_update_elem)"))
+        let word = self.allow_lens.word(slot_index(group) as usize);
+        word.store(slot.to_word(), Ordering::Release);
+        Ok(())
     }
 
     /// The trie's entries as stored: `hits` with its tag (see

@@ -17,11 +17,8 @@
 //! that key only (the way has no room for an expiry).
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 
-use anyhow::Context as _;
 use aya::maps::MapData;
 use dockwall_common::{
     MAP_ALLOW_MIRROR, MIRROR_ASK, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_SEQ_STEP, MIRROR_WAYS,
@@ -30,6 +27,7 @@ use dockwall_common::{
 };
 use ipnet::IpNet;
 
+use super::ebpf_mmap::MappedWords;
 use crate::policy::AllowEntry;
 
 /// What the mirror says of a key: what the kernel reads.
@@ -59,66 +57,24 @@ pub fn key_of(entry: &AllowEntry) -> Option<u64> {
 
 /// The map, mapped into this process (`BPF_F_MMAPABLE`).
 pub struct Mirror {
-    buckets: NonNull<MirrorBucket>,
-    bytes: usize,
-    /// Keeps the map open while it is mapped.
-    _map: MapData,
+    words: MappedWords,
 }
-
-// SAFETY: the mapping is plain shared memory, owned by this value; all
-// access goes through atomics, and writes need `&mut self`.
-unsafe impl Send for Mirror {}
-// SAFETY: as above: `&self` methods only load.
-unsafe impl Sync for Mirror {}
 
 const BUCKET_WORDS: usize = size_of::<MirrorBucket>() / 8;
 
 impl Mirror {
     /// Maps `map` (which must be `DW_MIRROR_V4`) read-write.
     pub fn new(map: MapData) -> anyhow::Result<Self> {
-        let bytes = MIRROR_BUCKETS as usize * size_of::<MirrorBucket>();
-        // SAFETY: a fresh shared mapping of the map's memory; the kernel
-        // checks the length against the map and that it is mmapable.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!(
-                    "mapping {MAP_ALLOW_MIRROR} (mmap of {bytes} bytes; a pin from an older dockwall without BPF_F_MMAPABLE?)"
-                )
-            });
-        }
-        let buckets = NonNull::new(ptr.cast::<MirrorBucket>())
-            .ok_or_else(|| anyhow::anyhow!("mmap of {MAP_ALLOW_MIRROR} returned NULL"))?;
+        let len = MIRROR_BUCKETS as usize * BUCKET_WORDS;
         Ok(Mirror {
-            buckets,
-            bytes,
-            _map: map,
+            words: MappedWords::new(map, len, MAP_ALLOW_MIRROR)?,
         })
     }
 
     /// Word `w` of bucket `b` (0: seq; then one per way).
     fn word(&self, b: u32, w: usize) -> &AtomicU64 {
         assert!(b < MIRROR_BUCKETS && w < BUCKET_WORDS);
-        // SAFETY: in bounds (checked above) of a mapping that lives as long
-        // as `self`, 8-byte aligned (page-aligned base, 64-byte buckets);
-        // the kernel reads it concurrently, so only atomics touch it.
-        unsafe {
-            AtomicU64::from_ptr(
-                self.buckets
-                    .as_ptr()
-                    .cast::<u64>()
-                    .add(b as usize * BUCKET_WORDS + w),
-            )
-        }
+        self.words.word(b as usize * BUCKET_WORDS + w)
     }
 
     fn seq(&self, b: u32) -> &AtomicU64 {
@@ -302,11 +258,4 @@ pub struct MirrorContents {
     /// Used ways after a free one, which the kernel never reads (a bucket
     /// is kept packed): 0 unless a hand edit or a bug left one.
     pub holes: usize,
-}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.buckets.as_ptr().cast(), self.bytes) };
-    }
 }

@@ -4,8 +4,10 @@
 
 pub mod ebpf;
 pub mod ebpf_allow;
+pub mod ebpf_grace;
 pub mod ebpf_hits;
 pub mod ebpf_mirror;
+pub mod ebpf_mmap;
 pub mod fallback;
 pub mod iptables;
 pub mod nftables;
