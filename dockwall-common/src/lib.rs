@@ -57,6 +57,10 @@ pub const MAP_HIT_SLOTS: &str = "DW_HIT_SLOTS";
 /// kernel probes it first; the hash map stays the whole truth, read where
 /// a bucket is being written or has overflowed, or an entry says so.
 pub const MAP_ALLOW_MIRROR: &str = "DW_MIRROR_V4";
+/// The IPv6 entries of `MAP_ALLOW_NETS` again, as [`MAP_ALLOW_MIRROR`]
+/// holds the IPv4 ones: [`Mirror6Bucket`]s of two three-word ways, under
+/// the same sequence lock.
+pub const MAP_ALLOW_MIRROR6: &str = "DW_MIRROR_V6";
 /// The mirror of the dockwall before it (three two-word ways a bucket),
 /// the same size and value size as `MAP_ALLOW_MIRROR`: a pin of it is
 /// removed, never reused, as a program reading one layout in a map
@@ -98,18 +102,20 @@ pub const GLOBAL_LOG_CPUS: &str = "LOG_CPUS";
 /// `bpf_ktime_get_coarse_ns` (Linux 5.11): 1 or 0, set by the loader.
 pub const GLOBAL_COARSE_CLOCK: &str = "COARSE_CLOCK";
 /// The object's read-only global saying the kernel reads
-/// `MAP_ALLOW_MIRROR` (1 on x86-64) or only the hash map (0).
+/// `MAP_ALLOW_MIRROR` and `MAP_ALLOW_MIRROR6` (1 on x86-64) or only the
+/// hash map (0).
 pub const GLOBAL_MIRROR_ON: &str = "MIRROR_ON";
 
 /// Every pinned map, for pinning and unpinning in one place. The state that
 /// must outlive a daemon restart: policy, flows, counters, configuration.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_PUBLISHED,
     MAP_PORTS,
     MAP_ALLOW,
     MAP_ALLOW_LENS,
     MAP_ALLOW_NETS,
     MAP_ALLOW_MIRROR,
+    MAP_ALLOW_MIRROR6,
     MAP_HIT_COUNTS,
     MAP_HIT_SLOTS,
     MAP_UDP_FLOWS,
@@ -495,6 +501,7 @@ const MIRROR_TAG_MASK: u64 = (1 << MIRROR_TAG_BITS) - 1;
 /// shared), any other the hit slot + 1 of a permanent entry.
 pub const MIRROR_ASK: u64 = (1 << (64 - MIRROR_TAG_BITS)) - 1;
 const _: () = assert!((HIT_SLOTS as u64) < MIRROR_ASK);
+const _: () = assert!((HIT_SLOTS as u64) < MIRROR6_ASK);
 
 /// Where a mirror key lives, from one hash: its bucket (the hash's top
 /// bits) and the tag its way holds there (the rest).
@@ -541,6 +548,74 @@ pub const fn mirror_way_holds(way: u64, tag: u64) -> bool {
 /// The key a used way of bucket `bucket` holds.
 pub const fn mirror_way_key(bucket: u32, way: u64) -> u64 {
     mirror_unhash(((bucket as u64) << MIRROR_TAG_BITS) | (way & MIRROR_TAG_MASK))
+}
+
+/// IPv6 entries a [`Mirror6Bucket`] holds.
+pub const MIRROR6_WAYS: usize = 2;
+
+/// One bucket of `MAP_ALLOW_MIRROR6`, a cache line: `seq` as in
+/// [`MirrorBucket`], then the used ways first (a free way's `meta` is 0).
+/// A way is three words, so only the sequence lock makes a read whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mirror6Bucket {
+    pub seq: u64,
+    pub ways: [Mirror6Way; MIRROR6_WAYS],
+    pub _pad: u64,
+}
+
+/// One mirrored IPv6 allowance: the masked address as two words (the
+/// packet's four native-endian 32-bit words, high pairs first), and
+/// [`mirror6_meta`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mirror6Way {
+    pub hi: u64,
+    pub lo: u64,
+    pub meta: u64,
+}
+
+/// An IPv6 way's field above its 32-bit meta key that says "ask the hash
+/// map" (its entry expires, or counts shared); 0 is a free way, any other
+/// the hit slot + 1.
+pub const MIRROR6_ASK: u64 = u32::MAX as u64;
+
+/// The low half of an IPv6 way's `meta`: port, protocol and length.
+#[inline(always)]
+pub const fn mirror6_meta_key(port: u16, proto: u8, len: u8) -> u64 {
+    ((port as u64) << 16) | ((proto as u64) << 8) | len as u64
+}
+
+/// A way's `meta`: the meta key, and above it the hit slot + 1 of a
+/// permanent entry (`Some`), or [`MIRROR6_ASK`] (`None`).
+pub const fn mirror6_meta(meta_key: u64, slot: Option<u32>) -> u64 {
+    let field = match slot {
+        Some(slot) => slot as u64 + 1,
+        None => MIRROR6_ASK,
+    };
+    (field << 32) | meta_key
+}
+
+/// An IPv6 way's field: 0 free, [`MIRROR6_ASK`], or a hit slot + 1.
+#[inline(always)]
+pub const fn mirror6_field(meta: u64) -> u64 {
+    meta >> 32
+}
+
+/// The two address words of an IPv6 way, from the packet's four.
+#[inline(always)]
+pub const fn mirror6_words(addr: [u32; 4]) -> (u64, u64) {
+    (
+        ((addr[0] as u64) << 32) | addr[1] as u64,
+        ((addr[2] as u64) << 32) | addr[3] as u64,
+    )
+}
+
+/// The bucket of an IPv6 entry: both address words and the meta key,
+/// mixed, its top bits (as [`mirror_bucket`]).
+#[inline(always)]
+pub const fn mirror6_bucket(hi: u64, lo: u64, meta_key: u64) -> u32 {
+    (mirror_hash(hi ^ mirror_hash(lo ^ meta_key)) >> MIRROR_TAG_BITS) as u32
 }
 
 /// One element of `MAP_HIT_SLOTS`: a bit per slot, slot `s` of the
@@ -675,6 +750,7 @@ mod pod {
     unsafe impl aya::Pod for super::LogLimit {}
     unsafe impl aya::Pod for super::HitSlotWords {}
     unsafe impl aya::Pod for super::MirrorBucket {}
+    unsafe impl aya::Pod for super::Mirror6Bucket {}
 }
 
 #[cfg(test)]
@@ -756,6 +832,7 @@ mod tests {
         assert_eq!(size_of::<LogLimit>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<MirrorBucket>(), 64);
+        assert_eq!(size_of::<Mirror6Bucket>(), 64);
     }
 
     #[test]

@@ -18,10 +18,11 @@
 //!    container endpoint the published port is the one that publishes it.
 //!    The match is one exact hash probe per prefix length that port's
 //!    allowances use, longest first (ipset's idea, per port); a port using
-//!    more than `ALLOW_MAX_LENS` lengths is looked up in an LPM trie. For
-//!    IPv4 each probe first reads `DW_MIRROR_V4`, a copy userspace keeps
-//!    in array buckets: a hash computed here and one cache line, no helper
-//!    call. The hash map answers where the mirror cannot be sure.
+//!    more than `ALLOW_MAX_LENS` lengths is looked up in an LPM trie. Each
+//!    probe first reads `DW_MIRROR_V4` (IPv4) or `DW_MIRROR_V6`, a copy
+//!    userspace keeps in array buckets: a hash computed here and one cache
+//!    line, no helper call. The hash map answers where the mirror cannot
+//!    be sure.
 //! 5. Denied: count it per published port, log it (rate-limited, to a ring
 //!    buffer the daemon prints), then drop; in audit mode, pass instead.
 //!
@@ -68,10 +69,11 @@ use dockwall_common::{
     ALLOW_GROUPS, ALLOW_KEY_FIXED_BITS, ALLOW_MAX_ENTRIES, ALLOW_MAX_LENS, AllowKey, AllowLens,
     AllowNetKey, AllowValue, CONFIG_AUDIT, Config, DropEvent, EVENT_AUDIT, EVENTS_BYTE_SIZE,
     FAMILY_V4, FAMILY_V6, FlowKey, HIT_SLOT_ELEMENTS, HIT_SLOTS, HitSlotWords, LOG_WINDOW_NS,
-    LogLimit, MIRROR_ASK, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_WRITING, MirrorBucket,
-    PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP, PUBLISHED_MAX_ENTRIES, PublishedKey,
-    PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS, UDP_FLOWS_MAX_ENTRIES,
-    allow_group_index, mirror_key, mirror_place, mirror_way_field, mirror_way_holds,
+    LogLimit, MIRROR_ASK, MIRROR_BUCKETS, MIRROR_OVERFLOW, MIRROR_WRITING, MIRROR6_ASK,
+    Mirror6Bucket, MirrorBucket, PORT_DROPS_MAX_ENTRIES, PROTO_TCP, PROTO_UDP,
+    PUBLISHED_MAX_ENTRIES, PublishedKey, PublishedValue, UDP_FLOW_REFRESH_NS, UDP_FLOW_TIMEOUT_NS,
+    UDP_FLOWS_MAX_ENTRIES, allow_group_index, mirror_key, mirror_place, mirror_way_field,
+    mirror_way_holds, mirror6_bucket, mirror6_field, mirror6_meta_key, mirror6_words,
     port_drop_index, scope_bit, stat,
 };
 
@@ -107,6 +109,10 @@ static ALLOW_NETS: HashMap<AllowNetKey, AllowValue> =
 // kernel call and return costs several ns; the hash map's probe was ~25 ns.
 #[map(name = "DW_MIRROR_V4")]
 static ALLOW_MIRROR: Array<MirrorBucket> = Array::with_max_entries(MIRROR_BUCKETS, BPF_F_MMAPABLE);
+
+#[map(name = "DW_MIRROR_V6")]
+static ALLOW_MIRROR6: Array<Mirror6Bucket> =
+    Array::with_max_entries(MIRROR_BUCKETS, BPF_F_MMAPABLE);
 
 // The allowances' hit counters, per CPU, at the slot userspace wrote in
 // each allowance's value: a hit is an array load (inlined by the verifier
@@ -154,9 +160,9 @@ static LOG_CPUS: u32 = 1;
 #[unsafe(no_mangle)]
 static COARSE_CLOCK: u32 = 0;
 
-/// 1 where the kernel reads `DW_MIRROR_V4`, set by the loader: on
-/// x86-64, whose loads are not reordered with each other, which the
-/// mirror's sequence lock needs (BPF has no load-acquire before 6.15).
+/// 1 where the kernel reads `DW_MIRROR_V4` and `DW_MIRROR_V6`, set by the
+/// loader: on x86-64, whose loads are not reordered with each other, which
+/// the mirrors' sequence lock needs (BPF has no load-acquire before 6.15).
 /// Elsewhere 0, and every probe goes to the hash map.
 #[unsafe(no_mangle)]
 static MIRROR_ON: u32 = 0;
@@ -580,21 +586,24 @@ fn allowance(pkt: &Packet, policy_port: u16) -> Match {
 fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Match {
     let n = usize::from(lens.n);
     // SAFETY: a read-only global, set once by the loader.
-    let mirror = pkt.family == FAMILY_V4 && unsafe { core::ptr::read_volatile(&MIRROR_ON) } != 0;
+    let mirror = unsafe { core::ptr::read_volatile(&MIRROR_ON) } != 0;
     for i in 0..ALLOW_MAX_LENS {
         if i >= n {
             break;
         }
         let len = lens.lens[i];
         if mirror {
-            let key = mirror_key(masked(pkt.src, len)[0], policy_port, pkt.proto, len);
-            match mirror_probe(key) {
-                Mirrored::Found(field) if field != MIRROR_ASK => {
-                    // A permanent entry, counting in slot field - 1.
-                    count_in_slot((field - 1) as u32);
+            let src = masked(pkt.src, len);
+            let probed = if pkt.family == FAMILY_V4 {
+                mirror_probe(mirror_key(src[0], policy_port, pkt.proto, len))
+            } else {
+                mirror6_probe(src, mirror6_meta_key(policy_port, pkt.proto, len))
+            };
+            match probed {
+                Mirrored::Slot(slot) => {
+                    count_in_slot(slot);
                     return Match::Hit;
                 }
-                Mirrored::Found(_) => {} // expires, or counts shared
                 Mirrored::Absent => continue,
                 Mirrored::Unsure => {}
             }
@@ -614,14 +623,31 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Matc
 
 /// What the mirror says of a key.
 enum Mirrored {
-    /// Its way's field (`MIRROR_ASK`, or its hit slot + 1), read whole
-    /// while no writer touched the bucket.
-    Found(u64),
+    /// A permanent entry counting in this hit slot, read whole while no
+    /// writer touched the bucket: the mirror decides.
+    Slot(u32),
     /// Not there, and nothing hashing here is only in the hash map.
     Absent,
-    /// The bucket is being written, was written while we read it, or has
-    /// overflowed: ask the hash map.
+    /// Ask the hash map: the bucket is being written, was written while we
+    /// read it, or has overflowed; or the entry expires or counts shared.
     Unsure,
+}
+
+/// What a bucket read under its lock found (`found`, and the way's field:
+/// 0, `ask`, or a hit slot + 1), as `Mirrored`.
+#[inline(always)]
+fn mirrored(seq: u64, found: bool, field: u64, ask: u64) -> Mirrored {
+    if found {
+        if field == ask {
+            Mirrored::Unsure
+        } else {
+            Mirrored::Slot((field - 1) as u32)
+        }
+    } else if seq & MIRROR_OVERFLOW != 0 {
+        Mirrored::Unsure
+    } else {
+        Mirrored::Absent
+    }
 }
 
 /// Reads the key's bucket under its sequence lock (see `MirrorBucket`).
@@ -659,13 +685,45 @@ fn mirror_probe(key: u64) -> Mirrored {
     if unsafe { core::ptr::read_volatile(&bucket.seq) } != seq {
         return Mirrored::Unsure;
     }
-    if found {
-        Mirrored::Found(field)
-    } else if seq & MIRROR_OVERFLOW != 0 {
-        Mirrored::Unsure
-    } else {
-        Mirrored::Absent
+    mirrored(seq, found, field, MIRROR_ASK)
+}
+
+/// The same for an IPv6 source masked to a length (`addr`) and its meta
+/// key, in `DW_MIRROR_V6`: a way matches on both address words and the
+/// meta key, all read under the bucket's lock.
+#[inline(always)]
+fn mirror6_probe(addr: Addr, meta_key: u64) -> Mirrored {
+    let (hi, lo) = mirror6_words(addr);
+    let Some(bucket) = ALLOW_MIRROR6.get(mirror6_bucket(hi, lo, meta_key)) else {
+        return Mirrored::Unsure;
+    };
+    // SAFETY: as in mirror_probe.
+    let seq = unsafe { core::ptr::read_volatile(&bucket.seq) };
+    if seq & MIRROR_WRITING != 0 {
+        return Mirrored::Unsure;
     }
+    let (mut found, mut field) = (false, 0u64);
+    for way in &bucket.ways {
+        // SAFETY: as in mirror_probe.
+        let meta = unsafe { core::ptr::read_volatile(&way.meta) };
+        if mirror6_field(meta) == 0 {
+            break;
+        }
+        // SAFETY: as in mirror_probe.
+        if meta & u64::from(u32::MAX) == meta_key
+            && unsafe { core::ptr::read_volatile(&way.hi) } == hi
+            && unsafe { core::ptr::read_volatile(&way.lo) } == lo
+        {
+            found = true;
+            field = mirror6_field(meta);
+            break;
+        }
+    }
+    // SAFETY: as in mirror_probe.
+    if unsafe { core::ptr::read_volatile(&bucket.seq) } != seq {
+        return Mirrored::Unsure;
+    }
+    mirrored(seq, found, field, MIRROR6_ASK)
 }
 
 /// The DW_ALLOW_NETS key of the allowance of

@@ -372,11 +372,12 @@ fn first_hits(v6: bool, allowances: usize, sources: usize) -> anyhow::Result<Fir
 }
 
 /// The allowance maps, whose kernel `memlock` is summed: the per-length
-/// hash, the trie fallback, the lengths array, and the hit counters and
-/// their slot bitmap.
-const ALLOW_MAPS: [&str; 6] = [
+/// hash, its two mirrors, the trie fallback, the lengths array, and the
+/// hit counters and their slot bitmap.
+const ALLOW_MAPS: [&str; 7] = [
     dockwall_common::MAP_ALLOW_NETS,
     dockwall_common::MAP_ALLOW_MIRROR,
+    dockwall_common::MAP_ALLOW_MIRROR6,
     dockwall_common::MAP_ALLOW,
     dockwall_common::MAP_ALLOW_LENS,
     dockwall_common::MAP_HIT_COUNTS,
@@ -511,7 +512,7 @@ fn markdown(rows: &[Row], first: &[FirstHits], repeat: u32, runs: usize, mode: &
     let mut md = format!(
         "Classifier cost per packet (BPF_PROG_TEST_RUN, {mode} run: median of {runs} runs x {repeat} executions; {}).\n\
          \"+\" columns are dockwall minus the no-op tc program measured in the same run.\n\n\
-         \"hash only\" is the same object loaded with the IPv4 mirror off (`MIRROR_ON` 0), the \
+         \"hash only\" is the same object loaded with the mirrors off (`MIRROR_ON` 0), the \
          kernel probing only the hash map as before the mirror: same packets, same run.\n\n\
          | family | allowances | entries | no-op ns | allowed ns (+) | hash only (+) | dropped ns (+) | hash only (+) | out of scope ns (+) | map memory (KiB) |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",

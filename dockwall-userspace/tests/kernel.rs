@@ -22,7 +22,10 @@ use dockwall_common::{
     PROG_EGRESS, PROG_INGRESS, PROG_XDP, PROTO_TCP, PROTO_UDP, PortKey, stat,
 };
 use dockwall_userspace::{
-    dataplane::ebpf::{self, Maps},
+    dataplane::{
+        ebpf::{self, Maps},
+        ebpf_mirror::{self, MirrorKey},
+    },
     policy::{self, AllowEntry, Allowance, Binding, Proto, Target},
     testing::Rng,
 };
@@ -2082,7 +2085,7 @@ fn random_edits_keep_every_group_in_its_place_and_every_verdict_the_models() {
         // its slot and expiry, and nothing else.
         let disagree = h.maps.mirror_disagreements().unwrap();
         assert!(disagree.is_empty(), "{}: mirror: {disagree:#?}", ctx());
-        mirrored_max = mirrored_max.max(h.maps.mirror_contents().entries.len());
+        mirrored_max = mirrored_max.max(mirror_len(&h));
         // Untouched entries kept their counters (their own and the per-CPU
         // ones) through every move; a new one starts from zero.
         let counted = h.maps.allow_hits().unwrap();
@@ -2267,71 +2270,89 @@ fn mirror_key_of(net: &str) -> u64 {
     )
 }
 
+/// What the entry's family's mirror holds for it: `Some(slot)` (`None`
+/// inside: "ask the hash map"), or `None` when it is not mirrored.
+fn mirrored_as(h: &Harness, entry: &AllowEntry) -> Option<Option<u32>> {
+    let (v4, v6) = h.maps.mirror_contents();
+    match ebpf_mirror::key_of(entry) {
+        MirrorKey::V4(key) => v4.entries.get(&key).map(|(_, slot)| *slot),
+        MirrorKey::V6(key) => v6.entries.get(&key).map(|(_, slot)| *slot),
+    }
+}
+
+/// Buckets of both mirrors marked writing.
+fn mirror_writing(h: &Harness) -> usize {
+    let (v4, v6) = h.maps.mirror_contents();
+    v4.writing + v6.writing
+}
+
+/// Entries in both mirrors.
+fn mirror_len(h: &Harness) -> usize {
+    let (v4, v6) = h.maps.mirror_contents();
+    v4.entries.len() + v6.entries.len()
+}
+
 #[test]
-fn the_kernel_decides_ipv4_by_the_mirror_and_asks_the_hash_map_where_a_write_was_cut_short() {
-    let entry = AllowEntry {
-        port: 8081,
-        proto: Proto::Tcp,
-        net: "192.0.2.0/24".parse().unwrap(),
-    };
-    let policy = permanent(&[entry].into());
-    let mut h = Harness::new(&[("192.0.2.0/24", "8081/tcp")]);
-    let frame = syn4("192.0.2.9", HOST4, 8081);
-    let src: IpAddr = "192.0.2.9".parse().unwrap();
-    assert_eq!(h.ingress(&frame), PASS);
-    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
-    assert!(
+fn the_kernel_decides_by_the_mirror_and_asks_the_hash_map_where_a_write_was_cut_short() {
+    for (net, source) in [
+        ("192.0.2.0/24", "192.0.2.9"),
+        ("2001:db8:1::/48", "2001:db8:1::9"),
+    ] {
+        let entry = AllowEntry {
+            port: 8081,
+            proto: Proto::Tcp,
+            net: net.parse().unwrap(),
+        };
+        let policy = permanent(&[entry].into());
+        let mut h = Harness::new(&[(net, "8081/tcp")]);
+        let src: IpAddr = source.parse().unwrap();
+        let frame = if src.is_ipv4() {
+            syn4(source, HOST4, 8081)
+        } else {
+            syn6(source, HOST6, 8081)
+        };
+        assert_eq!(h.ingress(&frame), PASS, "{net}");
+        assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+        assert!(matches!(mirrored_as(&h, &entry), Some(Some(_))), "{net}");
+        // Gone from the hash map behind the mirror's back: the mirror decides.
+        h.maps.remove_net_behind_mirror(&entry).unwrap();
+        assert_eq!(h.ingress(&frame), PASS, "{net}: decided by the mirror");
+        assert_eq!(h.maps.allow_hits().unwrap().get(&entry), None);
+        // A writer killed mid-write leaves the bucket marked: the kernel
+        // asks the hash map (which lost the entry), and explain reads the same.
+        h.maps.abandon_mirror_write(&entry);
+        assert_eq!(h.ingress(&frame), DROP, "{net}: decided by the hash map");
+        assert_eq!(h.maps.lookup_allow(8081, Proto::Tcp, src).unwrap(), None);
+        assert!(!h.maps.mirror_disagreements().unwrap().is_empty());
+        // An edit of that bucket keeps the mark (its other ways may be torn).
+        h.maps.sync_allow_delta(&BTreeMap::new(), &policy).unwrap();
+        assert_eq!(mirror_writing(&h), 1, "{net}");
+        assert_eq!(h.ingress(&frame), PASS, "{net}: back in the hash map");
+        // A full sync rewrites it whole.
+        h.maps.sync_allow(&policy).unwrap();
+        assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+        assert_eq!(mirror_writing(&h), 0, "{net}");
+        assert_eq!(h.ingress(&frame), PASS, "{net}");
+        // Revoked: out of the mirror first, then the hash map.
+        h.maps.sync_allow_delta(&policy, &BTreeMap::new()).unwrap();
+        assert_eq!(h.ingress(&frame), DROP, "{net}");
+        assert_eq!(mirror_len(&h), 0, "{net}");
+        // One that expires is mirrored as "ask the hash map" (a way has no
+        // room for an expiry): gone from the hash map, it no longer passes.
+        let expiring = BTreeMap::from([(
+            entry,
+            dockwall_userspace::clock::boot_ns() + 3_600_000_000_000,
+        )]);
         h.maps
-            .mirror_contents()
-            .entries
-            .contains_key(&mirror_key_of("192.0.2.0/24"))
-    );
-    // Gone from the hash map behind the mirror's back: the mirror decides.
-    h.maps.remove_net_behind_mirror(&entry).unwrap();
-    assert_eq!(h.ingress(&frame), PASS, "decided by the mirror");
-    assert_eq!(h.maps.allow_hits().unwrap().get(&entry), None);
-    // A writer killed mid-write leaves the bucket marked: the kernel asks
-    // the hash map (which lost the entry), and explain reads the same.
-    h.maps.abandon_mirror_write(&entry);
-    assert_eq!(h.ingress(&frame), DROP, "decided by the hash map");
-    assert_eq!(h.maps.lookup_allow(8081, Proto::Tcp, src).unwrap(), None);
-    assert!(!h.maps.mirror_disagreements().unwrap().is_empty());
-    // An edit of that bucket keeps the mark (its other ways may be torn).
-    h.maps.sync_allow_delta(&BTreeMap::new(), &policy).unwrap();
-    assert_eq!(h.maps.mirror_contents().writing, 1);
-    assert_eq!(h.ingress(&frame), PASS, "back in the hash map");
-    // A full sync rewrites it whole.
-    h.maps.sync_allow(&policy).unwrap();
-    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
-    assert_eq!(h.maps.mirror_contents().writing, 0);
-    assert_eq!(h.ingress(&frame), PASS);
-    // Revoked: out of the mirror first, then the hash map.
-    h.maps.sync_allow_delta(&policy, &BTreeMap::new()).unwrap();
-    assert_eq!(h.ingress(&frame), DROP);
-    assert!(h.maps.mirror_contents().entries.is_empty());
-    // One that expires is mirrored as "ask the hash map" (a way has no
-    // room for an expiry): gone from the hash map, it no longer passes.
-    let expiring = BTreeMap::from([(
-        entry,
-        dockwall_userspace::clock::boot_ns() + 3_600_000_000_000,
-    )]);
-    h.maps
-        .sync_allow_delta(&BTreeMap::new(), &expiring)
-        .unwrap();
-    assert_eq!(h.ingress(&frame), PASS);
-    let key = mirror_key_of("192.0.2.0/24");
-    assert_eq!(
-        h.maps
-            .mirror_contents()
-            .entries
-            .get(&key)
-            .map(|(_, field)| *field),
-        Some(dockwall_common::MIRROR_ASK)
-    );
-    assert!(h.maps.mirror_disagreements().unwrap().is_empty());
-    h.maps.remove_net_behind_mirror(&entry).unwrap();
-    assert_eq!(h.ingress(&frame), DROP, "decided by the hash map");
-    assert_eq!(h.maps.lookup_allow(8081, Proto::Tcp, src).unwrap(), None);
+            .sync_allow_delta(&BTreeMap::new(), &expiring)
+            .unwrap();
+        assert_eq!(h.ingress(&frame), PASS, "{net}");
+        assert_eq!(mirrored_as(&h, &entry), Some(None), "{net}: ask");
+        assert!(h.maps.mirror_disagreements().unwrap().is_empty());
+        h.maps.remove_net_behind_mirror(&entry).unwrap();
+        assert_eq!(h.ingress(&frame), DROP, "{net}: decided by the hash map");
+        assert_eq!(h.maps.lookup_allow(8081, Proto::Tcp, src).unwrap(), None);
+    }
 }
 
 #[test]
@@ -2366,7 +2387,7 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
     let mut two = three.clone();
     two.remove(&entry(&same[0]));
     h.maps.sync_allow_delta(&three, &two).unwrap();
-    let contents = h.maps.mirror_contents();
+    let contents = h.maps.mirror_contents().0;
     assert_eq!(
         (contents.entries.len(), contents.holes, contents.overflowed),
         (2, 0, 0)
@@ -2383,7 +2404,7 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
         policy.insert(entry(a), 0);
         h.maps.sync_allow_delta(&old, &policy).unwrap();
     }
-    let contents = h.maps.mirror_contents();
+    let contents = h.maps.mirror_contents().0;
     assert_eq!(contents.entries.len(), WAYS);
     assert_eq!(contents.overflowed, 1);
     assert!(h.maps.mirror_disagreements().unwrap().is_empty());
@@ -2397,7 +2418,7 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
     policy.remove(&entry(&same[0]));
     policy.remove(&entry(&same[1]));
     h.maps.sync_allow_delta(&old, &policy).unwrap();
-    assert_eq!(h.maps.mirror_contents().overflowed, 1);
+    assert_eq!(h.maps.mirror_contents().0.overflowed, 1);
     let want = |i: usize| {
         if (2..WAYS + 2).contains(&i) {
             PASS
@@ -2410,7 +2431,7 @@ fn a_full_mirror_bucket_overflows_into_the_hash_map_and_a_full_sync_packs_it_aga
     }
     // A full sync packs the rest into the bucket and clears the mark.
     h.maps.sync_allow(&policy).unwrap();
-    let contents = h.maps.mirror_contents();
+    let contents = h.maps.mirror_contents().0;
     assert_eq!((contents.entries.len(), contents.overflowed), (WAYS, 0));
     for (i, a) in same.iter().enumerate() {
         assert_eq!(h.ingress(&syn4(a, HOST4, 8081)), want(i), "{a}");

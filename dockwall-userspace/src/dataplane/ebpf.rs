@@ -23,15 +23,15 @@ use aya::{
 use dockwall_common::{
     ALL_MAPS, ALLOW_GROUPS, AllowKey, AllowNetKey, AllowValue, Config, GLOBAL_COARSE_CLOCK,
     GLOBAL_LOG_CPUS, GLOBAL_MIRROR_ON, HitSlotWords, LEGACY_MAPS_LENS, LEGACY_MAPS_MIRROR,
-    LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_NETS,
-    MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS, MAP_PUBLISHED, MAP_STATS,
-    PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey, PublishedValue, port_drop_index,
-    scope_bit, stat,
+    LEGACY_MAPS_PORT_DROPS, MAP_ALLOW, MAP_ALLOW_LENS, MAP_ALLOW_MIRROR, MAP_ALLOW_MIRROR6,
+    MAP_ALLOW_NETS, MAP_CONFIG, MAP_HIT_COUNTS, MAP_HIT_SLOTS, MAP_PORT_DROPS, MAP_PORTS,
+    MAP_PUBLISHED, MAP_STATS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, PortKey, PublishedKey,
+    PublishedValue, port_drop_index, scope_bit, stat,
 };
 use serde::{Deserialize, Serialize};
 
 use super::ebpf_grace::Grace;
-use super::ebpf_mirror::Mirror;
+use super::ebpf_mirror::{Mirror4, Mirror6};
 use super::ebpf_mmap::MappedWords;
 
 /// Where dockwall pins its maps and links (bpffs).
@@ -216,8 +216,9 @@ pub fn load_unpinned_with(hook: Hook, globals: &Globals) -> anyhow::Result<Ebpf>
     Ok(ebpf)
 }
 
-/// Whether the kernel reads `DW_MIRROR_V4`: on x86-64 only, whose
-/// loads keep their order, as the mirror's sequence lock needs.
+/// Whether the kernel reads the mirrors (`DW_MIRROR_V4`, `DW_MIRROR_V6`):
+/// on x86-64 only, whose loads keep their order, as the mirrors' sequence
+/// lock needs.
 pub(super) const MIRROR_ON: bool = cfg!(target_arch = "x86_64");
 
 /// The object's read-only globals, which the verifier treats as constants.
@@ -226,7 +227,7 @@ pub struct Globals {
     log_cpus: u32,
     /// 1: the kernel has bpf_ktime_get_coarse_ns (Linux 5.11).
     coarse_clock: u32,
-    /// 1: the kernel reads DW_MIRROR_V4 (x86-64; see `ebpf_mirror`).
+    /// 1: the kernel reads the mirrors (x86-64; see `ebpf_mirror`).
     mirror_on: u32,
 }
 
@@ -241,7 +242,7 @@ impl Globals {
     }
 
     /// The same, with the kernel reading only the hash map, not the
-    /// IPv4 mirror: the lookup as it was before the mirror (benchmarks).
+    /// mirrors: the lookup as it was before the mirror (benchmarks).
     pub fn without_mirror(self) -> Self {
         Globals {
             mirror_on: 0,
@@ -739,7 +740,9 @@ pub struct Maps {
     /// The allowances of the groups with lengths listed.
     pub(super) allow_nets: HashMap<MapData, AllowNetKey, AllowValue>,
     /// Their IPv4 entries again, mapped here (see `ebpf_mirror`).
-    pub(super) mirror: Mirror,
+    pub(super) mirror: Mirror4,
+    /// Their IPv6 entries again.
+    pub(super) mirror6: Mirror6,
     /// The allowances' hit counters, per CPU, a slot each (see `ebpf_hits`).
     pub(super) hit_counts: PerCpuArray<MapData, u64>,
     /// Which of those slots are taken.
@@ -805,6 +808,7 @@ impl Maps {
             take(MAP_ALLOW_LENS)?,
             take(MAP_ALLOW_NETS)?,
             take(MAP_ALLOW_MIRROR)?,
+            take(MAP_ALLOW_MIRROR6)?,
             take(MAP_HIT_COUNTS)?,
             take(MAP_HIT_SLOTS)?,
             take(MAP_STATS)?,
@@ -832,6 +836,7 @@ impl Maps {
             open(MAP_ALLOW_LENS)?,
             open(MAP_ALLOW_NETS)?,
             open(MAP_ALLOW_MIRROR)?,
+            open(MAP_ALLOW_MIRROR6)?,
             open(MAP_HIT_COUNTS)?,
             open(MAP_HIT_SLOTS)?,
             open(MAP_STATS)?,
@@ -848,12 +853,13 @@ impl Maps {
             allow_lens,
             allow_nets,
             mirror,
+            mirror6,
             hit_counts,
             hit_slots,
             stats,
             config,
             port_drops,
-        ]: [Map; 11],
+        ]: [Map; 12],
     ) -> anyhow::Result<Self> {
         Ok(Maps {
             published: published.try_into().context(MAP_PUBLISHED)?,
@@ -866,8 +872,12 @@ impl Maps {
             },
             allow_nets: allow_nets.try_into().context(MAP_ALLOW_NETS)?,
             mirror: match mirror {
-                Map::Array(data) => Mirror::new(data)?,
+                Map::Array(data) => Mirror4::new(data)?,
                 other => bail!("{MAP_ALLOW_MIRROR} is a {other:?}, not an array"),
+            },
+            mirror6: match mirror6 {
+                Map::Array(data) => Mirror6::new(data)?,
+                other => bail!("{MAP_ALLOW_MIRROR6} is a {other:?}, not an array"),
             },
             hit_counts: hit_counts.try_into().context(MAP_HIT_COUNTS)?,
             hit_slots: hit_slots.try_into().context(MAP_HIT_SLOTS)?,

@@ -17,8 +17,8 @@
 //! listed (its entries miss: fail closed), never an allowance the policy
 //! does not grant.
 //!
-//! The IPv4 entries of `DW_ALLOW_NETS` are mirrored in `DW_MIRROR_V4`
-//! (see `ebpf_mirror`), which the kernel reads first: every write of the
+//! The entries of `DW_ALLOW_NETS` are mirrored in `DW_MIRROR_V4` and
+//! `DW_MIRROR_V6` (see `ebpf_mirror`), which the kernel reads first: every write of the
 //! hash map here goes through `net_put` and `net_remove`, which keep the
 //! mirror behind it, and a full sync rebuilds the mirror's buckets.
 //!
@@ -45,7 +45,7 @@ use std::net::IpAddr;
 
 use super::ebpf::{BPF_NOEXIST, Changes, MIRROR_ON, Maps, already_gone, same_expiry};
 use super::ebpf_hits::{SlotBitmap, counting_slot};
-use super::ebpf_mirror::{self, Mirrored};
+use super::ebpf_mirror::{self, Key6, MirrorContents, MirrorKey, Mirrored};
 use crate::policy::{AllowEntry, Proto};
 
 /// (published port, protocol, IPv6?): the allowances one `DW_ALLOW_LENS`
@@ -259,9 +259,9 @@ impl Maps {
         // Taken in the map before any entry names them.
         self.write_slots(&taken, Some(&was))?;
         let mut changes = Changes::default();
-        // The mirror's whole content after this sync: every IPv4 entry
-        // looked up by length, as the hash map holds it.
-        let mut mirror_want = BTreeMap::new();
+        // The mirrors' whole content after this sync: every entry looked
+        // up by length, as the hash map holds it.
+        let (mut mirror_want, mut mirror6_want) = (BTreeMap::new(), BTreeMap::new());
         // 1. Every entry into its place.
         for (entry, &expires_ns) in desired {
             let counter = counters.get(entry).copied().unwrap_or_default();
@@ -276,9 +276,11 @@ impl Maps {
             };
             if in_nets(entry) {
                 let now = nets_now.get(entry).filter(|now| unchanged(Some(now)));
-                if let Some(key) = ebpf_mirror::key_of(entry) {
-                    mirror_want.insert(key, mirrored(now.unwrap_or(&value)));
-                }
+                let slot = mirrored(now.unwrap_or(&value));
+                match ebpf_mirror::key_of(entry) {
+                    MirrorKey::V4(key) => mirror_want.insert(key, slot),
+                    MirrorKey::V6(key) => mirror6_want.insert(key, slot),
+                };
                 if now.is_some() {
                     continue;
                 }
@@ -319,6 +321,7 @@ impl Maps {
         // mirrored entries go; one arriving was mirrored by `net_put` in
         // step 1), before the hash map's removals (out of the mirror first).
         self.mirror.rebuild(&mirror_want);
+        self.mirror6.rebuild(&mirror6_want);
         // 3. What is no longer looked up where it is.
         for entry in nets_now.keys() {
             let kept = desired.contains_key(entry) && in_nets(entry);
@@ -586,8 +589,10 @@ impl Maps {
             .with_context(|| {
                 format!("writing {entry:?} to {MAP_ALLOW_NETS} (bpf_map_update_elem)")
             })?;
-        if let Some(key) = ebpf_mirror::key_of(entry) {
-            self.mirror.put(key, mirrored(&value));
+        let slot = mirrored(&value);
+        match ebpf_mirror::key_of(entry) {
+            MirrorKey::V4(key) => self.mirror.put(key, slot),
+            MirrorKey::V6(key) => self.mirror6.put(key, slot),
         }
         Ok(())
     }
@@ -595,8 +600,9 @@ impl Maps {
     /// Removes one entry of `DW_ALLOW_NETS`, its mirror first; one already
     /// gone is fine.
     fn net_remove(&mut self, entry: &AllowEntry) -> anyhow::Result<()> {
-        if let Some(key) = ebpf_mirror::key_of(entry) {
-            self.mirror.remove(key);
+        match ebpf_mirror::key_of(entry) {
+            MirrorKey::V4(key) => self.mirror.remove(key),
+            MirrorKey::V6(key) => self.mirror6.remove(key),
         }
         match self.allow_nets.remove(&net_key(entry)) {
             Ok(()) => Ok(()),
@@ -715,8 +721,8 @@ impl Maps {
                 // The kernel asks the mirror first: so does this, and it
                 // answers alike (an entry only in the hash map, say after
                 // a crash, decides nothing until a sync mirrors it).
-                if let Some(key) = MIRROR_ON.then(|| ebpf_mirror::key_of(&entry)).flatten() {
-                    match self.mirror.probe(key) {
+                if MIRROR_ON {
+                    match self.mirror_probe(&entry) {
                         // A permanent entry: the hash map's value (the
                         // same, but for a hand edit), with its hits.
                         Mirrored::Found(Some(_)) => {
@@ -765,47 +771,65 @@ fn mirrored(value: &AllowValue) -> Option<u32> {
 }
 
 impl Maps {
-    /// Where the mirror and the IPv4 entries of `DW_ALLOW_NETS` disagree,
-    /// a line each: an entry the kernel would not find or would find with
-    /// another value, a mirrored key the hash map does not have, a bucket
-    /// left marked writing. Empty after every completed write.
+    /// What the entry's family's mirror says of it, read as the kernel does.
+    fn mirror_probe(&self, entry: &AllowEntry) -> Mirrored {
+        match ebpf_mirror::key_of(entry) {
+            MirrorKey::V4(key) => self.mirror.probe(key),
+            MirrorKey::V6(key) => self.mirror6.probe(key),
+        }
+    }
+
+    /// Where the mirrors and `DW_ALLOW_NETS` disagree, a line each: an
+    /// entry the kernel would not find or would find with another slot, a
+    /// mirrored key the hash map does not have, a bucket left marked
+    /// writing, a used way after a free one. Empty after every completed
+    /// write.
     pub fn mirror_disagreements(&self) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::new();
-        let mut keys = BTreeSet::new();
+        let (mut keys, mut keys6) = (BTreeSet::new(), BTreeSet::new());
         for (entry, value) in self.nets_values()? {
-            let Some(key) = ebpf_mirror::key_of(&entry) else {
-                continue;
+            match ebpf_mirror::key_of(&entry) {
+                MirrorKey::V4(key) => keys.insert(key),
+                MirrorKey::V6(key) => keys6.insert(key),
             };
-            keys.insert(key);
-            match (self.mirror.probe(key), mirrored(&value.untagged())) {
+            match (self.mirror_probe(&entry), mirrored(&value.untagged())) {
                 (Mirrored::Found(got), want) if got == want => {}
                 (Mirrored::Unsure, _) => {}
                 (got, want) => out.push(format!("{entry:?}: mirror {got:?}, hash map {want:?}")),
             }
         }
-        let contents = self.mirror.contents();
-        for (key, (bucket, field)) in &contents.entries {
+        let (contents, contents6) = self.mirror_contents();
+        for (key, (bucket, slot)) in &contents.entries {
             if !keys.contains(key) {
                 out.push(format!(
-                    "key {key:#x} (bucket {bucket}, field {field:#x}) is mirrored, not in {MAP_ALLOW_NETS}"
+                    "key {key:#x} (bucket {bucket}, slot {slot:?}) is mirrored, not in {MAP_ALLOW_NETS}"
                 ));
             }
         }
-        if contents.writing != 0 {
-            out.push(format!("{} buckets left marked writing", contents.writing));
+        for (key, (bucket, slot)) in &contents6.entries {
+            if !keys6.contains(key) {
+                out.push(format!(
+                    "key {key:x?} (bucket {bucket}, slot {slot:?}) is mirrored, not in {MAP_ALLOW_NETS}"
+                ));
+            }
         }
-        if contents.holes != 0 {
-            out.push(format!(
-                "{} mirrored entries after a free way, which the kernel does not read",
-                contents.holes
-            ));
+        for (family, c) in [("IPv4", contents.counts()), ("IPv6", contents6.counts())] {
+            let (writing, holes) = c;
+            if writing != 0 {
+                out.push(format!("{family}: {writing} buckets left marked writing"));
+            }
+            if holes != 0 {
+                out.push(format!(
+                    "{family}: {holes} mirrored entries after a free way, which the kernel does not read"
+                ));
+            }
         }
         Ok(out)
     }
 
-    /// The mirror's content (tests, `status`).
-    pub fn mirror_contents(&self) -> ebpf_mirror::MirrorContents {
-        self.mirror.contents()
+    /// The mirrors' content, IPv4 then IPv6 (tests, `status`).
+    pub fn mirror_contents(&self) -> (MirrorContents<u64>, MirrorContents<Key6>) {
+        (self.mirror.contents(), self.mirror6.contents())
     }
 
     /// Test hook: removes `entry` from `DW_ALLOW_NETS` and leaves its
@@ -821,8 +845,9 @@ impl Maps {
     /// Test hook: leaves `entry`'s bucket as a writer killed mid-write does.
     #[doc(hidden)]
     pub fn abandon_mirror_write(&mut self, entry: &AllowEntry) {
-        if let Some(key) = ebpf_mirror::key_of(entry) {
-            self.mirror.abandon_write(key);
+        match ebpf_mirror::key_of(entry) {
+            MirrorKey::V4(key) => self.mirror.abandon_write(key),
+            MirrorKey::V6(key) => self.mirror6.abandon_write(key),
         }
     }
 }
