@@ -592,8 +592,8 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Matc
             break;
         }
         let len = lens.lens[i];
+        let src = masked(pkt.src, len);
         if mirror {
-            let src = masked(pkt.src, len);
             let probed = if pkt.family == FAMILY_V4 {
                 mirror_probe(mirror_key(src[0], policy_port, pkt.proto, len))
             } else {
@@ -608,7 +608,7 @@ fn allowance_by_length(pkt: &Packet, policy_port: u16, lens: &AllowLens) -> Matc
                 Mirrored::Unsure => {}
             }
         }
-        let key = net_key(pkt, policy_port, len);
+        let key = net_key(pkt, policy_port, len, src);
         // SAFETY: the entry lives for the program's run (RCU).
         if let Some(value) = unsafe { ALLOW_NETS.get(&key) } {
             if lapsed(value) {
@@ -633,110 +633,99 @@ enum Mirrored {
     Unsure,
 }
 
-/// What a bucket read under its lock found (`found`, and the way's field:
-/// 0, `ask`, or a hit slot + 1), as `Mirrored`.
+/// Reads a bucket under its sequence lock `seq` (see `MirrorBucket`):
+/// `find` reads the ways between the two reads of `seq` and returns the
+/// matching way's field (0: none; `ask`, or a hit slot + 1).
+///
+/// Volatile: each word read once, in this order (x86-64 keeps loads in
+/// program order, see MIRROR_ON). The bucket lives as long as the map;
+/// userspace writes it word by word, and the sequence lock tells a torn
+/// read.
 #[inline(always)]
-fn mirrored(seq: u64, found: bool, field: u64, ask: u64) -> Mirrored {
-    if found {
-        if field == ask {
-            Mirrored::Unsure
-        } else {
-            Mirrored::Slot((field - 1) as u32)
-        }
-    } else if seq & MIRROR_OVERFLOW != 0 {
+fn read_bucket(seq: &u64, ask: u64, find: impl FnOnce() -> u64) -> Mirrored {
+    // SAFETY: as above.
+    let before = unsafe { core::ptr::read_volatile(seq) };
+    if before & MIRROR_WRITING != 0 {
+        return Mirrored::Unsure;
+    }
+    let field = find();
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(seq) } != before {
+        return Mirrored::Unsure;
+    }
+    if field == ask {
+        Mirrored::Unsure
+    } else if field != 0 {
+        Mirrored::Slot((field - 1) as u32)
+    } else if before & MIRROR_OVERFLOW != 0 {
         Mirrored::Unsure
     } else {
         Mirrored::Absent
     }
 }
 
-/// Reads the key's bucket under its sequence lock (see `MirrorBucket`).
+/// The IPv4 key's bucket in `DW_MIRROR_V4`: a way matches on its tag.
 #[inline(always)]
 fn mirror_probe(key: u64) -> Mirrored {
     let (index, tag) = mirror_place(key);
     let Some(bucket) = ALLOW_MIRROR.get(index) else {
         return Mirrored::Unsure;
     };
-    // Volatile: each word read once, in this order (x86-64 keeps loads in
-    // program order, see MIRROR_ON).
-    // SAFETY: the bucket lives as long as the map; userspace writes it
-    // word by word, and the sequence lock tells a torn read.
-    let seq = unsafe { core::ptr::read_volatile(&bucket.seq) };
-    if seq & MIRROR_WRITING != 0 {
-        return Mirrored::Unsure;
-    }
-    // A value and a flag, not an Option: LLVM leaves a None's payload
-    // register unset, and the verifier refuses reading it on any path.
-    // Userspace keeps the used ways first: the first free way ends them.
-    let (mut found, mut field) = (false, 0u64);
-    for way in &bucket.ways {
-        // SAFETY: as above.
-        let way = unsafe { core::ptr::read_volatile(way) };
-        if mirror_way_field(way) == 0 {
-            break;
+    read_bucket(&bucket.seq, MIRROR_ASK, || {
+        // A field, 0 for none, not an Option: LLVM leaves a None's payload
+        // register unset, and the verifier refuses reading it on any path.
+        // Userspace keeps the used ways first: the first free way ends them.
+        for way in &bucket.ways {
+            // SAFETY: see read_bucket.
+            let way = unsafe { core::ptr::read_volatile(way) };
+            let field = mirror_way_field(way);
+            if field == 0 || mirror_way_holds(way, tag) {
+                return field;
+            }
         }
-        if mirror_way_holds(way, tag) {
-            found = true;
-            field = mirror_way_field(way);
-            break;
-        }
-    }
-    // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(&bucket.seq) } != seq {
-        return Mirrored::Unsure;
-    }
-    mirrored(seq, found, field, MIRROR_ASK)
+        0
+    })
 }
 
-/// The same for an IPv6 source masked to a length (`addr`) and its meta
-/// key, in `DW_MIRROR_V6`: a way matches on both address words and the
-/// meta key, all read under the bucket's lock.
+/// An IPv6 source masked to a length (`addr`) with its meta key, in
+/// `DW_MIRROR_V6`: a way matches on both address words and the meta key.
 #[inline(always)]
 fn mirror6_probe(addr: Addr, meta_key: u64) -> Mirrored {
     let (hi, lo) = mirror6_words(addr);
     let Some(bucket) = ALLOW_MIRROR6.get(mirror6_bucket(hi, lo, meta_key)) else {
         return Mirrored::Unsure;
     };
-    // SAFETY: as in mirror_probe.
-    let seq = unsafe { core::ptr::read_volatile(&bucket.seq) };
-    if seq & MIRROR_WRITING != 0 {
-        return Mirrored::Unsure;
-    }
-    let (mut found, mut field) = (false, 0u64);
-    for way in &bucket.ways {
-        // SAFETY: as in mirror_probe.
-        let meta = unsafe { core::ptr::read_volatile(&way.meta) };
-        if mirror6_field(meta) == 0 {
-            break;
+    read_bucket(&bucket.seq, MIRROR6_ASK, || {
+        for way in &bucket.ways {
+            // SAFETY: see read_bucket.
+            let meta = unsafe { core::ptr::read_volatile(&way.meta) };
+            let field = mirror6_field(meta);
+            if field == 0 {
+                return 0;
+            }
+            // SAFETY: see read_bucket.
+            if meta & u64::from(u32::MAX) == meta_key
+                && unsafe { core::ptr::read_volatile(&way.hi) } == hi
+                && unsafe { core::ptr::read_volatile(&way.lo) } == lo
+            {
+                return field;
+            }
         }
-        // SAFETY: as in mirror_probe.
-        if meta & u64::from(u32::MAX) == meta_key
-            && unsafe { core::ptr::read_volatile(&way.hi) } == hi
-            && unsafe { core::ptr::read_volatile(&way.lo) } == lo
-        {
-            found = true;
-            field = mirror6_field(meta);
-            break;
-        }
-    }
-    // SAFETY: as in mirror_probe.
-    if unsafe { core::ptr::read_volatile(&bucket.seq) } != seq {
-        return Mirrored::Unsure;
-    }
-    mirrored(seq, found, field, MIRROR6_ASK)
+        0
+    })
 }
 
 /// The DW_ALLOW_NETS key of the allowance of
 /// `policy_port` for the packet's source masked to `len` bits.
 #[inline(always)]
-fn net_key(pkt: &Packet, policy_port: u16, len: u8) -> AllowNetKey {
+fn net_key(pkt: &Packet, policy_port: u16, len: u8, src: Addr) -> AllowNetKey {
     AllowNetKey {
         prefix_len: ALLOW_KEY_FIXED_BITS + u32::from(len),
         data: AllowKey {
             port: policy_port,
             proto: pkt.proto,
             family: pkt.family,
-            addr: bytes(masked(pkt.src, len)),
+            addr: bytes(src),
         },
     }
 }

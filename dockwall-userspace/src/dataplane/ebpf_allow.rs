@@ -300,8 +300,8 @@ impl Maps {
         }
         // 2. The slots, now that what they point at is there.
         for (&group, &place) in &places {
-            if self.slot(group)? != slot_of(place) {
-                self.set_slot(group, slot_of(place))?;
+            if self.slot(group) != slot_of(place) {
+                self.set_slot(group, slot_of(place));
             }
         }
         // A packet that read a moving group's slot before the flip may
@@ -392,7 +392,7 @@ impl Maps {
             let edit: Vec<(AllowEntry, Option<u64>)> = group_entries(changes, group)
                 .map(|(e, c)| (*e, *c))
                 .collect();
-            let now = self.slot(group)?;
+            let now = self.slot(group);
             let place = place_after(now, group, &edit, desired);
             let old_place = if now.n == 0 {
                 Place::Trie
@@ -410,7 +410,7 @@ impl Maps {
                     let value = self.counter_for(&mut slots, carried, expires_ns)?;
                     self.put_into(place, entry, value)?;
                 }
-                self.set_slot(group, slot_of(place))?;
+                self.set_slot(group, slot_of(place));
                 // Packets that read the slot before the flip finish first.
                 self.wait_for_running_programs()?;
                 for entry in want.keys() {
@@ -427,7 +427,7 @@ impl Maps {
                     done.added += usize::from(self.put(&mut slots, place, entry, expires_ns)?);
                 }
                 if now != slot_of(place) {
-                    self.set_slot(group, slot_of(place))?;
+                    self.set_slot(group, slot_of(place));
                 }
                 for (entry, _) in edit.iter().filter(|(_, c)| c.is_none()) {
                     if let Some(gone) = self.take_from(place, entry)? {
@@ -630,17 +630,16 @@ impl Maps {
     }
 
     /// A group's slot, read from the shared mapping.
-    fn slot(&self, group: Group) -> anyhow::Result<AllowLens> {
+    fn slot(&self, group: Group) -> AllowLens {
         let word = self.allow_lens.word(slot_index(group) as usize);
-        Ok(AllowLens::from_word(word.load(Ordering::Acquire)))
+        AllowLens::from_word(word.load(Ordering::Acquire))
     }
 
     /// Stores a group's slot in one atomic write, after (Release) the
     /// entries it points at.
-    fn set_slot(&mut self, group: Group, slot: AllowLens) -> anyhow::Result<()> {
+    fn set_slot(&mut self, group: Group, slot: AllowLens) {
         let word = self.allow_lens.word(slot_index(group) as usize);
         word.store(slot.to_word(), Ordering::Release);
-        Ok(())
     }
 
     /// The trie's entries as stored: `hits` with its tag (see
@@ -695,7 +694,7 @@ impl Maps {
     /// How the kernel looks up a group's allowances: `Some(lengths)`, one
     /// probe each, longest first; `None`: in the trie.
     pub fn allow_lengths(&self, group: Group) -> anyhow::Result<Option<Vec<u8>>> {
-        let slot = self.slot(group)?;
+        let slot = self.slot(group);
         let n = usize::from(slot.n).min(ALLOW_MAX_LENS);
         Ok((n != 0).then(|| slot.lens[..n].to_vec()))
     }
@@ -709,7 +708,7 @@ impl Maps {
         proto: Proto,
         source: IpAddr,
     ) -> anyhow::Result<Option<AllowValue>> {
-        let slot = self.slot((port, proto, source.is_ipv6()))?;
+        let slot = self.slot((port, proto, source.is_ipv6()));
         if slot.n != 0 {
             let n = usize::from(slot.n).min(ALLOW_MAX_LENS);
             for &len in &slot.lens[..n] {
@@ -813,8 +812,10 @@ impl Maps {
                 ));
             }
         }
-        for (family, c) in [("IPv4", contents.counts()), ("IPv6", contents6.counts())] {
-            let (writing, holes) = c;
+        for (family, writing, holes) in [
+            ("IPv4", contents.writing, contents.holes),
+            ("IPv6", contents6.writing, contents6.holes),
+        ] {
             if writing != 0 {
                 out.push(format!("{family}: {writing} buckets left marked writing"));
             }

@@ -399,10 +399,3 @@ pub struct MirrorContents<K> {
     /// is kept packed): 0 unless a hand edit or a bug left one.
     pub holes: usize,
 }
-
-impl<K> MirrorContents<K> {
-    /// The buckets marked writing, and the used ways after a free one.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.writing, self.holes)
-    }
-}
